@@ -1,0 +1,39 @@
+# vcl_jax — common commands. `make help` lists them.
+PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
+EXP ?= vcl_diffusion
+PRESET ?= cpu
+ARGS ?=
+export VCL_JAX_DATA_DIR ?= $(abspath ../shared/data)
+
+.PHONY: help install test test-fast lint experiment bench clean-cache
+
+help:
+	@echo "make install                  venv in .venv with vcl_jax and dev tools"
+	@echo "make test                     the whole test suite (what CI runs)"
+	@echo "make test-fast                without the tests marked slow"
+	@echo "make lint                     ruff"
+	@echo "make experiment EXP=vcl_diffusion PRESET=cpu [ARGS='key=value ...']"
+	@echo "make bench                    benchmarks (prints figures, writes benchmarks/results.json)"
+
+install:
+	python3 -m venv .venv
+	.venv/bin/pip install -q --upgrade pip
+	.venv/bin/pip install -q -e '.[dev]'
+
+test:
+	$(PY) -m pytest -q
+
+test-fast:
+	$(PY) -m pytest -q -m "not slow"
+
+lint:
+	$(PY) -m ruff check vcl_jax experiments tests benchmarks
+
+experiment:
+	$(PY) -m experiments.$(EXP) --preset $(PRESET) $(ARGS)
+
+bench:
+	$(PY) -m benchmarks.run
+
+clean-cache:
+	rm -rf $(HOME)/.cache/vcl_jax

@@ -1,0 +1,52 @@
+"""Shared fixtures: small IDX datasets written by the tests, and the real offline data."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from vcl_jax.data import idx, sources
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Identical programs (the same train step in several sub-runs or subprocesses) compile once.
+_JIT_CACHE = os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "vcl_jax", "jit"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+jax.config.update("jax_compilation_cache_dir", _JIT_CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+SHARED_DATA = os.environ.get("VCL_JAX_SHARED_DATA", os.path.join(REPO, "..", "shared", "data"))
+
+
+def write_mnist_like(folder: str, n_train: int = 40, n_test: int = 20, gz: bool = True,
+                     seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Writes the four IDX files of a tiny MNIST-shaped dataset; returns train images, labels."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(folder, exist_ok=True)
+    ext = ".gz" if gz else ""
+    out = None
+    for split, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        idx.write_idx(os.path.join(folder, f"{split}-images-idx3-ubyte{ext}"), images)
+        idx.write_idx(os.path.join(folder, f"{split}-labels-idx1-ubyte{ext}"), labels)
+        if split == "train":
+            out = (images, labels)
+    return out
+
+
+@pytest.fixture
+def isolated_data(monkeypatch):
+    """No environment data dirs and no system dirs: only what a test passes explicitly."""
+    monkeypatch.delenv(sources.ENV_VAR, raising=False)
+    monkeypatch.setattr(sources, "SYSTEM_ROOTS", ())
+
+
+@pytest.fixture
+def shared_data():
+    if not os.path.isdir(os.path.join(SHARED_DATA, "mnist-5k")):
+        pytest.skip(f"offline data not found at {SHARED_DATA}")
+    return SHARED_DATA

@@ -1,0 +1,51 @@
+"""The evaluation classifier on the real offline data (slow: trains from scratch in CI)."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from vcl_jax.data import load, to_float
+from vcl_jax.eval.classifier import get_classifier
+
+
+@pytest.mark.slow
+def test_mnist_classifier_trained_on_mnist_5k(shared_data, isolated_data):
+    clf = get_classifier("mnist", data_dir=shared_data, progress=False)
+    test = load("mnist", "test", data_dir=shared_data)
+    assert len(test) == 10_000 and clf.info["n_train"] == 5_000
+    acc = clf.accuracy(to_float(test.images), test.labels)
+    print(f"MNIST test accuracy (trained on mnist-5k): {acc:.4f}")
+    assert acc >= 0.980
+    # Reloaded from the cache: same predictions, features of the configured size.
+    again = get_classifier("mnist", data_dir=shared_data, progress=False)
+    x = to_float(test.images[:64])
+    np.testing.assert_allclose(again.log_probs(x), clf.log_probs(x), rtol=1e-5, atol=1e-5)
+    assert again.features(x).shape == (64, 128)
+
+
+@pytest.mark.slow
+def test_fashion_mnist_classifier():
+    if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    clf = get_classifier("fashion_mnist", progress=False)
+    test = load("fashion_mnist", "test")
+    acc = clf.accuracy(to_float(test.images), test.labels)
+    print(f"Fashion-MNIST test accuracy: {acc:.4f}")
+    assert acc >= 0.90
+
+
+def test_cached_classifier_is_keyed_by_training_data(tmp_path, isolated_data):
+    from conftest import write_mnist_like
+
+    write_mnist_like(str(tmp_path / "a" / "mnist"), n_train=30, seed=0)
+    write_mnist_like(str(tmp_path / "b" / "mnist"), n_train=30, seed=1)
+    cache = str(tmp_path / "cache")
+    a = get_classifier("mnist", data_dir=str(tmp_path / "a"), cache=cache, epochs=1,
+                       progress=False)
+    b = get_classifier("mnist", data_dir=str(tmp_path / "b"), cache=cache, epochs=1,
+                       progress=False)
+    assert a.info["fingerprint"] != b.info["fingerprint"]
+    assert len(os.listdir(os.path.join(cache, "classifiers"))) == 2

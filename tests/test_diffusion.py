@@ -1,0 +1,95 @@
+"""Noise schedule, forward noising, per-example loss, samplers."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vcl_jax.diffusion import ddim_sample, ddpm_sample, example_loss, linear_schedule, q_sample
+from vcl_jax.diffusion.loss import batch_loss
+from vcl_jax.diffusion.samplers import ddim_timesteps, guided_eps
+
+
+def test_linear_schedule_alpha_bar():
+    s = linear_schedule(400, 1e-4, 0.02)
+    beta = np.linspace(1e-4, 0.02, 400)
+    np.testing.assert_allclose(s.beta, beta, rtol=1e-5)
+    np.testing.assert_allclose(s.alpha_bar, np.cumprod(1 - beta), rtol=1e-4)
+    assert s.T == 400 and float(s.alpha_bar[0]) == pytest.approx(1 - 1e-4)
+    assert float(s.alpha_bar[-1]) == pytest.approx(np.prod(1 - beta), rel=1e-3)
+    assert float(s.alpha_bar[-1]) < 0.02  # x_T is nearly pure noise
+    with pytest.raises(ValueError, match="beta"):
+        linear_schedule(10, 0.5, 0.1)
+
+
+def test_q_sample_moments():
+    s = linear_schedule(100)
+    x0 = jnp.full((20000,), 2.0)
+    noise = jax.random.normal(jax.random.key(0), x0.shape)
+    xt = q_sample(s, x0, 50, noise)
+    ab = float(s.alpha_bar[49])
+    assert float(xt.mean()) == pytest.approx(2 * np.sqrt(ab), abs=0.03)
+    assert float(xt.var()) == pytest.approx(1 - ab, rel=0.05)
+
+
+def _perfect_eps_fn(x, t, task, keep):  # predicts zero noise
+    return jnp.zeros_like(x)
+
+
+def test_example_loss_shapes_and_value():
+    s = linear_schedule(50)
+    x0 = jnp.zeros((28, 28, 1))
+    loss = example_loss(_perfect_eps_fn, s, jax.random.key(0), x0, jnp.array(0))
+    assert loss.shape == ()
+    # With ε̂ = 0 the loss is E[ε²] = 1 (per-pixel mean).
+    assert float(loss) == pytest.approx(1.0, abs=0.15)
+    per = jax.vmap(lambda k: example_loss(_perfect_eps_fn, s, k, x0, jnp.array(0)))(
+        jax.random.split(jax.random.key(1), 8))
+    assert per.shape == (8,)
+    b = batch_loss(_perfect_eps_fn, s, jax.random.key(2), jnp.zeros((8, 28, 28, 1)),
+                   jnp.zeros(8, jnp.int32))
+    assert b.shape == () and float(b) == pytest.approx(1.0, abs=0.05)
+
+
+def test_guidance_combines_conditional_and_unconditional():
+    def eps_fn(x, t, task, keep):
+        return jnp.where(keep[:, None, None, None], 1.0, 0.25) * jnp.ones_like(x)
+
+    out = guided_eps(eps_fn, jnp.zeros((3, 4, 4, 1)), jnp.ones(3), jnp.zeros(3, int), 2.0)
+    np.testing.assert_allclose(out, 3 * 1.0 - 2 * 0.25)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_sampler_shape_and_range(sampler):
+    s = linear_schedule(30)
+    eps_fn = lambda x, t, task, keep: 0.5 * x  # a fixed, contracting predictor
+    task = jnp.arange(5) % 2
+    if sampler == "ddpm":
+        x = ddpm_sample(eps_fn, s, jax.random.key(0), task, (8, 8, 1), guidance=2.0)
+    else:  # under jit, as the experiments call it
+        run = jax.jit(lambda s, k, d: ddim_sample(eps_fn, s, k, d, (8, 8, 1), steps=10))
+        x = run(s, jax.random.key(0), task)
+    assert x.shape == (5, 8, 8, 1)
+    assert np.all(np.isfinite(np.asarray(x))) and float(jnp.abs(x).max()) < 50
+
+
+def test_ddim_eta0_is_deterministic_given_start():
+    s = linear_schedule(40)
+    eps_fn = lambda x, t, task, keep: 0.3 * x + 0.1 * task[:, None, None, None]
+    task = jnp.array([0, 1, 2])
+    x_t = jax.random.normal(jax.random.key(7), (3, 6, 6, 1))
+    a = ddim_sample(eps_fn, s, jax.random.key(0), task, (6, 6, 1), steps=8, eta=0.0, x_init=x_t)
+    b = ddim_sample(eps_fn, s, jax.random.key(1), task, (6, 6, 1), steps=8, eta=0.0, x_init=x_t)
+    np.testing.assert_array_equal(a, b)
+    c = ddim_sample(eps_fn, s, jax.random.key(1), task, (6, 6, 1), steps=8, eta=1.0, x_init=x_t)
+    assert not np.allclose(a, c)
+
+
+def test_ddim_timesteps():
+    ts = ddim_timesteps(400, 50)
+    assert ts[0] == 400 and ts[-1] == 1 and len(ts) == 50
+    assert np.all(np.diff(np.asarray(ts)) < 0)
+    with pytest.raises(ValueError):
+        ddim_timesteps(10, 11)

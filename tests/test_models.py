@@ -1,0 +1,87 @@
+"""Model shapes, parameter structure, and the two convolution paths."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from vcl_jax.models.classifier import Classifier
+from vcl_jax.models.layers import conv_same
+from vcl_jax.models.unet import ContextUNet, variational_mask
+
+
+@pytest.mark.parametrize("k,c_in,c_out", [(3, 1, 8), (3, 16, 4), (1, 5, 7), (5, 3, 2)])
+def test_im2col_conv_equals_xla_conv(k, c_in, c_out):
+    x = jax.random.normal(jax.random.key(0), (2, 12, 12, c_in))
+    w = jax.random.normal(jax.random.key(1), (k, k, c_in, c_out))
+    np.testing.assert_allclose(conv_same(x, w, "im2col"), conv_same(x, w, "xla"),
+                               rtol=1e-4, atol=1e-4)
+    gx = jax.grad(lambda w: jnp.sum(conv_same(x, w, "xla") ** 2))(w)
+    gi = jax.grad(lambda w: jnp.sum(conv_same(x, w, "im2col") ** 2))(w)
+    np.testing.assert_allclose(gi, gx, rtol=1e-3, atol=1e-3)
+
+
+def _unet_io(size, channels, b=3):
+    return (jnp.zeros((b, size, size, channels)), jnp.full((b,), 0.5),
+            jnp.array([0, 1, 2])[:b], jnp.array([True, False, True])[:b])
+
+
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3)])
+def test_unet_output_shape(size, channels):
+    model = ContextUNet(n_feat=8, n_tasks=5, channels=channels, embed_dim=4)
+    args = _unet_io(size, channels)
+    params = model.init(jax.random.key(0), *args)["params"]
+    out = model.apply({"params": params}, *args)
+    assert out.shape == (3, size, size, channels)
+    assert params["task_embeddings"].shape == (5, 4)
+
+
+def test_unet_parameter_count_scales_with_width():
+    counts = {}
+    for n in (8, 16):
+        model = ContextUNet(n_feat=n, n_tasks=10, embed_dim=4)
+        params = model.init(jax.random.key(0), *_unet_io(28, 1))["params"]
+        counts[n] = sum(p.size for p in jax.tree.leaves(params))
+    # Dominated by n² conv weights: doubling the width gives close to 4× the params.
+    assert 3.5 < counts[16] / counts[8] < 4.1
+
+
+def test_conv_impls_give_the_same_unet():
+    args = _unet_io(28, 1)
+    a = ContextUNet(n_feat=8, n_tasks=3, embed_dim=4, impl="xla")
+    b = ContextUNet(n_feat=8, n_tasks=3, embed_dim=4, impl="im2col")
+    params = a.init(jax.random.key(0), *args)
+    np.testing.assert_allclose(a.apply(params, *args), b.apply(params, *args), rtol=1e-4,
+                               atol=1e-4)
+
+
+def test_task_embedding_changes_the_output():
+    model = ContextUNet(n_feat=8, n_tasks=3, embed_dim=4)
+    x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
+    t, keep = jnp.full((2,), 0.3), jnp.ones(2, bool)
+    params = model.init(jax.random.key(1), x, t, jnp.zeros(2, int), keep)
+    a = model.apply(params, x, t, jnp.array([0, 0]), keep)
+    b = model.apply(params, x, t, jnp.array([1, 1]), keep)
+    assert not np.allclose(a, b)
+
+
+def test_variational_mask_excludes_embeddings_and_norms():
+    model = ContextUNet(n_feat=8, n_tasks=3, embed_dim=4)
+    params = model.init(jax.random.key(0), *_unet_io(28, 1))["params"]
+    flat = traverse_util.flatten_dict(variational_mask(params))
+    assert flat[("task_embeddings",)] is False and flat[("null_embedding",)] is False
+    assert not any(v for k, v in flat.items() if any("GroupNorm" in p for p in k))
+    assert flat[("out_conv2", "kernel")] is True
+    assert sum(flat.values()) > 0.8 * len(flat) / 2
+
+
+def test_classifier_outputs():
+    model = Classifier(num_classes=10, width=4, features=16)
+    x = jnp.zeros((5, 28, 28, 1))
+    params = model.init(jax.random.key(0), x)
+    logp, feats = model.apply(params, x, return_features=True)
+    assert logp.shape == (5, 10) and feats.shape == (5, 16)
+    np.testing.assert_allclose(jnp.exp(logp).sum(-1), 1.0, rtol=1e-5)

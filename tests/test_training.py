@@ -1,0 +1,104 @@
+"""The train step: one trace, rolled vs unrolled epochs, two-device equivalence."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vcl_jax.continual import mle, vcl
+from vcl_jax.training.epoch import EpochRunner, epoch_indices
+from vcl_jax.training.state import TrainState, adam, make_train_step, train_epochs
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _linear_problem():
+    x = jax.random.normal(jax.random.key(0), (40, 3))
+    y = x @ jnp.array([1.0, -2.0, 0.5])
+
+    def batch_loss(params, batch, key):
+        del key
+        return jnp.mean((batch["x"] @ params["w"] - batch["y"]) ** 2)
+
+    return {"x": x, "y": y}, batch_loss, {"w": jnp.zeros(3)}
+
+
+def test_epoch_indices_cover_every_example():
+    idx = np.asarray(epoch_indices(jax.random.key(0), 10, 4, multiple=2))
+    assert idx.shape == (4, 4)  # 3 steps rounded up to a multiple of 2
+    assert set(idx.ravel().tolist()) == set(range(10))
+
+
+def test_train_step_traces_once():
+    data, batch_loss, params = _linear_problem()
+    method = mle(batch_loss)
+    opt = adam(0.1)
+    step = chex.assert_max_traces(make_train_step(method, opt), n=1)
+    runner = EpochRunner(step, batch_size=8, unroll=0)
+    state = TrainState(params, opt.init(params), ())
+    state, hist = train_epochs(runner, state, data, jax.random.key(1), epochs=3,
+                               learning_rate=0.1, decay=True, progress=False)
+    assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_rolled_and_unrolled_epochs_agree():
+    data, batch_loss, params = _linear_problem()
+    method = vcl(batch_loss, n_samples=2, log_var_init=-6.0)
+    opt = adam(0.05)
+    results = []
+    for unroll in (0, 2):
+        q, ms = method.init(jax.tree.map(jnp.copy, params))  # each run donates its own
+        ms = method.begin_task(q, ms, 0, 40)[1]
+        state = TrainState(q, opt.init(q), ms)
+        runner = EpochRunner(make_train_step(method, opt), batch_size=10, unroll=unroll)
+        state, _ = train_epochs(runner, state, data, jax.random.key(2), epochs=2,
+                                learning_rate=0.05, decay=False, progress=False)
+        results.append(state.trainable)
+    chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+
+
+_TWO_DEVICES = r"""
+import json, jax, jax.numpy as jnp, numpy as np
+from vcl_jax.protocols import vcl_diffusion
+from vcl_jax.protocols.vcl_diffusion_config import PRESETS
+from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step
+assert jax.local_device_count() == 2, jax.devices()
+setup = vcl_diffusion.build(PRESETS["smoke"])
+params = setup.init_params(jax.random.key(0))
+batch = {"x": jax.random.uniform(jax.random.key(1), (16, 28, 28, 1)),
+         "task": jnp.arange(16, dtype=jnp.int32) % 3}
+out = {}
+for name in ("mle", "vcl"):
+    method = setup.method(name, params)
+    opt = adam(1e-3)
+    tr, ms = method.init(params)
+    tr, ms = method.begin_task(tr, ms, 0, 32)
+    state = TrainState(tr, opt.init(tr), ms)
+    for label, sharding in (("one", None), ("two", data_sharding())):
+        step = jax.jit(make_train_step(method, opt, sharding))
+        new, metrics = step(state, batch, jax.random.key(3))
+        leaf = jax.tree.leaves(new.trainable)[0]
+        out[f"{name}_{label}"] = {"loss": float(metrics["loss"]),
+                                 "param": np.asarray(leaf).ravel()[:50].tolist()}
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_two_devices_match_one():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    for name in ("mle", "vcl"):
+        one, two = out[f"{name}_one"], out[f"{name}_two"]
+        np.testing.assert_allclose(two["loss"], one["loss"], rtol=1e-5)
+        np.testing.assert_allclose(two["param"], one["param"], rtol=1e-4, atol=1e-6)

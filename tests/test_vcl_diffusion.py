@@ -1,0 +1,175 @@
+"""The VCL-diffusion experiment end to end on the smoke preset."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from vcl_jax.checkpoint import ConfigMismatchError
+from vcl_jax.config import ConfigError, override, preset
+from vcl_jax.protocols import vcl_diffusion
+from vcl_jax.protocols.sampling import sample_from_run
+from vcl_jax.protocols.vcl_diffusion_config import PRESETS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Offline data from ../shared and a cache private to this test module."""
+    from conftest import SHARED_DATA
+
+    if not os.path.isdir(os.path.join(SHARED_DATA, "mnist-5k")):
+        pytest.skip(f"offline data not found at {SHARED_DATA}")
+    cache = str(tmp_path_factory.mktemp("cache"))
+    old = {k: os.environ.get(k) for k in ("VCL_JAX_DATA_DIR", "VCL_JAX_CACHE_DIR")}
+    os.environ.update(VCL_JAX_DATA_DIR=SHARED_DATA, VCL_JAX_CACHE_DIR=cache)
+    yield dict(os.environ)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="module")
+def smoke_run(env, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("smoke"))
+    cfg = override(PRESETS["smoke"], ["coreset_sizes=0,4"])  # both code paths, both methods
+    metrics = vcl_diffusion.run(cfg, run_dir, progress=False)
+    return run_dir, cfg, metrics
+
+
+def test_smoke_writes_every_output(smoke_run):
+    run_dir, cfg, metrics = smoke_run
+    for f in ("config.json", "metrics.json", "summary.md", "uncertainty.png", "uncertainty_log.png",
+              "uncertainty_per_digit.png"):
+        assert os.path.isfile(os.path.join(run_dir, f)), f
+    names = ["mle_coreset0", "vcl_coreset0", "mle_coreset4", "vcl_coreset4"]
+    assert sorted(metrics["runs"]) == sorted(names)
+    for name in names:
+        assert os.path.isfile(os.path.join(run_dir, f"grid_{name}.png"))
+        hist = metrics["runs"][name]["history"]
+        assert [h["task"] for h in hist] == [0, 1, 2]
+        assert all(np.isfinite(h["avg_uncertainty"]) and h["avg_uncertainty"] >= 0 for h in hist)
+        assert sorted(hist[-1]["per_class"]) == ["0", "1", "2"]
+        with np.load(os.path.join(run_dir, name, "samples_task2.npz")) as z:
+            assert z["images"].shape == (3 * cfg.eval_per_class, 28, 28)
+            assert z["images"].min() >= 0 and z["images"].max() <= 1
+            assert sorted(set(z["labels"].tolist())) == [0, 1, 2]
+    saved = json.load(open(os.path.join(run_dir, "config.json")))
+    assert saved["coreset_sizes"] == [0, 4] and saved["seed"] == cfg.seed
+
+
+def test_rerun_of_a_finished_run_resumes_without_training(smoke_run):
+    run_dir, cfg, metrics = smoke_run
+    start = time.perf_counter()
+    again = vcl_diffusion.run(cfg, run_dir, progress=False)
+    assert again["runs"] == metrics["runs"]
+    assert time.perf_counter() - start < 60
+
+
+def test_other_config_never_overwrites(smoke_run):
+    run_dir, cfg, _ = smoke_run
+    ckpts = os.path.join(run_dir, "mle_coreset0", "checkpoints")
+    before = {f: os.path.getmtime(os.path.join(ckpts, f)) for f in os.listdir(ckpts)}
+    cfg_bytes = open(os.path.join(run_dir, "config.json"), "rb").read()
+    with pytest.raises(ConfigMismatchError, match="epochs"):
+        vcl_diffusion.run(override(cfg, ["epochs=3"]), run_dir, progress=False)
+    after = {f: os.path.getmtime(os.path.join(ckpts, f)) for f in os.listdir(ckpts)}
+    assert before == after
+    assert open(os.path.join(run_dir, "config.json"), "rb").read() == cfg_bytes
+
+
+def test_checkpoint_directory_from_other_config(smoke_run, tmp_path):
+    import shutil
+
+    run_dir, cfg, _ = smoke_run
+    other = str(tmp_path / "other")
+    shutil.copytree(os.path.join(run_dir, "mle_coreset0"), os.path.join(other, "mle_coreset0"))
+    with pytest.raises(ConfigMismatchError, match="lr_decay"):
+        vcl_diffusion.run(override(cfg, ["lr_decay=false", "methods=mle", "coreset_sizes=0"]),
+                          other, progress=False)
+
+
+def test_checkpoint_reload_and_sample(smoke_run, tmp_path):
+    run_dir, cfg, _ = smoke_run
+    out = sample_from_run(run_dir, task=2, digits=[0, 2], n=3, method="vcl_coreset0",
+                          out=str(tmp_path / "s.npz"))
+    with np.load(out) as z:
+        assert z["images"].shape == (6, 28, 28)
+        assert z["labels"].tolist() == [0, 0, 0, 2, 2, 2]
+        assert 0 <= z["images"].min() and z["images"].max() <= 1
+    png = sample_from_run(run_dir, task=1, n=2, method="mle_coreset4", out=str(tmp_path / "s.png"))
+    assert os.path.getsize(png) > 1000
+    with pytest.raises(ValueError, match="not learned by task 0"):
+        sample_from_run(run_dir, task=0, digits=[1], n=2)
+    with pytest.raises(ConfigError, match="unknown run"):
+        sample_from_run(run_dir, method="ewc_coreset0")
+
+
+def test_sample_entry_point(smoke_run, tmp_path, env):
+    run_dir, _, _ = smoke_run
+    out = str(tmp_path / "cli.npz")
+    proc = subprocess.run([sys.executable, "-m", "experiments.sample", "--run", run_dir, "--task",
+                           "2", "--digits", "1", "--n", "2", "--out", out], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert np.load(out)["images"].shape == (2, 28, 28)
+
+
+def test_bad_settings_are_clear_errors(env, tmp_path):
+    with pytest.raises(ConfigError, match="unknown preset 'fast'"):
+        preset(PRESETS, "fast")
+    with pytest.raises(ConfigError, match="unknown method"):
+        vcl_diffusion.run(override(PRESETS["smoke"], ["methods=mle,ewc"]), str(tmp_path / "a"))
+    with pytest.raises(ConfigError, match="coreset size 40 is larger than task 0"):
+        vcl_diffusion.run(override(PRESETS["smoke"], ["coreset_sizes=40"]), str(tmp_path / "b"))
+    with pytest.raises(ConfigError, match="unknown config key"):
+        override(PRESETS["smoke"], ["epoch=3"])
+    with pytest.raises(ConfigError, match="expected int"):
+        override(PRESETS["smoke"], ["epochs=many"])
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
+
+
+def test_replay_mode_and_ddim_evaluation(env, tmp_path):
+    cfg = override(PRESETS["smoke"], ["coreset_sizes=4", "coreset_mode=replay", "methods=vcl",
+                                      "sampler=ddim", "ddim_steps=5", "classes=3,4"])
+    metrics = vcl_diffusion.run(cfg, str(tmp_path), progress=False)
+    hist = metrics["runs"]["vcl_coreset4"]["history"]
+    assert sorted(hist[-1]["per_class"]) == ["3", "4"]
+
+
+def _cli(run_dir: str) -> list[str]:
+    return [sys.executable, "-m", "experiments.vcl_diffusion", "--preset", "smoke", "--quiet",
+            "--run-dir", run_dir, "methods=vcl", "classes=0,1,2,3"]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_result(env, tmp_path):
+    full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
+    subprocess.run(_cli(full), cwd=REPO, env=env, check=True, capture_output=True, timeout=900)
+    proc = subprocess.Popen(_cli(killed), cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = os.path.join(killed, "vcl_coreset0", "checkpoints", "1")
+    deadline = time.time() + 600
+    while not os.path.isdir(first) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)  # during task 3
+    proc.wait()
+    assert not os.path.exists(os.path.join(killed, "metrics.json"))
+    subprocess.run(_cli(killed), cwd=REPO, env=env, check=True, capture_output=True, timeout=900)
+    a = json.load(open(os.path.join(full, "metrics.json")))["runs"]["vcl_coreset0"]["history"]
+    b = json.load(open(os.path.join(killed, "metrics.json")))["runs"]["vcl_coreset0"]["history"]
+    assert len(a) == len(b) == 4
+    for ha, hb in zip(a, b, strict=True):
+        np.testing.assert_allclose(hb["avg_uncertainty"], ha["avg_uncertainty"], rtol=1e-5)
+        np.testing.assert_allclose(hb["train_final"]["loss"], ha["train_final"]["loss"], rtol=1e-5)

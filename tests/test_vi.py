@@ -1,0 +1,77 @@
+"""Mean-field VI: KL properties, reparameterised sampling statistics, masks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vcl_jax.vi import mean_field as mf
+
+
+def _tree(key):
+    k1, k2 = jax.random.split(key)
+    return {"a": jax.random.normal(k1, (3, 4)), "b": {"c": jax.random.normal(k2, (5,))}}
+
+
+def test_kl_of_q_with_itself_is_zero():
+    q = mf.MeanField(_tree(jax.random.key(0)), _tree(jax.random.key(1)))
+    assert abs(float(mf.kl(q, q))) < 1e-5
+
+
+def test_kl_is_positive_otherwise_and_matches_closed_form():
+    q = mf.MeanField({"w": jnp.array([0.5])}, {"w": jnp.array([np.log(0.3)])})
+    p = mf.MeanField({"w": jnp.array([-0.2])}, {"w": jnp.array([np.log(2.0)])})
+    vq, vp, d = 0.3, 2.0, 0.7
+    expected = 0.5 * (vq / vp + d**2 / vp - 1 + np.log(vp / vq))
+    np.testing.assert_allclose(float(mf.kl(q, p)), expected, rtol=1e-5)
+    for s in range(5):
+        a = mf.MeanField(_tree(jax.random.key(s)), _tree(jax.random.key(s + 10)))
+        b = mf.MeanField(_tree(jax.random.key(s + 20)), _tree(jax.random.key(s + 30)))
+        assert float(mf.kl(a, b)) > 0
+
+
+def test_mask_excludes_leaves_from_kl_and_noise():
+    params = _tree(jax.random.key(0))
+    q = mf.init_from_params(params, log_var=0.0)
+    p = mf.prior(params, sigma=1.0)
+    mask = {"a": True, "b": {"c": False}}
+    only_a = mf.kl(mf.MeanField({"a": q.mean["a"]}, {"a": q.log_var["a"]}),
+                   mf.MeanField({"a": p.mean["a"]}, {"a": p.log_var["a"]}))
+    np.testing.assert_allclose(float(mf.kl(q, p, mask)), float(only_a), rtol=1e-6)
+    w = mf.sample(jax.random.key(3), q, mask)
+    np.testing.assert_array_equal(w["b"]["c"], params["b"]["c"])
+    assert not np.allclose(w["a"], params["a"])
+    assert mf.num_variational(q, mask) == 12
+
+
+def test_reparameterised_samples_have_the_posterior_moments():
+    mean = {"w": jnp.array([1.0, -2.0, 0.0]), "v": jnp.array([[3.0]])}
+    log_var = {"w": jnp.log(jnp.array([0.25, 1.0, 4.0])), "v": jnp.log(jnp.array([[0.01]]))}
+    q = mf.MeanField(mean, log_var)
+    draws = jax.vmap(lambda k: mf.sample(k, q))(jax.random.split(jax.random.key(0), 20000))
+    for name in ("w", "v"):
+        m, v = np.asarray(mean[name]), np.exp(np.asarray(log_var[name]))
+        se = np.sqrt(v / 20000)
+        assert np.all(np.abs(draws[name].mean(0) - m) < 5 * se)
+        np.testing.assert_allclose(draws[name].var(0), v, rtol=0.05)
+
+
+def test_each_leaf_gets_its_own_key():
+    q = mf.init_from_params({"a": jnp.zeros(1000), "b": jnp.zeros(1000)}, log_var=0.0)
+    w = mf.sample(jax.random.key(0), q)
+    assert abs(np.corrcoef(w["a"], w["b"])[0, 1]) < 0.1
+
+
+def test_sample_is_differentiable_wrt_posterior():
+    q = mf.init_from_params({"w": jnp.ones(4)}, log_var=-2.0)
+    g = jax.grad(lambda q: jnp.sum(mf.sample(jax.random.key(0), q)["w"] ** 2))(q)
+    assert np.all(np.asarray(g.mean["w"]) != 0) and np.all(np.asarray(g.log_var["w"]) != 0)
+
+
+@pytest.mark.parametrize("sigma", [1.0, 0.1])
+def test_prior(sigma):
+    p = mf.prior({"w": jnp.ones(3)}, sigma)
+    np.testing.assert_allclose(np.exp(p.log_var["w"]), sigma**2, rtol=1e-6)
+    assert float(jnp.abs(p.mean["w"]).sum()) == 0

@@ -1,0 +1,77 @@
+"""Config helpers: frozen dataclasses as the one config object of a run.
+
+Overrides come from the command line as ``key=value`` strings and are parsed
+by the type of the field they replace (ints, floats, bools, strings, tuples
+as comma-separated lists, ``none`` for optional fields).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from typing import Any, TypeVar
+
+C = TypeVar("C")
+
+
+class ConfigError(ValueError):
+    """An unknown preset, key, or impossible setting."""
+
+
+def to_dict(cfg: Any) -> dict:
+    """A JSON-able dict of a config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _parse(raw: str, current: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if raw.lower() == "none" and (current is None or type(None) in args):
+        return None
+    if origin is tuple or isinstance(current, tuple):
+        elem = args[0] if args else (type(current[0]) if current else str)
+        items = [s for s in raw.split(",") if s.strip()]
+        return tuple(_parse(s.strip(), None, elem, key) for s in items)
+    if type(None) in args:  # Optional[X]
+        hint = next(a for a in args if a is not type(None))
+    target = hint if isinstance(hint, type) else type(current)
+    try:
+        if target is bool:
+            if raw.lower() in ("1", "true", "yes"):
+                return True
+            if raw.lower() in ("0", "false", "no"):
+                return False
+            raise ValueError(raw)
+        return target(raw)
+    except ValueError as e:
+        raise ConfigError(f"{key}={raw!r}: expected {getattr(target, '__name__', target)}") from e
+
+
+def override(cfg: C, overrides: list[str] | None) -> C:
+    """Returns ``cfg`` with ``key=value`` overrides applied.
+
+    Raises:
+      ConfigError: a malformed override, an unknown key, or a value of the wrong type.
+    """
+    if not overrides:
+        return cfg
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    hints = typing.get_type_hints(type(cfg))
+    changes = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        if key not in fields:
+            raise ConfigError(f"unknown config key {key!r}; known: {', '.join(sorted(fields))}")
+        changes[key] = _parse(raw.strip(), getattr(cfg, key), hints[key], key)
+    return dataclasses.replace(cfg, **changes)
+
+
+def preset(presets: dict[str, C], name: str) -> C:
+    """The named preset, or a ConfigError listing the accepted names."""
+    if name not in presets:
+        raise ConfigError(f"unknown preset {name!r}; accepted: {', '.join(presets)}")
+    return presets[name]

@@ -1,0 +1,12 @@
+"""Data layer: datasets from local IDX/binary files or tfds, task streams, coresets."""
+
+from vcl_jax.data.coreset import complement, kcenter_coreset, random_coreset, select
+from vcl_jax.data.errors import DataError
+from vcl_jax.data.preprocess import pad_to, to_float, to_unit
+from vcl_jax.data.sources import ENV_VAR, Dataset, find_local, load
+from vcl_jax.data.tasks import Task, TaskStream
+
+__all__ = [
+    "ENV_VAR", "DataError", "Dataset", "Task", "TaskStream", "complement", "find_local",
+    "kcenter_coreset", "load", "pad_to", "random_coreset", "select", "to_float", "to_unit",
+]

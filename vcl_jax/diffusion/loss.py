@@ -1,0 +1,57 @@
+"""Forward noising and the ε-prediction loss, written for one example."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from vcl_jax.diffusion.schedule import Schedule
+
+# eps_fn(x [B,H,W,C], t [B] in (0,1], task [B] int, keep [B] bool) -> [B,H,W,C]
+EpsFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
+
+
+def q_sample(sched: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> jax.Array:
+    """x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε for one example (t an int in 1..T)."""
+    ab = sched.alpha_bar[t - 1]
+    return jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * noise
+
+
+def draw_noise(key: jax.Array, x0: jax.Array, T: int, p_uncond: float):  # noqa: N803
+    """Per-example randomness: timestep t ~ U{1..T}, noise ε, and the guidance drop."""
+    kt, kn, kd = jax.random.split(key, 3)
+    t = jax.random.randint(kt, (), 1, T + 1)
+    noise = jax.random.normal(kn, x0.shape, x0.dtype)
+    keep = jax.random.uniform(kd) >= p_uncond
+    return t, noise, keep
+
+
+def example_loss(
+    eps_fn: EpsFn,
+    sched: Schedule,
+    key: jax.Array,
+    x0: jax.Array,
+    task: jax.Array,
+    *,
+    p_uncond: float = 0.1,
+) -> jax.Array:
+    """Per-pixel mean ‖ε − ε̂(x_t, t, d)‖² for one example ``x0: [H, W, C]``.
+
+    The task embedding is replaced by the null embedding with probability
+    ``p_uncond`` (classifier-free guidance training). ``vmap`` it over a batch.
+    """
+    t, noise, keep = draw_noise(key, x0, sched.T, p_uncond)
+    xt = q_sample(sched, x0, t, noise)
+    pred = eps_fn(xt[None], (t / sched.T)[None], task[None], keep[None])[0]
+    return jnp.mean((pred - noise) ** 2)
+
+
+def batch_loss(eps_fn: EpsFn, sched: Schedule, key: jax.Array, x0: jax.Array, task: jax.Array,
+               *, p_uncond: float = 0.1) -> jax.Array:
+    """Mean of :func:`example_loss` over ``x0: [B, H, W, C]``, keys split per example."""
+    keys = jax.random.split(key, x0.shape[0])
+    per = jax.vmap(lambda k, x, d: example_loss(eps_fn, sched, k, x, d, p_uncond=p_uncond))(
+        keys, x0, task)
+    return jnp.mean(per)

@@ -1,0 +1,1 @@
+"""Evaluation: the cached evaluation classifier and sample-quality metrics."""

@@ -1,0 +1,83 @@
+"""Figures: sample grids and metric curves (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def sample_grid(path: str, rows: list[dict[int, np.ndarray]], columns: list[int], title: str,
+                row_labels: list[str] | None = None) -> None:
+    """Row i = after task i, column j = class j; blank where class j is not yet seen.
+
+    Args:
+      path: PNG to write.
+      rows: per row, a dict class -> image ``[H, W]`` or ``[H, W, 3]`` in [0, 1].
+      columns: class order.
+      title: figure title.
+      row_labels: one label per row (default: "after task i").
+    """
+    n_r, n_c = len(rows), len(columns)
+    fig, axes = plt.subplots(n_r, n_c, figsize=(1.0 * n_c + 0.8, 1.0 * n_r + 0.6), squeeze=False)
+    for i, row in enumerate(rows):
+        for j, c in enumerate(columns):
+            ax = axes[i, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c in row:
+                img = row[c]
+                ax.imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+            else:
+                ax.set_facecolor("white")
+                for s in ax.spines.values():
+                    s.set_visible(False)
+            if i == 0:
+                ax.set_title(str(c), fontsize=9)
+            if j == 0:
+                label = row_labels[i] if row_labels else f"after task {i + 1}"
+                ax.set_ylabel(label, fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def curves(path: str, series: dict[str, list[float]], *, xlabel: str, ylabel: str, title: str,
+           log: bool = False) -> None:
+    """One line per series against 1..len(series)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, ys in series.items():
+        ax.plot(np.arange(1, len(ys) + 1), ys, marker="o", label=name)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def per_class_curves(path: str, per_class: dict[str, dict[int, list[float]]], *, ylabel: str,
+                     title: str) -> None:
+    """One panel per run: each class's metric after each task from the one it was learned in."""
+    names = list(per_class)
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
+    for ax, name in zip(axes[0], names, strict=True):
+        for c, (first, ys) in per_class[name].items():
+            ax.plot(np.arange(first + 1, first + 1 + len(ys)), ys, marker=".", label=str(c))
+        ax.set_yscale("log")
+        ax.set_xlabel("tasks seen")
+        ax.set_ylabel(ylabel)
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

@@ -1,0 +1,178 @@
+"""The conditional DDPM U-Net of "Conditional-Diffusion-MNIST" (Pearce 2022), as
+used by the VCL-diffusion paper, with one trainable embedding per task.
+
+Shape walk for 28×28 (32×32 works the same, bottleneck 8×8)::
+
+    x [B,28,28,C] → init block (n) → down1 (n, 14×14) → down2 (2n, 7×7)
+    → avg-pool to [B,1,1,2n] → up0: 7×7 projection (2n, 7×7)
+    → up1(cemb1 · up0 + temb1, down2) (n, 14×14)
+    → up2(cemb2 · up1 + temb2, down1) (n, 28×28) → out(concat(up2, x)) → ε̂ [B,28,28,C]
+
+Differences from the PyTorch original, on purpose: GroupNorm instead of
+BatchNorm (no batch statistics, so the model is a pure function of its params,
+which mean-field VI and data parallelism need); the task label is a learned
+vector per task (``task_embeddings[d]``, ``null_embedding`` for the
+unconditional model) fed to the shared two-layer embedding MLPs, instead of a
+one-hot vector.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vcl_jax.models.layers import Conv, PatchTranspose, max_pool2, paper_uniform
+
+# Parameter names that are per-task / unconditional embeddings (deterministic in VCL).
+EMBEDDING_PARAMS = ("task_embeddings", "null_embedding")
+
+
+def _groups(channels: int) -> int:
+    return 8 if channels % 8 == 0 else 1
+
+
+class ConvBlock(nn.Module):
+    """3×3 conv → GroupNorm → GELU."""
+
+    features: int
+    impl: str
+
+    @nn.compact
+    def __call__(self, x):
+        x = Conv(self.features, 3, impl=self.impl)(x)
+        return nn.gelu(nn.GroupNorm(_groups(self.features))(x))
+
+
+class ResidualConvBlock(nn.Module):
+    """Two conv blocks, with the (x + h) / √2 residual when ``residual``."""
+
+    features: int
+    impl: str
+    residual: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        x1 = ConvBlock(self.features, self.impl)(x)
+        x2 = ConvBlock(self.features, self.impl)(x1)
+        if not self.residual:
+            return x2
+        skip = x if x.shape[-1] == self.features else x1
+        return (skip + x2) / 1.414
+
+
+class Down(nn.Module):
+    features: int
+    impl: str
+
+    @nn.compact
+    def __call__(self, x):
+        return max_pool2(ResidualConvBlock(self.features, self.impl)(x))
+
+
+class Up(nn.Module):
+    features: int
+    impl: str
+
+    @nn.compact
+    def __call__(self, x, skip):
+        x = PatchTranspose(self.features, 2)(jnp.concatenate([x, skip], axis=-1))
+        x = ResidualConvBlock(self.features, self.impl)(x)
+        return ResidualConvBlock(self.features, self.impl)(x)
+
+
+class EmbedFC(nn.Module):
+    """Linear → GELU → Linear."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(self.features, kernel_init=paper_uniform)(x)
+        return nn.Dense(self.features, kernel_init=paper_uniform)(nn.gelu(x))
+
+
+class ContextUNet(nn.Module):
+    """ε-prediction U-Net conditioned on time and on a per-task embedding.
+
+    Attributes:
+      n_feat: base width (128 in the paper).
+      n_tasks: number of per-task embeddings.
+      channels: image channels (1 for MNIST, 3 for CIFAR-10).
+      embed_dim: size of each task embedding vector.
+      impl: convolution implementation (``xla`` or ``im2col``).
+    """
+
+    n_feat: int = 128
+    n_tasks: int = 10
+    channels: int = 1
+    embed_dim: int = 32
+    impl: str = "xla"
+
+    @nn.compact
+    def __call__(self, x: jax.Array, t: jax.Array, task: jax.Array, keep: jax.Array) -> jax.Array:
+        """Predicts the noise.
+
+        Args:
+          x: ``[B, H, W, C]`` noised images, H = W divisible by 4.
+          t: ``[B]`` time as a fraction t/T in (0, 1].
+          task: ``[B]`` int task index (which embedding to use).
+          keep: ``[B]`` bool; False selects the unconditional (null) embedding.
+
+        Returns:
+          ``[B, H, W, C]`` predicted noise.
+        """
+        n = self.n_feat
+        task_emb = self.param("task_embeddings", nn.initializers.normal(1.0),
+                              (self.n_tasks, self.embed_dim))
+        null_emb = self.param("null_embedding", nn.initializers.zeros, (self.embed_dim,))
+        c = jnp.where(keep[:, None], task_emb[task], null_emb)  # [B, E]
+        t = t.astype(x.dtype)[:, None]  # [B, 1]
+        cemb1 = EmbedFC(2 * n, name="contextembed1")(c)[:, None, None, :]
+        temb1 = EmbedFC(2 * n, name="timeembed1")(t)[:, None, None, :]
+        cemb2 = EmbedFC(n, name="contextembed2")(c)[:, None, None, :]
+        temb2 = EmbedFC(n, name="timeembed2")(t)[:, None, None, :]
+
+        x0 = ResidualConvBlock(n, self.impl, residual=True, name="init_conv")(x)
+        down1 = Down(n, self.impl, name="down1")(x0)  # [B, H/2, W/2, n]
+        down2 = Down(2 * n, self.impl, name="down2")(down1)  # [B, H/4, W/4, 2n]
+        hidden = nn.gelu(jnp.mean(down2, axis=(1, 2), keepdims=True))  # [B, 1, 1, 2n]
+        up0 = PatchTranspose(2 * n, down2.shape[1], name="up0")(hidden)
+        up0 = nn.relu(nn.GroupNorm(_groups(2 * n))(up0))
+        up1 = Up(n, self.impl, name="up1")(cemb1 * up0 + temb1, down2)  # [B, H/2, W/2, n]
+        up2 = Up(n, self.impl, name="up2")(cemb2 * up1 + temb2, down1)  # [B, H, W, n]
+        h = Conv(n, 3, impl=self.impl, name="out_conv1")(jnp.concatenate([up2, x0], -1))
+        h = nn.relu(nn.GroupNorm(_groups(n), name="out_norm")(h))
+        return Conv(self.channels, 3, impl=self.impl, name="out_conv2")(h)
+
+
+def unet_flops(n_feat: int, size: int = 28, channels: int = 1) -> float:
+    """Forward FLOPs per image of :class:`ContextUNet` (convolutions and transposes)."""
+    n, s = n_feat, size
+
+    def conv(hw, cin, cout, k=3):
+        return 2 * hw * hw * k * k * cin * cout
+
+    f = conv(s, channels, n) + conv(s, n, n)  # init block
+    f += conv(s, n, n) * 2  # down1
+    f += conv(s // 2, n, 2 * n) + conv(s // 2, 2 * n, 2 * n)  # down2
+    f += 2 * (s // 4) ** 2 * 2 * n * 2 * n  # up0
+    f += 2 * (s // 4) ** 2 * 4 * 4 * n * n + 4 * conv(s // 2, n, n)  # up1
+    f += 2 * (s // 2) ** 2 * 4 * 2 * n * n + 4 * conv(s, n, n)  # up2
+    f += conv(s, 2 * n, n) + conv(s, n, channels)  # out
+    return float(f)
+
+
+def variational_mask(params: dict) -> dict:
+    """True for the leaves VCL treats as random: every conv, transpose and dense
+    weight and bias; False for the per-task/null embeddings and the GroupNorm
+    scales and offsets (deterministic, outside the KL, as in the paper's code)."""
+    from flax import traverse_util
+
+    flat = traverse_util.flatten_dict(params)
+
+    def random(path):
+        return not any(p in EMBEDDING_PARAMS or p.startswith("GroupNorm") or p == "out_norm"
+                       for p in path)
+
+    return traverse_util.unflatten_dict({k: random(k) for k in flat})

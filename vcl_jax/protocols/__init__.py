@@ -1,0 +1,1 @@
+"""The experiments' procedures as library code; ``experiments/`` only parses and calls."""

@@ -1,0 +1,248 @@
+"""VCL for diffusion models (PAPERS.md §1): MLE vs VCL, with and without coresets.
+
+``run(cfg, run_dir)`` trains every (method, coreset size) of the config on the
+task stream, evaluates after every task, checkpoints after every task, resumes
+from the last finished task, and writes the comparison (metrics, plots, grids,
+summary) to ``run_dir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vcl_jax import checkpoint
+from vcl_jax.config import ConfigError, to_dict
+from vcl_jax.continual import mle, vcl
+from vcl_jax.data import TaskStream, complement, load, select, to_float, to_unit
+from vcl_jax.diffusion.generate import generate
+from vcl_jax.diffusion.loss import batch_loss
+from vcl_jax.diffusion.schedule import linear_schedule
+from vcl_jax.eval.classifier import EvalClassifier, get_classifier
+from vcl_jax.eval.metrics import classifier_uncertainty, per_class_mean
+from vcl_jax.models.unet import ContextUNet, variational_mask
+from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig
+from vcl_jax.training.epoch import EpochRunner
+from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step, train_epochs
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a run builds from its config: model, schedule, loss and methods."""
+
+    cfg: VCLDiffusionConfig
+    model: ContextUNet
+    sched: Any
+    shape: tuple[int, int, int]
+
+    def init_params(self, key: jax.Array) -> dict:
+        h, w, c = self.shape
+        n = 2
+        return self.model.init(key, jnp.zeros((n, h, w, c)), jnp.ones((n,)),
+                               jnp.zeros((n,), jnp.int32), jnp.ones((n,), bool))["params"]
+
+    def batch_loss(self, params, batch, key):
+        eps_fn = lambda x, t, d, keep: self.model.apply({"params": params}, x, t, d, keep)
+        return batch_loss(eps_fn, self.sched, key, batch["x"], batch["task"],
+                          p_uncond=self.cfg.p_uncond)
+
+    def method(self, name: str, params: dict):
+        cfg = self.cfg
+        if name == "mle":
+            return mle(self.batch_loss)
+        if name == "vcl":
+            return vcl(self.batch_loss, mask=variational_mask(params), n_samples=cfg.train_samples,
+                       kl_scale=cfg.kl_scale, prior_sigma=cfg.prior_sigma,
+                       log_var_init=cfg.log_var_init)
+        raise ConfigError(f"unknown method {name!r}")
+
+    def eval_draws(self, name: str) -> int:
+        return self.cfg.eval_samples if name == "vcl" else 1
+
+
+def build(cfg: VCLDiffusionConfig, shape: tuple[int, int, int] = (28, 28, 1)) -> Setup:
+    cfg.validate()
+    model = ContextUNet(n_feat=cfg.n_feat, n_tasks=len(cfg.classes), channels=shape[-1],
+                        embed_dim=cfg.embed_dim, impl=cfg.conv_impl)
+    return Setup(cfg, model, linear_schedule(cfg.T, cfg.beta_1, cfg.beta_T), shape)
+
+
+def load_tasks(cfg: VCLDiffusionConfig) -> list[np.ndarray]:
+    """Training images of each task, float ``[N_d, H, W, C]`` in [0, 1]."""
+    train = load(cfg.dataset, "train", data_dir=cfg.data_dir)
+    stream = TaskStream.one_class_per_task(cfg.classes)
+    out = []
+    for task in stream.split(train):
+        x = to_float(task.images, cfg.pixel_range)
+        out.append(x[: cfg.max_per_task] if cfg.max_per_task else x)
+    for size in cfg.coreset_sizes:
+        for d, x in enumerate(out):
+            if size > len(x):
+                raise ConfigError(f"coreset size {size} is larger than task {d} "
+                                  f"(class {cfg.classes[d]}: {len(x)} training images)")
+    return out
+
+
+def run_name(method: str, coreset: int) -> str:
+    return f"{method}_coreset{coreset}"
+
+
+def _task_data(xs: list[np.ndarray], task_ids: list[int]) -> dict:
+    x = np.concatenate(xs)
+    t = np.concatenate([np.full(len(a), d, np.int32) for a, d in zip(xs, task_ids, strict=True)])
+    return {"x": jnp.asarray(x), "task": jnp.asarray(t)}
+
+
+def evaluate(setup: Setup, method, trainable, task: int, key: jax.Array,
+             classifier: EvalClassifier) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Samples every class seen so far and scores them by classifier uncertainty.
+
+    Returns:
+      (metrics, images ``[N, H, W]`` in [0, 1], class labels ``[N]``).
+    """
+    cfg = setup.cfg
+    seen = np.repeat(np.arange(task + 1), cfg.eval_per_class)
+    k_draw, k_sample = jax.random.split(key)
+    draws = method.draws(trainable, k_draw, setup.eval_draws(method.name))
+    x = generate(setup.model, draws, setup.sched, k_sample, seen, setup.shape,
+                 sampler=cfg.sampler, guidance=cfg.guidance, ddim_steps=cfg.ddim_steps)
+    images = to_unit(x, cfg.pixel_range)
+    labels = np.asarray(cfg.classes)[seen]
+    unc = classifier_uncertainty(classifier.log_probs(images), labels)
+    per_class = per_class_mean(unc, labels)
+    metrics = {"task": task, "avg_uncertainty": float(np.mean(list(per_class.values()))),
+               "per_class": {str(k): v for k, v in per_class.items()},
+               "sample_accuracy": float(np.mean(classifier.log_probs(images).argmax(-1) == labels))}
+    return metrics, images[..., 0] if images.shape[-1] == 1 else images, labels
+
+
+def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.ndarray],
+            classifier: EvalClassifier, out_dir: str, *, progress: bool = True) -> dict:
+    """Trains one method with one coreset size over the whole stream (resuming if possible).
+
+    Returns:
+      ``{"history": [per-task metrics], "train_seconds": …, "eval_seconds": …}``.
+    """
+    cfg = setup.cfg
+    os.makedirs(out_dir, exist_ok=True)
+    k_init, k_core, k_train, k_eval = jax.random.split(jax.random.key(cfg.seed), 4)
+    params = setup.init_params(k_init)
+    method = setup.method(method_name, params)
+    opt = adam(cfg.learning_rate)
+    trainable, mstate = method.init(params)
+    state = TrainState(trainable, opt.init(trainable), mstate)
+    step = make_train_step(method, opt, data_sharding())
+    runner = EpochRunner(step, cfg.batch_size, cfg.unroll)
+
+    ckpt_config = dict(to_dict(cfg), method=method_name, coreset_size=coreset_size)
+    ckpt = checkpoint.Checkpoints(os.path.join(out_dir, "checkpoints"), ckpt_config)
+    like = {"train": state, "eval": state.trainable}
+    coresets: list[list[int]] = []
+    record = {"history": [], "train_seconds": 0.0, "eval_seconds": 0.0}
+    start = 0
+    if ckpt.latest_step() is not None:
+        restored, meta = ckpt.restore(ckpt.latest_step(), like)
+        state = restored["train"]
+        coresets, record = meta["coresets"], meta["record"]
+        start = ckpt.latest_step() + 1
+
+    for d in range(start, len(tasks)):
+        x = tasks[d]
+        core = select(cfg.coreset_method, jax.random.fold_in(k_core, d), x, coreset_size) \
+            if coreset_size else np.zeros((0,), np.int32)
+        coresets.append(core.tolist())
+        train_x = x[complement(core, len(x))]
+        xs, ids = [train_x], [d]
+        if cfg.coreset_mode == "replay":
+            xs += [tasks[j][coresets[j]] for j in range(d) if coresets[j]]
+            ids += [j for j in range(d) if coresets[j]]
+        data = _task_data(xs, ids)
+        n_data = int(data["x"].shape[0])
+
+        t0 = time.perf_counter()
+        trainable, mstate = method.begin_task(state.trainable, state.method_state, d, n_data)
+        state = state._replace(trainable=trainable, method_state=mstate)
+        desc = f"{run_name(method_name, coreset_size)} task {d + 1}/{len(tasks)}"
+        state, hist = train_epochs(runner, state, data, jax.random.fold_in(k_train, d),
+                                   epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+                                   decay=cfg.lr_decay, desc=desc, progress=progress)
+        state = state._replace(method_state=method.end_task(state.trainable,
+                                                            state.method_state, d))
+        eval_trainable = state.trainable
+        if coreset_size and cfg.coreset_mode == "finetune":
+            core_data = _task_data([tasks[j][coresets[j]] for j in range(d + 1)],
+                                   list(range(d + 1)))
+            tr, ms = method.begin_task(state.trainable, state.method_state, d,
+                                       int(core_data["x"].shape[0]))
+            tuned = TrainState(tr, state.opt_state, ms)
+            tuned = jax.tree.map(jnp.copy, tuned)  # the next task restarts from `state`
+            tuned, _ = train_epochs(runner, tuned, core_data,
+                                    jax.random.fold_in(jax.random.fold_in(k_train, d), 10_000),
+                                    epochs=cfg.coreset_epochs, learning_rate=cfg.learning_rate,
+                                    decay=cfg.lr_decay, desc=desc + " coreset", progress=progress)
+            eval_trainable = tuned.trainable
+        jax.block_until_ready(eval_trainable)
+        t1 = time.perf_counter()
+        metrics, images, labels = evaluate(setup, method, eval_trainable, d,
+                                           jax.random.fold_in(k_eval, d), classifier)
+        t2 = time.perf_counter()
+        np.savez_compressed(os.path.join(out_dir, f"samples_task{d}.npz"), images=images,
+                            labels=labels)
+        metrics["train_final"] = hist[-1]
+        record["history"].append(metrics)
+        record["train_seconds"] += t1 - t0
+        record["eval_seconds"] += t2 - t1
+        ckpt.save(d, {"train": state, "eval": eval_trainable},
+                  {"task": d, "coresets": coresets, "record": record})
+        if progress:
+            print(f"[{run_name(method_name, coreset_size)}] task {d + 1}: avg uncertainty "
+                  f"{metrics['avg_uncertainty']:.4f} nats, loss {hist[-1]['loss']:.4f}", flush=True)
+    ckpt.close()
+    return record
+
+
+def check_run_dir(run_dir: str, cfg: VCLDiffusionConfig) -> None:
+    """Refuses a run directory written with another config (never overwrites it)."""
+    path = os.path.join(run_dir, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        diff = checkpoint.config_diff(saved, to_dict(cfg))
+        if diff:
+            raise checkpoint.ConfigMismatchError(
+                f"{run_dir} holds a run with another config:\n  " + "\n  ".join(diff)
+                + "\nUse a new --run-dir; nothing was overwritten.")
+
+
+def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict:
+    """Runs (or resumes) the whole experiment and writes its outputs to ``run_dir``."""
+    from vcl_jax.protocols import vcl_diffusion_report as report
+
+    setup = build(cfg)
+    check_run_dir(run_dir, cfg)
+    tasks = load_tasks(cfg)
+    classifier = get_classifier(cfg.dataset, data_dir=cfg.data_dir, epochs=cfg.classifier_epochs,
+                                progress=progress)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(to_dict(cfg), f, indent=2)
+    results = {}
+    for size in cfg.coreset_sizes:
+        for name in cfg.methods:
+            rn = run_name(name, size)
+            results[rn] = run_one(setup, name, size, tasks, classifier,
+                                  os.path.join(run_dir, rn), progress=progress)
+    metrics = {"config": to_dict(cfg), "classifier": classifier.info, "runs": results}
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    report.write(run_dir, cfg, results)
+    return metrics

@@ -1,0 +1,105 @@
+"""Config and presets of the VCL-diffusion experiment (PAPERS.md §1)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from vcl_jax.config import ConfigError
+
+METHODS = ("mle", "vcl")
+CORESET_MODES = ("finetune", "replay")
+
+
+@dataclasses.dataclass(frozen=True)
+class VCLDiffusionConfig:
+    """Every hyperparameter of one VCL-diffusion run.
+
+    Defaults are the paper's (Table 2) where it gives them.
+    """
+
+    # data and tasks
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    classes: tuple[int, ...] = tuple(range(10))  # one class (digit) per task, in this order
+    max_per_task: int | None = None  # cap on training images per task (None: all)
+    pixel_range: str = "unit"  # "unit" [0, 1] as in the paper's code, or "symmetric" [−1, 1]
+    # model
+    n_feat: int = 128
+    embed_dim: int = 32
+    conv_impl: str = "xla"
+    # diffusion
+    T: int = 400  # noqa: N815
+    beta_1: float = 1e-4
+    beta_T: float = 0.02  # noqa: N815
+    p_uncond: float = 0.1
+    # optimisation
+    epochs: int = 25
+    batch_size: int = 128
+    learning_rate: float = 1e-4
+    lr_decay: bool = True  # linear decay to 0 within each task (the authors' code)
+    unroll: int = 0  # steps per jitted call; 0 = one lax.scan per epoch (see training/epoch.py)
+    # methods and coresets
+    methods: tuple[str, ...] = METHODS
+    coreset_sizes: tuple[int, ...] = (0,)
+    coreset_method: str = "random"
+    coreset_mode: str = "finetune"
+    coreset_epochs: int = 10
+    # VCL
+    train_samples: int = 10
+    eval_samples: int = 10
+    log_var_init: float = -10.0
+    prior_sigma: float = 1.0
+    kl_scale: float = 1.0
+    # evaluation
+    classifier_epochs: int | None = None  # None: the cached default classifier of the dataset
+    eval_per_class: int = 20
+    guidance: float = 2.0
+    sampler: str = "ddpm"
+    ddim_steps: int = 100
+    # reproducibility
+    seed: int = 0
+
+    def validate(self) -> VCLDiffusionConfig:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ConfigError(f"unknown method(s) {bad or '(none given)'}; accepted: "
+                              f"{', '.join(METHODS)}")
+        if self.coreset_mode not in CORESET_MODES:
+            raise ConfigError(f"unknown coreset_mode {self.coreset_mode!r}; accepted: "
+                              f"{', '.join(CORESET_MODES)}")
+        if any(s < 0 for s in self.coreset_sizes):
+            raise ConfigError(f"coreset sizes must be ≥ 0, got {self.coreset_sizes}")
+        checks = [
+            (self.epochs >= 1, f"epochs must be ≥ 1, got {self.epochs}"),
+            (self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}"),
+            (self.train_samples >= 1, f"train_samples must be ≥ 1, got {self.train_samples}"),
+            (self.eval_samples >= 1, f"eval_samples must be ≥ 1, got {self.eval_samples}"),
+            (self.eval_per_class >= 1, f"eval_per_class must be ≥ 1, got {self.eval_per_class}"),
+            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
+            (self.kl_scale >= 0, f"kl_scale must be ≥ 0, got {self.kl_scale}"),
+            (self.prior_sigma > 0, f"prior_sigma must be > 0, got {self.prior_sigma}"),
+            (0 <= self.p_uncond < 1, f"p_uncond must be in [0, 1), got {self.p_uncond}"),
+            (len(self.classes) >= 1, "classes must name at least one class"),
+            (self.unroll >= 0, f"unroll must be ≥ 0, got {self.unroll}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+        return self
+
+
+PRESETS = {
+    # The paper's Table 2; full MNIST through tfds (needs internet the first time).
+    "paper": VCLDiffusionConfig(coreset_sizes=(0, 200, 500)),
+    # Offline mnist-5k (500 digits per task) on a 2-core CPU: a narrower U-Net,
+    # more passes at a higher learning rate, K = 1 weight draw per step, and
+    # 10 guided ancestral samples per digit for evaluation.
+    "cpu": VCLDiffusionConfig(
+        n_feat=16, embed_dim=32, epochs=40, batch_size=64, learning_rate=2e-3,
+        unroll=8, train_samples=1, eval_per_class=10),
+    # Seconds: three tasks, tiny model, few samples.
+    "smoke": VCLDiffusionConfig(
+        classes=(0, 1, 2), max_per_task=32, n_feat=8, embed_dim=8, T=20, epochs=2,
+        batch_size=16, learning_rate=1e-3, unroll=1, train_samples=2, eval_samples=2,
+        eval_per_class=4, coreset_epochs=1, sampler="ddpm", classifier_epochs=1),
+}

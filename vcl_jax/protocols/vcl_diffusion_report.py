@@ -1,0 +1,63 @@
+"""Figures and the summary table of a VCL-diffusion run directory."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from vcl_jax.eval import plots
+from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig
+
+
+def _grid_rows(run_dir: str, n_tasks: int) -> list[dict[int, np.ndarray]]:
+    rows = []
+    for d in range(n_tasks):
+        with np.load(os.path.join(run_dir, f"samples_task{d}.npz")) as z:
+            images, labels = z["images"], z["labels"]
+        rows.append({int(c): images[np.argmax(labels == c)] for c in np.unique(labels)})
+    return rows
+
+
+def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict) -> None:
+    """Writes grids, uncertainty plots (linear, log, per class) and ``summary.md``."""
+    n_tasks = len(cfg.classes)
+    for name, rec in results.items():
+        rows = _grid_rows(os.path.join(run_dir, name), len(rec["history"]))
+        plots.sample_grid(os.path.join(run_dir, f"grid_{name}.png"), rows, list(cfg.classes),
+                          f"{name}: row i = after task i, column j = digit j")
+    avg = {name: [h["avg_uncertainty"] for h in rec["history"]] for name, rec in results.items()}
+    for log in (False, True):
+        plots.curves(os.path.join(run_dir, f"uncertainty{'_log' if log else ''}.png"), avg,
+                     xlabel="tasks seen", ylabel="avg classifier uncertainty (nats)",
+                     title="Average classifier uncertainty over seen digits (lower is better)",
+                     log=log)
+    per_class = {}
+    for name, rec in results.items():
+        series: dict[int, tuple[int, list[float]]] = {}
+        for i, c in enumerate(cfg.classes):
+            ys = [h["per_class"][str(c)] for h in rec["history"][i:]]
+            if ys:
+                series[c] = (i, ys)
+        per_class[name] = series
+    plots.per_class_curves(os.path.join(run_dir, "uncertainty_per_digit.png"), per_class,
+                           ylabel="classifier uncertainty (nats)",
+                           title="Per-digit classifier uncertainty after each task")
+    lines = ["# VCL for diffusion models — summary", "",
+             "Average classifier uncertainty (nats, lower is better) over the digits seen so far, "
+             "after each task.", "",
+             "| run | " + " | ".join(str(i + 1) for i in range(n_tasks)) + " | train s | eval s |",
+             "|---|" + "---|" * (n_tasks + 2)]
+    for name, rec in results.items():
+        vals = [f"{v:.3g}" for v in avg[name]] + ["–"] * (n_tasks - len(avg[name]))
+        lines.append(f"| {name} | " + " | ".join(vals)
+                     + f" | {rec['train_seconds']:.0f} | {rec['eval_seconds']:.0f} |")
+    mle0, vcl0 = avg.get("mle_coreset0"), avg.get("vcl_coreset0")
+    if mle0 and vcl0:
+        ratios = [v / m if m > 0 else float("nan") for v, m in zip(vcl0, mle0, strict=False)]
+        lines += ["", "VCL / MLE (coreset 0), per task: "
+                  + ", ".join(f"{r:.3g}" for r in ratios)]
+    lines += ["", "Figures: `grid_<run>.png`, `uncertainty.png`, `uncertainty_log.png`, "
+              "`uncertainty_per_digit.png`; samples: `<run>/samples_task<i>.npz`."]
+    with open(os.path.join(run_dir, "summary.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")

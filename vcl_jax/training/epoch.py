@@ -1,0 +1,99 @@
+"""Epochs over data held on the device, with no Python per training step.
+
+Two ways to run an epoch, same math:
+
+* ``unroll=0``: the whole epoch is one ``lax.scan`` inside one jitted call
+  (best on GPU/TPU).
+* ``unroll=k``: the epoch is a Python loop over jitted calls that each run ``k``
+  steps as a fully unrolled scan. XLA:CPU runs convolutions inside a while loop
+  10–40× slower when their kernel is loop-carried (measured here: a U-Net train
+  step at n_feat 32 took 16.8 s in a rolled scan and 0.36 s unrolled), so CPU
+  presets use this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+StepFn = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, dict]]
+
+
+def epoch_indices(key: jax.Array, n: int, batch_size: int, multiple: int = 1) -> jax.Array:
+    """A shuffled epoch as ``[steps, batch_size]`` indices.
+
+    Every example appears at least once; the batches are completed (and the
+    number of steps rounded up to a multiple of ``multiple``) with examples of
+    a second permutation, so every batch is full and every call has one shape.
+    """
+    steps = -(-n // batch_size)
+    steps = -(-steps // multiple) * multiple
+    k1, k2 = jax.random.split(key)
+    perm = jax.random.permutation(k1, n)
+    extra = steps * batch_size - n
+    while extra > 0:
+        k2, sub = jax.random.split(k2)
+        more = jax.random.permutation(sub, n)[:extra]
+        perm = jnp.concatenate([perm, more])
+        extra -= more.shape[0]
+    return perm.reshape(steps, batch_size)
+
+
+def scan_steps(step: StepFn, state: PyTree, data: PyTree, indices: jax.Array, key: jax.Array,
+               *, first: jax.Array | int = 0, unroll: bool = False) -> tuple[PyTree, dict]:
+    """Runs ``step(state, batch, key)`` over every row of ``indices`` in a ``lax.scan``.
+
+    The key of step i is ``fold_in(key, first + i)``. Returns the final state and
+    the per-step metrics stacked ``[steps, ...]``.
+    """
+
+    def body(state, xs):
+        i, idx = xs
+        batch = jax.tree.map(lambda a: a[idx], data)
+        return step(state, batch, jax.random.fold_in(key, i))
+
+    steps = jnp.arange(indices.shape[0]) + first
+    return jax.lax.scan(body, state, (steps, indices), unroll=bool(unroll) or 1)
+
+
+class EpochRunner:
+    """Runs whole epochs of a pure train step over device-held data.
+
+    Args:
+      step: the pure train step ``(state, batch, key) -> (state, metrics)``.
+      batch_size: examples per step.
+      unroll: 0 for one rolled scan per epoch; k > 0 for jitted calls of k unrolled steps.
+      donate: donate the state buffers to each call.
+    """
+
+    def __init__(self, step: StepFn, batch_size: int, unroll: int = 0, donate: bool = True):
+        self.batch_size = batch_size
+        self.unroll = unroll
+        donate_args = (0,) if donate else ()
+        if unroll:
+            self._call = jax.jit(
+                lambda s, d, idx, k, first: scan_steps(step, s, d, idx, k, first=first,
+                                                       unroll=True),
+                donate_argnums=donate_args)
+        else:
+            self._call = jax.jit(lambda s, d, idx, k: scan_steps(step, s, d, idx, k),
+                                 donate_argnums=donate_args)
+
+    def __call__(self, state: PyTree, data: PyTree, key: jax.Array) -> tuple[PyTree, dict]:
+        """One epoch; returns the new state and the metrics averaged over its steps."""
+        n = jax.tree.leaves(data)[0].shape[0]
+        k_perm, k_steps = jax.random.split(key)
+        idx = epoch_indices(k_perm, n, self.batch_size, max(self.unroll, 1))
+        if not self.unroll:
+            state, metrics = self._call(state, data, idx, k_steps)
+            return state, jax.tree.map(jnp.mean, metrics)
+        chunks = []
+        for c in range(0, idx.shape[0], self.unroll):
+            state, m = self._call(state, data, idx[c:c + self.unroll], k_steps, c)
+            chunks.append(m)
+        metrics = jax.tree.map(lambda *ms: jnp.mean(jnp.concatenate(ms)), *chunks)
+        return state, metrics

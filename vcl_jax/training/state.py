@@ -1,0 +1,83 @@
+"""The train state, optimizer and jitted train step shared by the continual protocols."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from vcl_jax.continual.base import Method
+from vcl_jax.training.epoch import EpochRunner
+
+PyTree = Any
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training: trainable variables, optimizer, method state."""
+
+    trainable: PyTree
+    opt_state: PyTree
+    method_state: PyTree
+
+
+def adam(learning_rate: float) -> optax.GradientTransformation:
+    """Adam whose learning rate lives in the optimizer state (set per epoch, no retrace)."""
+    return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
+
+
+def set_learning_rate(state: TrainState, lr: float) -> TrainState:
+    hp = dict(state.opt_state.hyperparams, learning_rate=jnp.asarray(lr, jnp.float32))
+    return state._replace(opt_state=state.opt_state._replace(hyperparams=hp))
+
+
+def data_sharding() -> NamedSharding | None:
+    """Batch sharding over all local devices (None on one device)."""
+    devices = jax.local_devices()
+    if len(devices) == 1:
+        return None
+    return NamedSharding(Mesh(devices, ("data",)), PartitionSpec("data"))
+
+
+def make_train_step(method: Method, opt: optax.GradientTransformation,
+                    sharding: NamedSharding | None = None):
+    """The pure train step ``(state, batch, key) -> (state, metrics)``.
+
+    With ``sharding`` the batch is split over devices along its first axis and
+    the params stay replicated; XLA inserts the gradient all-reduce (data parallel).
+    """
+
+    def step(state: TrainState, batch: PyTree, key: jax.Array):
+        if sharding is not None:
+            batch = jax.lax.with_sharding_constraint(batch, sharding)
+        grad_fn = jax.value_and_grad(method.loss, has_aux=True)
+        (_, metrics), grads = grad_fn(state.trainable, state.method_state, batch, key)
+        updates, opt_state = opt.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        return TrainState(trainable, opt_state, state.method_state), metrics
+
+    return step
+
+
+def train_epochs(runner: EpochRunner, state: TrainState, data: PyTree, key: jax.Array, *,
+                 epochs: int, learning_rate: float, decay: bool, desc: str = "",
+                 progress: bool = True) -> tuple[TrainState, list[dict]]:
+    """Runs ``epochs`` epochs; lr decays linearly to 0 over them when ``decay``.
+
+    Returns:
+      The new state and one metrics dict (floats) per epoch.
+    """
+    from tqdm import tqdm
+
+    history = []
+    bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    for e in bar:
+        lr = learning_rate * (1.0 - e / epochs) if decay else learning_rate
+        state = set_learning_rate(state, lr)
+        state, metrics = runner(state, data, jax.random.fold_in(key, e))
+        metrics = {k: float(v) for k, v in metrics.items()}
+        history.append(metrics)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
+    return state, history
