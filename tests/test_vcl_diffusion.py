@@ -173,3 +173,14 @@ def test_killed_run_resumes_to_the_same_result(env, tmp_path):
     for ha, hb in zip(a, b, strict=True):
         np.testing.assert_allclose(hb["avg_uncertainty"], ha["avg_uncertainty"], rtol=1e-5)
         np.testing.assert_allclose(hb["train_final"]["loss"], ha["train_final"]["loss"], rtol=1e-5)
+
+
+def test_vcl_only_change_reuses_finished_mle_runs(smoke_run):
+    run_dir, cfg, metrics = smoke_run
+    start = time.perf_counter()
+    again = vcl_diffusion.run(override(cfg, ["kl_scale=0.5", "methods=mle"]), run_dir,
+                              progress=False)
+    assert again["runs"]["mle_coreset0"] == metrics["runs"]["mle_coreset0"]
+    assert time.perf_counter() - start < 60
+    with pytest.raises(ConfigMismatchError, match="kl_scale"):
+        vcl_diffusion.run(override(cfg, ["kl_scale=0.5"]), run_dir, progress=False)

@@ -75,3 +75,17 @@ def test_prior(sigma):
     p = mf.prior({"w": jnp.ones(3)}, sigma)
     np.testing.assert_allclose(np.exp(p.log_var["w"]), sigma**2, rtol=1e-6)
     assert float(jnp.abs(p.mean["w"]).sum()) == 0
+
+
+def test_vcl_prior_zero_or_pretrained():
+    from vcl_jax.continual import vcl
+
+    params = {"w": jnp.array([0.5, -1.0])}
+    loss = lambda p, batch, key: jnp.sum(p["w"] ** 2)
+    q, state = vcl(loss, log_var_init=-4.0).init(params)
+    np.testing.assert_allclose(state.prior.mean["w"], 0.0)
+    assert float(mf.kl(q, state.prior)) > 0
+    q, state = vcl(loss, log_var_init=-4.0, pretrained_prior=True).init(params)
+    np.testing.assert_allclose(state.prior.mean["w"], params["w"])
+    np.testing.assert_allclose(state.prior.log_var["w"], -4.0)
+    assert abs(float(mf.kl(q, state.prior))) < 1e-6

@@ -22,8 +22,9 @@ class ConfigMismatchError(ValueError):
 
 
 def config_diff(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -> list[str]:
-    """Human-readable differences between two flat-ish config dicts."""
-    keys = sorted((set(saved) | set(current)) - set(ignore))
+    """Human-readable differences between two flat-ish config dicts, over the keys of
+    ``current`` (a key only the saved config has does not matter to this run)."""
+    keys = sorted(set(current) - set(ignore))
     return [f"{k}: checkpoint has {saved.get(k, '<absent>')!r}, this run has "
             f"{current.get(k, '<absent>')!r}" for k in keys if saved.get(k) != current.get(k)]
 

@@ -39,6 +39,7 @@ def vcl(
     kl_scale: float = 1.0,
     prior_sigma: float = 1.0,
     log_var_init: float = -10.0,
+    pretrained_prior: bool = False,
 ) -> Method:
     """Builds the VCL method.
 
@@ -50,13 +51,17 @@ def vcl(
       kl_scale: multiplier of KL / N_d.
       prior_sigma: σ₀ of the first task's prior N(0, σ₀² I).
       log_var_init: initial log-variance of the posterior.
+      pretrained_prior: the first task's prior is N(params, exp(log_var_init))
+        around the params given to ``init`` (the authors' code: MLE pre-training on
+        the first task gives the prior means) instead of N(0, prior_sigma² I).
     """
     if n_samples < 1:
         raise ValueError(f"VCL needs n_samples ≥ 1, got {n_samples}")
 
     def init(params):
         q = mf.init_from_params(params, log_var_init)
-        return q, VCLState(mf.prior(params, prior_sigma), jnp.zeros((), jnp.float32))
+        p = jax.tree.map(jnp.copy, q) if pretrained_prior else mf.prior(params, prior_sigma)
+        return q, VCLState(p, jnp.zeros((), jnp.float32))
 
     def begin_task(q, state, task, n_data):
         del task

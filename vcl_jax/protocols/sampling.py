@@ -9,12 +9,12 @@ import jax
 import numpy as np
 
 from vcl_jax import checkpoint
-from vcl_jax.config import ConfigError, to_dict
+from vcl_jax.config import ConfigError
 from vcl_jax.data import to_unit
 from vcl_jax.diffusion.generate import generate
 from vcl_jax.eval import plots
 from vcl_jax.protocols import vcl_diffusion
-from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig
+from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig, sub_run_config
 from vcl_jax.training.state import TrainState, adam
 
 
@@ -45,8 +45,7 @@ def sample_from_run(run_dir: str, *, task: int | None = None, digits: list[int] 
         raise ConfigError(f"unknown run {method!r} in {run_dir}; accepted: {', '.join(names)}")
     base, size = method.split("_coreset")
     ckpt_dir = os.path.join(run_dir, method, "checkpoints")
-    ckpt = checkpoint.Checkpoints(ckpt_dir, dict(to_dict(cfg), method=base,
-                                                 coreset_size=int(size)))
+    ckpt = checkpoint.Checkpoints(ckpt_dir, sub_run_config(cfg, base, int(size)))
     steps = ckpt.all_steps()
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")

@@ -28,7 +28,7 @@ from vcl_jax.diffusion.schedule import linear_schedule
 from vcl_jax.eval.classifier import EvalClassifier, get_classifier
 from vcl_jax.eval.metrics import classifier_uncertainty, per_class_mean
 from vcl_jax.models.unet import ContextUNet, variational_mask
-from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig
+from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig, sub_run_config
 from vcl_jax.training.epoch import EpochRunner
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step, train_epochs
 
@@ -62,7 +62,8 @@ class Setup:
         if name == "vcl":
             return vcl(self.batch_loss, mask=variational_mask(params), n_samples=cfg.train_samples,
                        kl_scale=cfg.kl_scale, prior_sigma=cfg.prior_sigma,
-                       log_var_init=cfg.log_var_init)
+                       log_var_init=cfg.log_var_init,
+                       pretrained_prior=cfg.vcl_pretrain_epochs > 0)
         raise ConfigError(f"unknown method {name!r}")
 
     def eval_draws(self, name: str) -> int:
@@ -100,6 +101,29 @@ def _task_data(xs: list[np.ndarray], task_ids: list[int]) -> dict:
     x = np.concatenate(xs)
     t = np.concatenate([np.full(len(a), d, np.int32) for a, d in zip(xs, task_ids, strict=True)])
     return {"x": jnp.asarray(x), "task": jnp.asarray(t)}
+
+
+def coreset_indices(cfg: VCLDiffusionConfig, key: jax.Array, task: int, x: np.ndarray,
+                    size: int) -> np.ndarray:
+    """Task ``task``'s coreset (deterministic given the key): withheld from its training data."""
+    if not size:
+        return np.zeros((0,), np.int32)
+    return select(cfg.coreset_method, jax.random.fold_in(key, task), x, size)
+
+
+def pretrain_mle(setup: Setup, params: dict, x: np.ndarray, key: jax.Array, *,
+                 progress: bool) -> dict:
+    """MLE on the first task's data; the result becomes VCL's first prior means."""
+    cfg = setup.cfg
+    method = mle(setup.batch_loss)
+    opt = adam(cfg.learning_rate)
+    trainable, mstate = method.init(params)
+    state = TrainState(trainable, opt.init(trainable), mstate)
+    runner = EpochRunner(make_train_step(method, opt, data_sharding()), cfg.batch_size, cfg.unroll)
+    state, _ = train_epochs(runner, state, _task_data([x], [0]), key,
+                            epochs=cfg.vcl_pretrain_epochs, learning_rate=cfg.learning_rate,
+                            decay=cfg.lr_decay, desc="vcl MLE pre-training", progress=progress)
+    return state.trainable
 
 
 def evaluate(setup: Setup, method, trainable, task: int, key: jax.Array,
@@ -143,8 +167,8 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
     step = make_train_step(method, opt, data_sharding())
     runner = EpochRunner(step, cfg.batch_size, cfg.unroll)
 
-    ckpt_config = dict(to_dict(cfg), method=method_name, coreset_size=coreset_size)
-    ckpt = checkpoint.Checkpoints(os.path.join(out_dir, "checkpoints"), ckpt_config)
+    ckpt = checkpoint.Checkpoints(os.path.join(out_dir, "checkpoints"),
+                                  sub_run_config(cfg, method_name, coreset_size))
     like = {"train": state, "eval": state.trainable}
     coresets: list[list[int]] = []
     record = {"history": [], "train_seconds": 0.0, "eval_seconds": 0.0}
@@ -154,11 +178,19 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
         state = restored["train"]
         coresets, record = meta["coresets"], meta["record"]
         start = ckpt.latest_step() + 1
+    elif method_name == "vcl" and cfg.vcl_pretrain_epochs:
+        t0 = time.perf_counter()
+        x0 = tasks[0][complement(coreset_indices(cfg, k_core, 0, tasks[0], coreset_size),
+                                 len(tasks[0]))]
+        pretrained = pretrain_mle(setup, params, x0, jax.random.fold_in(k_train, 100_000),
+                                  progress=progress)
+        trainable, mstate = method.init(pretrained)
+        state = TrainState(trainable, opt.init(trainable), mstate)
+        record["train_seconds"] += time.perf_counter() - t0
 
     for d in range(start, len(tasks)):
         x = tasks[d]
-        core = select(cfg.coreset_method, jax.random.fold_in(k_core, d), x, coreset_size) \
-            if coreset_size else np.zeros((0,), np.int32)
+        core = coreset_indices(cfg, k_core, d, x, coreset_size)
         coresets.append(core.tolist())
         train_x = x[complement(core, len(x))]
         xs, ids = [train_x], [d]
@@ -211,16 +243,15 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
 
 
 def check_run_dir(run_dir: str, cfg: VCLDiffusionConfig) -> None:
-    """Refuses a run directory written with another config (never overwrites it)."""
-    path = os.path.join(run_dir, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            saved = json.load(f)
-        diff = checkpoint.config_diff(saved, to_dict(cfg))
-        if diff:
-            raise checkpoint.ConfigMismatchError(
-                f"{run_dir} holds a run with another config:\n  " + "\n  ".join(diff)
-                + "\nUse a new --run-dir; nothing was overwritten.")
+    """Refuses, before anything is written, a run directory whose checkpoints were
+    written with settings that matter to them. Sub-runs are keyed on their own fields
+    (:func:`sub_run_config`), so adding coreset sizes or changing a VCL-only setting
+    reuses the finished MLE runs."""
+    for size in cfg.coreset_sizes:
+        for name in cfg.methods:
+            folder = os.path.join(run_dir, run_name(name, size), "checkpoints")
+            if os.path.isdir(folder):
+                checkpoint.Checkpoints(folder, sub_run_config(cfg, name, size)).close()
 
 
 def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict:

@@ -50,6 +50,9 @@ class VCLDiffusionConfig:
     log_var_init: float = -10.0
     prior_sigma: float = 1.0
     kl_scale: float = 1.0
+    # MLE epochs on the first task before VCL starts; their weights become the
+    # first prior's means (log-variance log_var_init). 0: prior N(0, prior_sigma² I).
+    vcl_pretrain_epochs: int = 0
     # evaluation
     classifier_epochs: int | None = None  # None: the cached default classifier of the dataset
     eval_per_class: int = 20
@@ -81,6 +84,8 @@ class VCLDiffusionConfig:
             (0 <= self.p_uncond < 1, f"p_uncond must be in [0, 1), got {self.p_uncond}"),
             (len(self.classes) >= 1, "classes must name at least one class"),
             (self.unroll >= 0, f"unroll must be ≥ 0, got {self.unroll}"),
+            (self.vcl_pretrain_epochs >= 0,
+             f"vcl_pretrain_epochs must be ≥ 0, got {self.vcl_pretrain_epochs}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -90,16 +95,35 @@ class VCLDiffusionConfig:
 
 PRESETS = {
     # The paper's Table 2; full MNIST through tfds (needs internet the first time).
-    "paper": VCLDiffusionConfig(coreset_sizes=(0, 200, 500)),
+    "paper": VCLDiffusionConfig(coreset_sizes=(0, 200, 500), vcl_pretrain_epochs=20),
     # Offline mnist-5k (500 digits per task) on a 2-core CPU: a narrower U-Net,
     # more passes at a higher learning rate, K = 1 weight draw per step, and
     # 10 guided ancestral samples per digit for evaluation.
     "cpu": VCLDiffusionConfig(
         n_feat=16, embed_dim=32, epochs=40, batch_size=64, learning_rate=2e-3,
-        unroll=8, train_samples=1, eval_per_class=10),
+        unroll=8, train_samples=1, eval_per_class=10, vcl_pretrain_epochs=40),
     # Seconds: three tasks, tiny model, few samples.
     "smoke": VCLDiffusionConfig(
         classes=(0, 1, 2), max_per_task=32, n_feat=8, embed_dim=8, T=20, epochs=2,
         batch_size=16, learning_rate=1e-3, unroll=1, train_samples=2, eval_samples=2,
-        eval_per_class=4, coreset_epochs=1, sampler="ddpm", classifier_epochs=1),
+        eval_per_class=4, coreset_epochs=1, sampler="ddpm", classifier_epochs=1,
+        vcl_pretrain_epochs=1),
 }
+
+
+# Fields that only affect VCL runs, and the sweep lists (a sub-run has one method and
+# one coreset size). A sub-run's checkpoints are keyed on the remaining fields.
+VCL_ONLY = ("train_samples", "eval_samples", "log_var_init", "prior_sigma", "kl_scale",
+            "vcl_pretrain_epochs")
+SWEEP = ("methods", "coreset_sizes")
+CORESET_ONLY = ("coreset_method", "coreset_mode", "coreset_epochs")
+
+
+def sub_run_config(cfg: VCLDiffusionConfig, method: str, coreset_size: int) -> dict:
+    """The config fields that determine one (method, coreset size) sub-run."""
+    from vcl_jax.config import to_dict
+
+    drop = set(SWEEP) | (set(VCL_ONLY) if method != "vcl" else set())
+    drop |= set(CORESET_ONLY) if coreset_size == 0 else set()
+    out = {k: v for k, v in to_dict(cfg).items() if k not in drop}
+    return dict(out, method=method, coreset_size=coreset_size)

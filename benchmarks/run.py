@@ -1,0 +1,120 @@
+"""Benchmarks: train-step throughput (MLE, VCL), rolled vs unrolled epochs, sampling.
+
+    make bench            # or: python -m benchmarks.run [--quick]
+
+Prints a markdown table and writes ``benchmarks/results.json``. Ratios are
+measured in the same run, since these machines are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+
+from vcl_jax.config import override
+from vcl_jax.diffusion.generate import generate
+from vcl_jax.models.unet import unet_flops
+from vcl_jax.protocols import vcl_diffusion
+from vcl_jax.protocols.vcl_diffusion_config import PRESETS
+from vcl_jax.training.epoch import EpochRunner
+from vcl_jax.training.state import TrainState, adam, make_train_step
+
+
+def _best(fn, repeats: int) -> float:
+    fn()  # compile / warm up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def train_throughput(n_feat: int, method: str, batch: int, steps: int, unroll: int,
+                     train_samples: int = 1, repeats: int = 2) -> dict:
+    cfg = override(PRESETS["cpu"], [f"n_feat={n_feat}", f"train_samples={train_samples}"])
+    setup = vcl_diffusion.build(cfg)
+    params = setup.init_params(jax.random.key(0))
+    m = setup.method(method, params)
+    opt = adam(1e-3)
+    tr, ms = m.init(params)
+    tr, ms = m.begin_task(tr, ms, 0, 500)
+    state = [TrainState(tr, opt.init(tr), ms)]
+    data = {"x": jax.random.uniform(jax.random.key(1), (batch * steps, 28, 28, 1)),
+            "task": jnp.zeros(batch * steps, jnp.int32)}
+    runner = EpochRunner(make_train_step(m, opt), batch, unroll)
+
+    def epoch():
+        state[0], metrics = runner(state[0], data, jax.random.key(2))
+        jax.block_until_ready(metrics)
+
+    dt = _best(epoch, repeats) / steps
+    return {"n_feat": n_feat, "method": method, "K": train_samples, "batch": batch,
+            "unroll": unroll, "step_ms": 1e3 * dt, "images_per_s": batch / dt,
+            "gflops": 3 * batch * unet_flops(n_feat) * train_samples / dt / 1e9}
+
+
+def sampling_throughput(n_feat: int, n: int, repeats: int = 1) -> dict:
+    cfg = override(PRESETS["cpu"], [f"n_feat={n_feat}"])
+    setup = vcl_diffusion.build(cfg)
+    params = setup.init_params(jax.random.key(0))
+    draws = jax.tree.map(lambda p: p[None], params)
+    tasks = jnp.arange(n) % 10
+
+    def run():
+        generate(setup.model, draws, setup.sched, jax.random.key(1), tasks, (28, 28, 1),
+                 sampler="ddpm", guidance=2.0)
+
+    dt = _best(run, repeats)
+    return {"n_feat": n_feat, "samples": n, "steps": cfg.T, "seconds": dt, "images_per_s": n / dt}
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="fewer configurations")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results.json"))
+    args = parser.parse_args(argv)
+    widths = (16,) if args.quick else (16, 32)
+    results = {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
+               "cpus": os.cpu_count(), "devices": [str(d) for d in jax.devices()],
+               "jax": jax.__version__, "train": [], "scan": [], "sampling": []}
+    for n in widths:
+        for method, k in (("mle", 1), ("vcl", 1), ("vcl", 10)):
+            r = train_throughput(n, method, batch=64, steps=8, unroll=8, train_samples=k)
+            results["train"].append(r)
+            print(f"train n_feat={n} {method} K={k}: {r['images_per_s']:.0f} img/s "
+                  f"({r['step_ms']:.0f} ms/step, {r['gflops']:.0f} GFLOP/s)", flush=True)
+    # The XLA:CPU while-loop effect: one rolled scan per epoch vs unrolled chunks.
+    for unroll in (8, 0):
+        r = train_throughput(16, "mle", batch=64, steps=8, unroll=unroll, repeats=1)
+        results["scan"].append(r)
+        print(f"epoch as {'rolled scan' if unroll == 0 else f'unrolled chunks of {unroll}'}: "
+              f"{r['step_ms']:.0f} ms/step", flush=True)
+    for n in widths[:1]:
+        r = sampling_throughput(n, 64)
+        results["sampling"].append(r)
+        print(f"sampling n_feat={n}: {r['images_per_s']:.2f} img/s (400-step guided DDPM, "
+              f"{r['samples']} samples in {r['seconds']:.1f} s)", flush=True)
+    mle = {r["n_feat"]: r for r in results["train"] if r["method"] == "mle"}
+    results["ratios"] = {
+        f"vcl_K{r['K']}_over_mle_n{r['n_feat']}": r["step_ms"] / mle[r["n_feat"]]["step_ms"]
+        for r in results["train"] if r["method"] == "vcl"}
+    rolled, unrolled = results["scan"][1]["step_ms"], results["scan"][0]["step_ms"]
+    results["ratios"]["rolled_over_unrolled_n16"] = rolled / unrolled
+    print("\n| ratio | value |\n|---|---|")
+    for k, v in results["ratios"].items():
+        print(f"| {k} | {v:.2f} |")
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    return results
+
+
+if __name__ == "__main__":
+    main()
