@@ -79,6 +79,9 @@ def sampling_throughput(n_feat: int, n: int, repeats: int = 1) -> dict:
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer configurations")
+    parser.add_argument("--k10", action="store_true",
+                        help="also VCL with K = 10 vmapped weight draws (very slow on XLA:CPU: "
+                             "did not finish a 10-minute budget on 2 cores)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results.json"))
     args = parser.parse_args(argv)
     widths = (16,) if args.quick else (16, 32)
@@ -86,7 +89,7 @@ def main(argv=None) -> dict:
                "cpus": os.cpu_count(), "devices": [str(d) for d in jax.devices()],
                "jax": jax.__version__, "train": [], "scan": [], "sampling": []}
     for n in widths:
-        for method, k in (("mle", 1), ("vcl", 1), ("vcl", 10)):
+        for method, k in (("mle", 1), ("vcl", 1)) + ((("vcl", 10),) if args.k10 else ()):
             r = train_throughput(n, method, batch=64, steps=8, unroll=8, train_samples=k)
             results["train"].append(r)
             print(f"train n_feat={n} {method} K={k}: {r['images_per_s']:.0f} img/s "
