@@ -34,6 +34,7 @@ experiment:
 
 bench:
 	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.split_mnist
 
 clean-cache:
 	rm -rf $(HOME)/.cache/vcl_jax

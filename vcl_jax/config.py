@@ -70,6 +70,25 @@ def override(cfg: C, overrides: list[str] | None) -> C:
     return dataclasses.replace(cfg, **changes)
 
 
+def check_choice(what: str, value: Any, accepted: tuple) -> None:
+    """Raises a ConfigError naming ``value`` and the accepted ones, unless accepted.
+
+    A tuple ``value`` is checked element-wise and must not be empty.
+    """
+    values = value if isinstance(value, tuple) else (value,)
+    bad = [v for v in values if v not in accepted]
+    if bad or not values:
+        shown = ", ".join(map(repr, bad)) if bad else "(none given)"
+        raise ConfigError(f"unknown {what} {shown}; accepted: {', '.join(accepted)}")
+
+
+def checks(conditions: list[tuple[bool, str]]) -> None:
+    """Raises a ConfigError with the message of the first condition that does not hold."""
+    for ok, msg in conditions:
+        if not ok:
+            raise ConfigError(msg)
+
+
 def preset(presets: dict[str, C], name: str) -> C:
     """The named preset, or a ConfigError listing the accepted names."""
     if name not in presets:

@@ -13,6 +13,7 @@ per-pixel-mean loss). After each task the posterior becomes the prior.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -22,6 +23,7 @@ from vcl_jax.continual.base import BatchLoss, Method
 from vcl_jax.vi import mean_field as mf
 
 PyTree = Any
+ExpectedLoss = Callable[[mf.MeanField, PyTree, jax.Array], jax.Array]
 
 
 class VCLState(NamedTuple):
@@ -40,6 +42,7 @@ def vcl(
     prior_sigma: float = 1.0,
     log_var_init: float = -10.0,
     pretrained_prior: bool = False,
+    expected_loss: ExpectedLoss | None = None,
 ) -> Method:
     """Builds the VCL method.
 
@@ -54,6 +57,10 @@ def vcl(
       pretrained_prior: the first task's prior is N(params, exp(log_var_init))
         around the params given to ``init`` (the authors' code: MLE pre-training on
         the first task gives the prior means) instead of N(0, prior_sigma² I).
+      expected_loss: ``(q, batch, key) -> scalar``, an estimator of
+        E_q[batch_loss] that replaces the default (``n_samples`` weight draws,
+        each over the whole batch), e.g. local reparameterisation
+        (``vcl_jax.models.bayes_mlp``). ``batch_loss`` is unused when given.
     """
     if n_samples < 1:
         raise ValueError(f"VCL needs n_samples ≥ 1, got {n_samples}")
@@ -69,12 +76,17 @@ def vcl(
             raise ValueError(f"a task needs data, got n_data={n_data}")
         return q, state._replace(kl_weight=jnp.asarray(kl_scale / n_data, jnp.float32))
 
-    def loss(q, state, batch, key):
+    def weight_draws(q, batch, key):
         def one(k):
             kw, kd = jax.random.split(k)
             return batch_loss(mf.sample(kw, q, mask), batch, kd)
 
-        nll = jnp.mean(jax.vmap(one)(jax.random.split(key, n_samples)))
+        return jnp.mean(jax.vmap(one)(jax.random.split(key, n_samples)))
+
+    estimate = expected_loss or weight_draws
+
+    def loss(q, state, batch, key):
+        nll = estimate(q, batch, key)
         kl = mf.kl(q, state.prior, mask)
         return nll + state.kl_weight * kl, {"loss": nll, "kl": kl}
 

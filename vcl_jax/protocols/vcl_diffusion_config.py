@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from vcl_jax.config import ConfigError
+from vcl_jax.config import ConfigError, check_choice, checks
 
 METHODS = ("mle", "vcl")
 CORESET_MODES = ("finetune", "replay")
@@ -63,16 +63,11 @@ class VCLDiffusionConfig:
     seed: int = 0
 
     def validate(self) -> VCLDiffusionConfig:
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad or not self.methods:
-            raise ConfigError(f"unknown method(s) {bad or '(none given)'}; accepted: "
-                              f"{', '.join(METHODS)}")
-        if self.coreset_mode not in CORESET_MODES:
-            raise ConfigError(f"unknown coreset_mode {self.coreset_mode!r}; accepted: "
-                              f"{', '.join(CORESET_MODES)}")
+        check_choice("method(s)", self.methods, METHODS)
+        check_choice("coreset_mode", self.coreset_mode, CORESET_MODES)
         if any(s < 0 for s in self.coreset_sizes):
             raise ConfigError(f"coreset sizes must be ≥ 0, got {self.coreset_sizes}")
-        checks = [
+        checks([
             (self.epochs >= 1, f"epochs must be ≥ 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}"),
             (self.train_samples >= 1, f"train_samples must be ≥ 1, got {self.train_samples}"),
@@ -86,10 +81,7 @@ class VCLDiffusionConfig:
             (self.unroll >= 0, f"unroll must be ≥ 0, got {self.unroll}"),
             (self.vcl_pretrain_epochs >= 0,
              f"vcl_pretrain_epochs must be ≥ 0, got {self.vcl_pretrain_epochs}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
+        ])
         return self
 
 

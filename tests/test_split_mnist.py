@@ -1,0 +1,162 @@
+"""Split-MNIST VCL: the multi-head MLP, the three ELBO estimators, and the experiment end to end.
+
+(The hand-checkable k-center case is ``test_data.test_kcenter_picks_far_apart_points``.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vcl_jax.config import ConfigError, override
+from vcl_jax.continual import vcl
+from vcl_jax.models import bayes_mlp, mlp
+from vcl_jax.protocols import split_mnist
+from vcl_jax.protocols.split_mnist_config import PRESETS
+from vcl_jax.vi import mean_field as mf
+
+
+def _params(key=0, d=12, hidden=(8, 6), heads=3, out=2):
+    return mlp.init_mlp(jax.random.PRNGKey(key), d, hidden, heads, out)
+
+
+def test_multi_head_output_shapes_and_head_selection():
+    p = _params()
+    x = jax.random.normal(jax.random.PRNGKey(1), (5, 12))
+    assert mlp.apply(p, x, 0).shape == (5, 2)
+    heads = jnp.array([0, 1, 2, 1, 0])
+    mixed = mlp.apply(p, x, heads)
+    for i, h in enumerate(heads.tolist()):
+        one = dict(p, heads={"w": p["heads"]["w"][h:h + 1], "b": p["heads"]["b"][h:h + 1]})
+        np.testing.assert_allclose(mixed[i], mlp.apply(one, x[i:i + 1], 0)[0], rtol=1e-5,
+                                   atol=1e-6)
+    assert [w["w"].shape for w in p["hidden"]] == [(12, 8), (8, 6)]
+    assert p["heads"]["w"].shape == (3, 6, 2)
+
+
+def test_local_reparameterisation_has_the_exact_pre_activation_moments():
+    k = jax.random.PRNGKey(0)
+    layer = mf.MeanField({"w": jax.random.normal(k, (4, 3)), "b": jnp.arange(3.0)},
+                         {"w": jnp.full((4, 3), -1.0), "b": jnp.full((3,), -2.0)})
+    x = jnp.array([[1.0, -2.0, 0.5, 0.0]])
+    z = bayes_mlp.dense_local(layer, x, jax.random.PRNGKey(1), n_samples=20_000)  # [K, 1, 3]
+    mean = x @ layer.mean["w"] + layer.mean["b"]
+    var = (x ** 2) @ jnp.exp(layer.log_var["w"]) + jnp.exp(layer.log_var["b"])
+    np.testing.assert_allclose(z.mean(0), mean, atol=4 * jnp.sqrt(var.max() / 20_000))
+    np.testing.assert_allclose(z.var(0), var, rtol=0.05)
+
+
+@pytest.mark.parametrize("estimator", ["paper", "local", "grouped"])
+def test_estimators_are_unbiased_for_the_same_objective(estimator):
+    p = _params(d=6, hidden=(5,), heads=2)
+    q = mf.init_from_params(p, -1.0)  # large variances: the estimators differ a lot per draw
+    x = jax.random.normal(jax.random.PRNGKey(2), (12, 6))
+    y = jnp.arange(12) % 2
+    head = jnp.arange(12) % 2
+    est = jax.jit(jax.vmap(lambda k: bayes_mlp.expected_nll(q, x, y, head, k,
+                                                            estimator=estimator, n_samples=4)))
+    reference = jax.vmap(lambda k: bayes_mlp.expected_nll(q, x, y, head, k, estimator="paper",
+                                                          n_samples=50))
+    values = est(jax.random.split(jax.random.PRNGKey(3), 4000))
+    ref = reference(jax.random.split(jax.random.PRNGKey(4), 400))
+    se = jnp.sqrt(values.var() / values.size + ref.var() / ref.size)
+    assert abs(values.mean() - ref.mean()) < 4 * se
+
+
+def test_grouped_estimator_pads_a_batch_that_does_not_divide():
+    p = _params(d=6, hidden=(5,), heads=1)
+    q = mf.init_from_params(p, -30.0)  # ~deterministic: every estimator equals the plain NLL
+    x = jax.random.normal(jax.random.PRNGKey(2), (7, 6))
+    y = jnp.arange(7) % 2
+    exact = jnp.mean(mlp.nll(mlp.apply(p, x, 0), y))
+    for est in ("paper", "local", "grouped"):
+        got = bayes_mlp.expected_nll(q, x, y, 0, jax.random.PRNGKey(0), estimator=est,
+                                     n_samples=3)
+        np.testing.assert_allclose(got, exact, rtol=1e-4)
+
+
+def test_elbo_decreases_on_a_tiny_problem():
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, (64, 6))
+    y = (x[:, 0] + x[:, 1] > 0).astype(jnp.int32)
+    p = _params(d=6, hidden=(16,), heads=1)
+    method = vcl(None, n_samples=4, log_var_init=-6.0, expected_loss=lambda q, b, k: (
+        bayes_mlp.expected_nll(q, b["x"], b["y"], b["head"], k, estimator="local", n_samples=4)))
+    q, state = method.init(p)
+    q, state = method.begin_task(q, state, 0, 64)
+    data = {"x": x, "y": y, "head": jnp.zeros((64,), jnp.int32)}
+
+    def neg_elbo(q):  # many samples: the objective itself, not one noisy estimate
+        keys = jax.random.split(jax.random.PRNGKey(9), 64)
+        return jnp.mean(jax.vmap(lambda k: method.loss(q, state, data, k)[0])(keys))
+
+    trainer = split_mnist.Trainer(method, learning_rate=1e-2, epochs=60, batch_size=None)
+    before = neg_elbo(q)
+    q, metrics = trainer(q, state, data, jax.random.PRNGKey(1))
+    assert metrics["loss"].shape == (60,)
+    assert neg_elbo(q) < before - 0.1
+
+
+def test_predictive_probabilities_are_distributions():
+    p = _params()
+    q = mf.init_from_params(p, -3.0)
+    x = jax.random.normal(jax.random.PRNGKey(1), (9, 12))
+    probs = bayes_mlp.predict_proba(q, x, 1, jax.random.PRNGKey(0), n_samples=20, chunk=7)
+    assert probs.shape == (9, 2)
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    shared = os.path.join(os.path.dirname(os.path.dirname(__file__)), "..", "shared", "data")
+    shared = os.environ.get("VCL_JAX_SHARED_DATA", shared)
+    if not os.path.isdir(os.path.join(shared, "mnist-5k")):
+        pytest.skip("offline mnist-5k not found")
+    cfg = override(PRESETS["smoke"], [f"data_dir={os.path.join(shared, 'mnist-5k')}"])
+    run_dir = str(tmp_path_factory.mktemp("split") / "run")
+    return cfg, run_dir, split_mnist.run(cfg, run_dir, progress=False)
+
+
+def test_smoke_run_end_to_end(smoke):
+    cfg, run_dir, metrics = smoke
+    for name in ("config.json", "metrics.json", "summary.md", "accuracy_heatmap.png",
+                 "average_accuracy.png"):
+        assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
+    assert set(metrics["runs"]) == set(cfg.runs)
+    for r in metrics["runs"].values():
+        acc = r["accuracy"]
+        assert [len(row) for row in acc] == [1, 2]  # after task t: tasks 0..t
+        assert all(0.0 <= a <= 1.0 for row in acc for a in row)
+    # The smoke data is easy enough that the first task is learnt well above chance.
+    assert metrics["runs"]["mle"]["accuracy"][0][0] > 0.8
+    with open(os.path.join(run_dir, "metrics.json")) as f:
+        assert json.load(f)["runs"]["vcl"]["average"] == metrics["runs"]["vcl"]["average"]
+
+
+def test_same_seed_same_numbers(smoke, tmp_path):
+    cfg, _, metrics = smoke
+    again = split_mnist.run(override(cfg, ["runs=vcl_random"]), str(tmp_path), progress=False)
+    assert again["runs"]["vcl_random"]["accuracy"] == metrics["runs"]["vcl_random"]["accuracy"]
+
+
+def test_bad_settings_are_clear_errors(smoke, tmp_path):
+    cfg, run_dir, _ = smoke
+    with pytest.raises(ConfigError, match="unknown run"):
+        split_mnist.run(override(cfg, ["runs=vcl,ewk"]), str(tmp_path / "a"), progress=False)
+    with pytest.raises(ConfigError, match="unknown estimator"):
+        override(cfg, ["estimator=magic"]).validate()
+    with pytest.raises(ConfigError, match="larger than task"):
+        split_mnist.run(override(cfg, ["coreset_size=500"]), str(tmp_path / "b"),
+                        progress=False)
+    with pytest.raises(ConfigError, match="full training set"):
+        split_mnist.run(override(cfg, ["min_train_images=60000"]), str(tmp_path / "c"),
+                        progress=False)
+    before = open(os.path.join(run_dir, "metrics.json")).read()
+    with pytest.raises(ConfigError, match="different config"):
+        split_mnist.run(override(cfg, ["epochs=7"]), run_dir, progress=False)
+    assert open(os.path.join(run_dir, "metrics.json")).read() == before

@@ -1,0 +1,283 @@
+"""Discriminative split-MNIST VCL (Nguyen et al. 2018; the seed paper's Appendix A).
+
+Five tasks (0/1, 2/3, 4/5, 6/7, 8/9), a multi-head MLP, and the runs of
+``cfg.runs``: sequential MLE, VCL, and VCL with a random or k-center coreset.
+After each task every seen task's test accuracy is recorded (the accuracy
+matrix of the seed paper's Figure 3).
+
+Coresets follow the original code: the coreset is removed from the task's
+training data; the propagated posterior never sees it; to predict task i a copy
+of the current posterior is trained on task i's coreset (prior: the current
+posterior) and then discarded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vcl_jax.checkpoint import config_diff
+from vcl_jax.config import ConfigError, to_dict
+from vcl_jax.continual import Method, VCLState, mle, vcl
+from vcl_jax.data import TaskStream, complement, load, select, to_float
+from vcl_jax.models import bayes_mlp, mlp
+from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig
+from vcl_jax.training.epoch import epoch_indices, scan_steps
+from vcl_jax.training.state import TrainState, make_train_step
+from vcl_jax.vi import mean_field as mf
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+    """One task, flattened: ``x: [N, 784]`` float32 in [0, 1], ``y: [N]`` labels within the task."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def _flat(images: np.ndarray) -> np.ndarray:
+    return to_float(images).reshape(len(images), -1)
+
+
+def load_tasks(cfg: SplitMNISTConfig) -> list[TaskData]:
+    """The task stream's train/test subsets, capped or tiled as the config says."""
+    train = load(cfg.dataset, "train", data_dir=cfg.data_dir)
+    if len(train) < cfg.min_train_images:
+        raise ConfigError(
+            f"this preset needs the full training set (≥ {cfg.min_train_images} images) but "
+            f"{train.source} holds {len(train)}; give it internet access (tfds) or a folder "
+            f"with the full dataset (--data-dir), or use --preset cpu for offline mnist-5k")
+    test = load(cfg.dataset, "test", data_dir=cfg.data_dir)
+    stream = TaskStream.from_groups(cfg.groups)
+    rng = np.random.default_rng(cfg.seed)  # caps take a random subset (mnist-5k is sorted)
+    tasks = []
+    for tr, te in zip(stream.split(train), stream.split(test), strict=True):
+        keep = np.sort(rng.permutation(len(tr))[:cfg.max_per_task])
+        x, y = _flat(tr.images[keep]), tr.local_labels[keep]
+        if cfg.tile_to and cfg.tile_to > len(x):
+            reps = -(-cfg.tile_to // len(x))
+            x, y = np.tile(x, (reps, 1))[:cfg.tile_to], np.tile(y, reps)[:cfg.tile_to]
+        keep = np.sort(rng.permutation(len(te))[:cfg.max_test_per_task])
+        xt, yt = _flat(te.images[keep]), te.local_labels[keep]
+        tasks.append(TaskData(x, y, xt, yt))
+    return tasks
+
+
+def _batch(x: np.ndarray, y: np.ndarray, head: int) -> dict:
+    return {"x": jnp.asarray(x), "y": jnp.asarray(y, jnp.int32),
+            "head": jnp.full((len(y),), head, jnp.int32)}
+
+
+class Trainer:
+    """All epochs of a task in one jitted call, with a fresh Adam per call (the original code).
+
+    One ``lax.scan`` over epochs; an epoch is one full-batch step, or a scan over
+    shuffled minibatches when ``batch_size`` is smaller than the data.
+    """
+
+    def __init__(self, method: Method, *, learning_rate: float, epochs: int,
+                 batch_size: int | None):
+        self.opt = optax.adam(learning_rate)
+        step = make_train_step(method, self.opt)
+
+        def train(state, data, key):
+            n = data["y"].shape[0]
+
+            def epoch(state, e):
+                k = jax.random.fold_in(key, e)
+                if batch_size is None or batch_size >= n:
+                    return step(state, data, k)
+                kp, ks = jax.random.split(k)
+                state, m = scan_steps(step, state, data, epoch_indices(kp, n, batch_size), ks)
+                return state, jax.tree.map(jnp.mean, m)
+
+            return jax.lax.scan(epoch, state, jnp.arange(epochs))
+
+        self._train = jax.jit(train)
+
+    def __call__(self, trainable: PyTree, method_state: PyTree, data: dict,
+                 key: jax.Array) -> tuple[PyTree, dict]:
+        """Returns the trained variables and per-epoch metrics ``{name: [epochs]}``."""
+        state = TrainState(trainable, self.opt.init(trainable), method_state)
+        state, metrics = self._train(state, data, key)
+        return state.trainable, metrics
+
+
+def _accuracy(probs: jax.Array, y: np.ndarray) -> float:
+    return float(jnp.mean(jnp.argmax(probs, -1) == jnp.asarray(y)))
+
+
+class _Runner:
+    """The methods of one config, built once so their jitted steps are reused."""
+
+    def __init__(self, cfg: SplitMNISTConfig):
+        self.cfg = cfg
+
+        def mle_loss(params, batch, key):
+            del key
+            return jnp.mean(mlp.nll(mlp.apply(params, batch["x"], batch["head"]), batch["y"]))
+
+        def expected_loss(q, batch, key):
+            return bayes_mlp.expected_nll(q, batch["x"], batch["y"], batch["head"], key,
+                                          estimator=cfg.estimator, n_samples=cfg.train_samples)
+
+        self.mle = mle(mle_loss)
+        self.vcl = vcl(None, n_samples=cfg.train_samples, kl_scale=cfg.kl_scale,
+                       prior_sigma=cfg.prior_sigma, log_var_init=cfg.log_var_init,
+                       expected_loss=expected_loss)
+        kw = dict(learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size)
+        self.fit_mle = Trainer(self.mle, **kw)
+        self.fit_vcl = Trainer(self.vcl, **kw)
+        self.predict = jax.jit(bayes_mlp.predict_proba, static_argnames=("n_samples",))
+        self.predict_mle = jax.jit(lambda p, x, head: jax.nn.softmax(mlp.apply(p, x, head)))
+
+    def new_head(self, key: jax.Array, q: mf.MeanField, head: int) -> mf.MeanField:
+        cfg = self.cfg
+        kw, kb = jax.random.split(key)
+        d, o = q.mean["heads"]["w"].shape[1:]
+        mean = {"w": mlp.truncated_normal(kw, (d, o), cfg.head_init_std),
+                "b": mlp.truncated_normal(kb, (o,), cfg.head_init_std)}
+        return bayes_mlp.reset_head(q, head, mean, cfg.log_var_init)
+
+    def unseen_heads_at_prior(self, q: mf.MeanField) -> mf.MeanField:
+        """Heads of later tasks equal their prior N(0, σ₀²), so they add nothing to the KL."""
+        d, o = q.mean["heads"]["w"].shape[1:]
+        zero = {"w": jnp.zeros((d, o)), "b": jnp.zeros((o,))}
+        for h in range(1, q.mean["heads"]["w"].shape[0]):
+            q = bayes_mlp.reset_head(q, h, zero, 2.0 * float(np.log(self.cfg.prior_sigma)))
+        return q
+
+    def coreset_tuned(self, q: mf.MeanField, coreset: dict, key: jax.Array) -> mf.MeanField:
+        """A copy of ``q`` trained on one task's coreset with ``q`` as the prior."""
+        n = int(coreset["y"].shape[0])
+        if n == 0:
+            return q
+        state = VCLState(q, jnp.asarray(self.cfg.kl_scale / n, jnp.float32))
+        tuned, _ = self.fit_vcl(jax.tree.map(jnp.copy, q), state, coreset, key)
+        return tuned
+
+
+def run_one(runner: _Runner, name: str, tasks: list[TaskData], *,
+            progress: bool = True) -> dict:
+    """One run (``mle``, ``vcl``, ``vcl_random``, ``vcl_kcenter``) over all tasks.
+
+    Returns:
+      ``accuracy``: row t = test accuracy of tasks 0..t after task t; ``average``
+      per row; per-task final losses; wall times (s) of training, coreset tuning
+      and evaluation.
+    """
+    from tqdm import tqdm
+
+    cfg = runner.cfg
+    key = jax.random.PRNGKey(cfg.seed)
+    k_init, k_tasks = jax.random.split(key)
+    d, n_out = tasks[0].x.shape[1], len(cfg.groups[0])
+    params = mlp.init_mlp(k_init, d, cfg.hidden, len(tasks), n_out, cfg.head_init_std)
+    is_vcl = name.startswith("vcl")
+    core = cfg.coreset_method(name)
+    q = state = None
+    coresets, rows, losses = [], [], []
+    times = {"train_s": 0.0, "coreset_s": 0.0, "eval_s": 0.0}
+    bar = tqdm(list(enumerate(tasks)), desc=name, disable=not progress, leave=False)
+    for t, task in bar:
+        k_core, k_pre, k_train, k_head, k_tune, k_eval = jax.random.split(
+            jax.random.fold_in(k_tasks, t), 6)
+        x, y = task.x, task.y
+        if core:
+            idx = select(core, k_core, x, cfg.coreset_size)
+            coresets.append(_batch(x[idx], y[idx], t))
+            keep = complement(idx, len(x))
+            x, y = x[keep], y[keep]
+        data = _batch(x, y, t)
+        t0 = time.perf_counter()
+        if not is_vcl:
+            params, metrics = runner.fit_mle(params, (), data, k_train)
+        else:
+            if t == 0:  # the first posterior's means come from an MLE fit of task 0
+                params, _ = runner.fit_mle(params, (), data, k_pre)
+                q, state = runner.vcl.init(params)
+                q = runner.unseen_heads_at_prior(q)
+            else:
+                q = runner.new_head(k_head, q, t)
+            q, state = runner.vcl.begin_task(q, state, t, len(y))
+            q, metrics = runner.fit_vcl(q, state, data, k_train)
+            state = runner.vcl.end_task(q, state, t)
+        jax.block_until_ready(metrics)
+        times["train_s"] += time.perf_counter() - t0
+        losses.append({k: float(v[-1]) for k, v in metrics.items()})
+
+        row = []
+        for i in range(t + 1):
+            t0 = time.perf_counter()
+            q_i = runner.coreset_tuned(q, coresets[i], jax.random.fold_in(k_tune, i)) \
+                if core else q
+            jax.block_until_ready(q_i)
+            times["coreset_s"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            xt = jnp.asarray(tasks[i].x_test)
+            if is_vcl:
+                probs = runner.predict(q_i, xt, i, jax.random.fold_in(k_eval, i),
+                                       n_samples=cfg.test_samples)
+            else:
+                probs = runner.predict_mle(params, xt, i)
+            row.append(_accuracy(probs, tasks[i].y_test))
+            times["eval_s"] += time.perf_counter() - t0
+        rows.append(row)
+        bar.set_postfix(avg=f"{np.mean(row):.4f}")
+    return {"accuracy": rows, "average": [float(np.mean(r)) for r in rows],
+            "final_losses": losses, **times, "total_s": sum(times.values())}
+
+
+def check_run_dir(run_dir: str, cfg: SplitMNISTConfig) -> None:
+    """Refuses, before anything is written, a run directory holding another config's results."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            saved = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path} is unreadable ({e}); choose another --run-dir") from e
+    diff = config_diff(saved, to_dict(cfg))
+    if diff:
+        raise ConfigError(f"{run_dir} holds the results of a different config; nothing was "
+                          f"overwritten. Differences:\n  " + "\n  ".join(diff) +
+                          "\nUse another --run-dir, or delete that folder to start over.")
+
+
+def run(cfg: SplitMNISTConfig, run_dir: str, *, progress: bool = True) -> dict:
+    """Runs every run of the config and writes the comparison to ``run_dir``."""
+    from vcl_jax.protocols import split_mnist_report as report
+
+    cfg.validate()
+    check_run_dir(run_dir, cfg)
+    tasks = load_tasks(cfg)
+    for i, task in enumerate(tasks):
+        if any(cfg.coreset_method(r) for r in cfg.runs) and cfg.coreset_size > len(task.y):
+            raise ConfigError(f"coreset_size {cfg.coreset_size} is larger than task {i} "
+                              f"({len(task.y)} training images); use ≤ {len(task.y)}")
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump(to_dict(cfg), f, indent=2)
+    runner = _Runner(cfg)
+    results = {name: run_one(runner, name, tasks, progress=progress) for name in cfg.runs}
+    metrics = {"config": to_dict(cfg), "devices": [str(d) for d in jax.devices()],
+               "train_sizes": [len(t.y) for t in tasks],
+               "test_sizes": [len(t.y_test) for t in tasks],
+               "runs": results}
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    report.write(run_dir, cfg, metrics)
+    return metrics
