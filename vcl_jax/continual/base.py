@@ -28,7 +28,8 @@ class Method(NamedTuple):
       init: ``params -> (trainable, state)`` before the first task.
       begin_task: ``(trainable, state, task, n_data) -> (trainable, state)``.
       loss: ``(trainable, state, batch, key) -> (loss, metrics)``.
-      end_task: ``(trainable, state, task) -> state`` (consolidation).
+      end_task: ``(trainable, state, task, data=None) -> state`` (consolidation; ``data``
+        is the finished task's training data, for methods that need it, e.g. a Fisher).
       draws: ``(trainable, key, n) -> params stacked on a leading axis [n, ...]``
         for evaluation and sampling.
     """

@@ -20,8 +20,8 @@ def mle(batch_loss: BatchLoss) -> Method:
         value = batch_loss(params, batch, key)
         return value, {"loss": value}
 
-    def end_task(params, state, task):
-        del params, task
+    def end_task(params, state, task, data=None):
+        del params, task, data
         return state
 
     def draws(params, key, n):

@@ -90,8 +90,8 @@ def vcl(
         kl = mf.kl(q, state.prior, mask)
         return nll + state.kl_weight * kl, {"loss": nll, "kl": kl}
 
-    def end_task(q, state, task):
-        del task
+    def end_task(q, state, task, data=None):
+        del task, data
         return state._replace(prior=jax.tree.map(jnp.copy, q))
 
     def draws(q, key, n):

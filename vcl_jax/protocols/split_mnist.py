@@ -26,7 +26,7 @@ import optax
 
 from vcl_jax.checkpoint import config_diff
 from vcl_jax.config import ConfigError, to_dict
-from vcl_jax.continual import Method, VCLState, mle, vcl
+from vcl_jax.continual import Method, VCLState, ewc, mle, vcl
 from vcl_jax.data import TaskStream, complement, load, select, to_float
 from vcl_jax.models import bayes_mlp, mlp
 from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig
@@ -71,6 +71,11 @@ def load_tasks(cfg: SplitMNISTConfig) -> list[TaskData]:
             x, y = np.tile(x, (reps, 1))[:cfg.tile_to], np.tile(y, reps)[:cfg.tile_to]
         keep = np.sort(rng.permutation(len(te))[:cfg.max_test_per_task])
         xt, yt = _flat(te.images[keep]), te.local_labels[keep]
+        if cfg.validation_fraction:  # evaluate on held-out training images, never the test split
+            perm = rng.permutation(len(y))
+            n_val = max(1, int(round(cfg.validation_fraction * len(y))))
+            val, fit = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+            x, y, xt, yt = x[fit], y[fit], x[val], y[val]
         tasks.append(TaskData(x, y, xt, yt))
     return tasks
 
@@ -133,13 +138,18 @@ class _Runner:
             return bayes_mlp.expected_nll(q, batch["x"], batch["y"], batch["head"], key,
                                           estimator=cfg.estimator, n_samples=cfg.train_samples)
 
+        def example_loss(params, ex):
+            return mlp.nll(mlp.apply(params, ex["x"][None], ex["head"][None]), ex["y"][None])[0]
+
         self.mle = mle(mle_loss)
+        self.ewc = ewc(mle_loss, example_loss, n_tasks=len(cfg.groups), lam=cfg.ewc_lambda)
         self.vcl = vcl(None, n_samples=cfg.train_samples, kl_scale=cfg.kl_scale,
                        prior_sigma=cfg.prior_sigma, log_var_init=cfg.log_var_init,
                        expected_loss=expected_loss)
         kw = dict(learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size)
         self.fit_mle = Trainer(self.mle, **kw)
         self.fit_vcl = Trainer(self.vcl, **kw)
+        self.fit_ewc = Trainer(self.ewc, **kw)
         self.predict = jax.jit(bayes_mlp.predict_proba, static_argnames=("n_samples",))
         self.predict_mle = jax.jit(lambda p, x, head: jax.nn.softmax(mlp.apply(p, x, head)))
 
@@ -171,7 +181,7 @@ class _Runner:
 
 def run_one(runner: _Runner, name: str, tasks: list[TaskData], *,
             progress: bool = True) -> dict:
-    """One run (``mle``, ``vcl``, ``vcl_random``, ``vcl_kcenter``) over all tasks.
+    """One run (``mle``, ``vcl``, ``vcl_random``, ``vcl_kcenter``, ``ewc``) over all tasks.
 
     Returns:
       ``accuracy``: row t = test accuracy of tasks 0..t after task t; ``average``
@@ -188,6 +198,8 @@ def run_one(runner: _Runner, name: str, tasks: list[TaskData], *,
     is_vcl = name.startswith("vcl")
     core = cfg.coreset_method(name)
     q = state = None
+    if name == "ewc":
+        params, ewc_state = runner.ewc.init(params)
     coresets, rows, losses = [], [], []
     times = {"train_s": 0.0, "coreset_s": 0.0, "eval_s": 0.0}
     bar = tqdm(list(enumerate(tasks)), desc=name, disable=not progress, leave=False)
@@ -202,8 +214,11 @@ def run_one(runner: _Runner, name: str, tasks: list[TaskData], *,
             x, y = x[keep], y[keep]
         data = _batch(x, y, t)
         t0 = time.perf_counter()
-        if not is_vcl:
+        if name == "mle":
             params, metrics = runner.fit_mle(params, (), data, k_train)
+        elif name == "ewc":
+            params, metrics = runner.fit_ewc(params, ewc_state, data, k_train)
+            ewc_state = runner.ewc.end_task(params, ewc_state, t, data)
         else:
             if t == 0:  # the first posterior's means come from an MLE fit of task 0
                 params, _ = runner.fit_mle(params, (), data, k_pre)

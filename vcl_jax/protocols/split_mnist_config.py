@@ -9,7 +9,7 @@ from vcl_jax.data.coreset import METHODS as CORESET_METHODS
 from vcl_jax.models.bayes_mlp import ESTIMATORS
 
 # A run is a method with an optional coreset: "vcl_random" = VCL + random coreset.
-RUNS = ("mle", "vcl", "vcl_random", "vcl_kcenter")
+RUNS = ("mle", "vcl", "vcl_random", "vcl_kcenter", "ewc")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +22,9 @@ class SplitMNISTConfig:
     groups: tuple[tuple[int, ...], ...] = ((0, 1), (2, 3), (4, 5), (6, 7), (8, 9))
     max_per_task: int | None = None  # cap on training images per task (None: all)
     max_test_per_task: int | None = None  # cap on test images per task (None: all)
+    # > 0: hold out this fraction of each task's training images and evaluate on them
+    # instead of the test split (for choosing settings such as ewc_lambda)
+    validation_fraction: float = 0.0
     tile_to: int | None = None  # timing runs only: repeat each task's training set to this size
     min_train_images: int = 0  # refuse a smaller training split (the paper preset: full MNIST)
     # model and optimisation
@@ -40,6 +43,8 @@ class SplitMNISTConfig:
     log_var_init: float = -6.0
     prior_sigma: float = 1.0
     kl_scale: float = 1.0
+    # EWC (diagonal empirical Fisher), the optional baseline: runs=...,ewc
+    ewc_lambda: float = 1e4  # a 10% validation split could not separate 1e2..1e6 (BENCHMARKS.md)
     seed: int = 0
 
     def validate(self) -> SplitMNISTConfig:
@@ -61,6 +66,9 @@ class SplitMNISTConfig:
             (self.prior_sigma > 0, f"prior_sigma must be > 0, got {self.prior_sigma}"),
             (self.kl_scale >= 0, f"kl_scale must be ≥ 0, got {self.kl_scale}"),
             (all(h >= 1 for h in self.hidden), f"hidden widths must be ≥ 1, got {self.hidden}"),
+            (0.0 <= self.validation_fraction < 1.0,
+             f"validation_fraction must be in [0, 1), got {self.validation_fraction}"),
+            (self.ewc_lambda >= 0, f"ewc_lambda must be ≥ 0, got {self.ewc_lambda}"),
             (self.max_per_task is None or self.max_per_task >= 1,
              f"max_per_task must be ≥ 1 or none, got {self.max_per_task}"),
         ])
