@@ -76,12 +76,40 @@ def sampling_throughput(n_feat: int, n: int, repeats: int = 1) -> dict:
     return {"n_feat": n_feat, "samples": n, "steps": cfg.T, "seconds": dt, "images_per_s": n / dt}
 
 
+def compare_torch(widths: list[int], batch: int = 128) -> list[dict]:
+    """JAX vs the PyTorch reference (``benchmarks/torch_reference.py``), MLE and VCL (K = 1),
+    same architecture, batch and machine, measured back to back. Step-time ratio JAX/PyTorch
+    (< 1: JAX faster)."""
+    if not widths:
+        return []
+    try:
+        from benchmarks import torch_reference
+    except ImportError:
+        print("PyTorch not installed (pip install -e '.[bench]'): no JAX/PyTorch comparison")
+        return []
+    out = []
+    for n in widths:
+        for method in ("mle", "vcl"):
+            j = train_throughput(n, method, batch=batch, steps=2, unroll=2, repeats=2)
+            t = torch_reference.train_throughput(n, method, batch=batch, steps=2)
+            r = {"n_feat": n, "method": method, "batch": batch, "jax_step_ms": j["step_ms"],
+                 "torch_step_ms": t["step_ms"], "jax_over_torch": j["step_ms"] / t["step_ms"],
+                 "torch_threads": t["threads"]}
+            out.append(r)
+            print(f"n_feat={n} {method} batch {batch}: JAX {j['step_ms']:.0f} ms, PyTorch "
+                  f"{t['step_ms']:.0f} ms, JAX/PyTorch {r['jax_over_torch']:.2f}", flush=True)
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer configurations")
     parser.add_argument("--k10", action="store_true",
                         help="also VCL with K = 10 vmapped weight draws (very slow on XLA:CPU: "
                              "did not finish a 10-minute budget on 2 cores)")
+    parser.add_argument("--torch", default="32,64",
+                        help="U-Net widths for the JAX vs PyTorch train-step comparison at batch "
+                             "128 ('' to skip; needs the bench extra: pip install torch)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results.json"))
     args = parser.parse_args(argv)
     widths = (16,) if args.quick else (16, 32)
@@ -105,12 +133,15 @@ def main(argv=None) -> dict:
         results["sampling"].append(r)
         print(f"sampling n_feat={n}: {r['images_per_s']:.2f} img/s (400-step guided DDPM, "
               f"{r['samples']} samples in {r['seconds']:.1f} s)", flush=True)
+    results["vs_torch"] = compare_torch([int(w) for w in args.torch.split(",") if w])
     mle = {r["n_feat"]: r for r in results["train"] if r["method"] == "mle"}
     results["ratios"] = {
         f"vcl_K{r['K']}_over_mle_n{r['n_feat']}": r["step_ms"] / mle[r["n_feat"]]["step_ms"]
         for r in results["train"] if r["method"] == "vcl"}
     rolled, unrolled = results["scan"][1]["step_ms"], results["scan"][0]["step_ms"]
     results["ratios"]["rolled_over_unrolled_n16"] = rolled / unrolled
+    for r in results["vs_torch"]:
+        results["ratios"][f"jax_over_torch_{r['method']}_n{r['n_feat']}"] = r["jax_over_torch"]
     print("\n| ratio | value |\n|---|---|")
     for k, v in results["ratios"].items():
         print(f"| {k} | {v:.2f} |")

@@ -85,3 +85,20 @@ def test_classifier_outputs():
     logp, feats = model.apply(params, x, return_features=True)
     assert logp.shape == (5, 10) and feats.shape == (5, 16)
     np.testing.assert_allclose(jnp.exp(logp).sum(-1), 1.0, rtol=1e-5)
+
+
+def test_torch_reference_has_the_same_parameters():
+    """The PyTorch twin used by ``make bench`` is the same architecture (parameter count)."""
+    import pytest
+
+    torch_reference = pytest.importorskip("benchmarks.torch_reference")
+    import jax
+    import jax.numpy as jnp
+
+    from vcl_jax.models.unet import ContextUNet
+
+    for n in (8, 16):
+        model = ContextUNet(n_feat=n, n_tasks=10, embed_dim=32)
+        params = model.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), jnp.ones(2),
+                            jnp.zeros(2, jnp.int32), jnp.ones(2, bool))["params"]
+        assert sum(p.size for p in jax.tree.leaves(params)) == torch_reference.num_params(n)
