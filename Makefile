@@ -5,12 +5,13 @@ PRESET ?= cpu
 ARGS ?=
 export VCL_JAX_DATA_DIR ?= $(abspath ../shared/data)
 
-.PHONY: help install test test-fast lint experiment bench clean-cache
+.PHONY: help install test test-all test-fast lint experiment bench clean-cache
 
 help:
 	@echo "make install                  venv in .venv with vcl_jax and dev tools"
-	@echo "make test                     the whole test suite (what CI runs)"
-	@echo "make test-fast                without the tests marked slow"
+	@echo "make test                     the test suite CI runs (< 10 min; real-data classifiers included)"
+	@echo "make test-all                 also the tests marked slow (resume after SIGKILL)"
+	@echo "make test-fast                without the classifier trainings (minutes less)"
 	@echo "make lint                     ruff"
 	@echo "make experiment EXP=vcl_diffusion PRESET=cpu [ARGS='key=value ...']"
 	@echo "make bench                    benchmarks (prints figures, writes benchmarks/results.json)"
@@ -21,10 +22,13 @@ install:
 	.venv/bin/pip install -q -e '.[dev]'
 
 test:
+	$(PY) -m pytest -q -m "not slow"
+
+test-all:
 	$(PY) -m pytest -q
 
 test-fast:
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow" -k "not classifier_trained and not fashion_mnist_classifier"
 
 lint:
 	$(PY) -m ruff check vcl_jax experiments tests benchmarks

@@ -1,4 +1,4 @@
-"""The evaluation classifier on the real offline data (slow: trains from scratch in CI)."""
+"""The evaluation classifier on the real offline data (trains from scratch in CI: ~2.5 min)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from vcl_jax.data import load, to_float
 from vcl_jax.eval.classifier import get_classifier
 
 
-@pytest.mark.slow
 def test_mnist_classifier_trained_on_mnist_5k(shared_data, isolated_data):
     clf = get_classifier("mnist", data_dir=shared_data, progress=False)
     test = load("mnist", "test", data_dir=shared_data)
@@ -26,7 +25,6 @@ def test_mnist_classifier_trained_on_mnist_5k(shared_data, isolated_data):
     assert again.features(x).shape == (64, 128)
 
 
-@pytest.mark.slow
 def test_fashion_mnist_classifier():
     if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
         pytest.skip("Debian's dataset-fashion-mnist is not installed")

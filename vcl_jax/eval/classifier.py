@@ -42,8 +42,8 @@ class ClassifierConfig:
 
 
 def default_config(dataset: str, n_train: int) -> ClassifierConfig:
-    """Epochs scaled so that small sets get more passes (≈150k–600k examples seen)."""
-    epochs = int(np.clip(round(150_000 / max(n_train, 1)), 8, 40))
+    """Epochs scaled so that small sets get more passes (≈150k–240k examples seen)."""
+    epochs = int(np.clip(round(150_000 / max(n_train, 1)), 4, 40))
     return ClassifierConfig(epochs=epochs, shift=2 if dataset != "cifar10" else 0)
 
 
