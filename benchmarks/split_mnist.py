@@ -29,7 +29,7 @@ from vcl_jax.protocols.split_mnist_config import PRESETS
 def time_protocol(estimator: str, tile_to: int = 12_000) -> dict:
     cfg = override(PRESETS["cpu"], [f"estimator={estimator}", f"tile_to={tile_to}", "runs=vcl"])
     tasks = split_mnist.load_tasks(cfg)
-    runner = split_mnist._Runner(cfg)
+    runner = split_mnist.Runner(cfg)
     t0 = time.perf_counter()
     result = split_mnist.run_one(runner, "vcl", tasks, progress=False)
     wall = time.perf_counter() - t0
@@ -48,9 +48,10 @@ def gradient_variance(estimators: list[str], draws: int = 64) -> dict:
 
     cfg = PRESETS["cpu"]
     task = split_mnist.load_tasks(cfg)[0]
-    runner = split_mnist._Runner(cfg)
-    data = split_mnist._batch(task.x, task.y, 0)
-    params = mlp.init_mlp(jax.random.PRNGKey(0), task.x.shape[1], cfg.hidden, 5, 2)
+    runner = split_mnist.Runner(cfg)
+    data = split_mnist.task_batch(task.x, task.y, 0)
+    params = mlp.init_mlp(jax.random.PRNGKey(0), task.x.shape[1], cfg.hidden,
+                          len(cfg.groups), len(cfg.groups[0]))
     params, _ = runner.fit_mle(params, (), data, jax.random.PRNGKey(1))
     q, _ = runner.vcl.init(params)
     out = {}

@@ -12,6 +12,7 @@ task of the stream), so the train step traces once for the whole run.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -46,16 +47,21 @@ def per_example_grads(example_loss: ExampleLoss, params: PyTree, data: PyTree,
     return jax.tree.map(lambda *gs: jnp.concatenate(gs), *outs)
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _sum_sq_grads(example_loss: ExampleLoss, params: PyTree, data: PyTree) -> PyTree:
+    grads = jax.vmap(jax.grad(example_loss), (None, 0))(params, data)
+    return jax.tree.map(lambda g: jnp.sum(g ** 2, axis=0), grads)
+
+
 def diag_fisher(example_loss: ExampleLoss, params: PyTree, data: PyTree,
                 chunk: int = 256) -> PyTree:
     """Diagonal empirical Fisher ``E[g²]`` over the examples of ``data``, without
-    keeping all per-example gradients (summed chunk by chunk)."""
+    keeping all per-example gradients (summed chunk by chunk; compiled once per
+    ``example_loss`` and chunk shape, so later tasks reuse it)."""
     n = jax.tree.leaves(data)[0].shape[0]
-    sq = jax.jit(lambda p, d: jax.tree.map(
-        lambda g: jnp.sum(g ** 2, axis=0), jax.vmap(jax.grad(example_loss), (None, 0))(p, d)))
     total = None
     for i in range(0, n, chunk):
-        part = sq(params, _rows(data, i, chunk))
+        part = _sum_sq_grads(example_loss, params, _rows(data, i, chunk))
         total = part if total is None else jax.tree.map(jnp.add, total, part)
     return jax.tree.map(lambda t: t / n, total)
 

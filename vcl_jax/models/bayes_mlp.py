@@ -130,7 +130,8 @@ def predict_proba(q: mf.MeanField, x: jax.Array, head: jax.Array | int, key: jax
                   n_samples: int = 100, chunk: int = 10) -> jax.Array:
     """Predictive probabilities ``[B, O]``: softmax averaged over weight draws.
 
-    Draws are processed ``chunk`` at a time so memory stays bounded.
+    Draws are processed ``chunk`` at a time so memory stays bounded; ``n_samples``
+    is rounded up to a multiple of ``chunk``.
     """
     n_heads = _n_heads(q)
     chunk = max(1, min(chunk, n_samples))

@@ -49,15 +49,6 @@ def init_mlp(key: jax.Array, in_dim: int, hidden: Sequence[int], n_heads: int,
     return {"hidden": layers, "heads": heads}
 
 
-def init_head(key: jax.Array, params: PyTree, head: int, std: float = 0.1) -> PyTree:
-    """``params`` with head ``head`` re-drawn from the init distribution."""
-    kw, kb = jax.random.split(key)
-    w, b = params["heads"]["w"], params["heads"]["b"]
-    heads = {"w": w.at[head].set(truncated_normal(kw, w.shape[1:], std)),
-             "b": b.at[head].set(truncated_normal(kb, b.shape[1:], std))}
-    return dict(params, heads=heads)
-
-
 def layers_of(params: PyTree) -> list[dict]:
     """The hidden layers, then all heads as one dense layer ``[D, H·O]``.
 

@@ -66,9 +66,6 @@ def load_tasks(cfg: SplitMNISTConfig) -> list[TaskData]:
     for tr, te in zip(stream.split(train), stream.split(test), strict=True):
         keep = np.sort(rng.permutation(len(tr))[:cfg.max_per_task])
         x, y = _flat(tr.images[keep]), tr.local_labels[keep]
-        if cfg.tile_to and cfg.tile_to > len(x):
-            reps = -(-cfg.tile_to // len(x))
-            x, y = np.tile(x, (reps, 1))[:cfg.tile_to], np.tile(y, reps)[:cfg.tile_to]
         keep = np.sort(rng.permutation(len(te))[:cfg.max_test_per_task])
         xt, yt = _flat(te.images[keep]), te.local_labels[keep]
         if cfg.validation_fraction:  # evaluate on held-out training images, never the test split
@@ -76,11 +73,14 @@ def load_tasks(cfg: SplitMNISTConfig) -> list[TaskData]:
             n_val = max(1, int(round(cfg.validation_fraction * len(y))))
             val, fit = np.sort(perm[:n_val]), np.sort(perm[n_val:])
             x, y, xt, yt = x[fit], y[fit], x[val], y[val]
+        if cfg.tile_to and cfg.tile_to > len(x):  # after the split: no validation image is tiled
+            reps = -(-cfg.tile_to // len(x))
+            x, y = np.tile(x, (reps, 1))[:cfg.tile_to], np.tile(y, reps)[:cfg.tile_to]
         tasks.append(TaskData(x, y, xt, yt))
     return tasks
 
 
-def _batch(x: np.ndarray, y: np.ndarray, head: int) -> dict:
+def task_batch(x: np.ndarray, y: np.ndarray, head: int) -> dict:
     return {"x": jnp.asarray(x), "y": jnp.asarray(y, jnp.int32),
             "head": jnp.full((len(y),), head, jnp.int32)}
 
@@ -124,7 +124,7 @@ def _accuracy(probs: jax.Array, y: np.ndarray) -> float:
     return float(jnp.mean(jnp.argmax(probs, -1) == jnp.asarray(y)))
 
 
-class _Runner:
+class Runner:
     """The methods of one config, built once so their jitted steps are reused."""
 
     def __init__(self, cfg: SplitMNISTConfig):
@@ -179,7 +179,7 @@ class _Runner:
         return tuned
 
 
-def run_one(runner: _Runner, name: str, tasks: list[TaskData], *,
+def run_one(runner: Runner, name: str, tasks: list[TaskData], *,
             progress: bool = True) -> dict:
     """One run (``mle``, ``vcl``, ``vcl_random``, ``vcl_kcenter``, ``ewc``) over all tasks.
 
@@ -200,6 +200,7 @@ def run_one(runner: _Runner, name: str, tasks: list[TaskData], *,
     q = state = None
     if name == "ewc":
         params, ewc_state = runner.ewc.init(params)
+    test_x = [jnp.asarray(task.x_test) for task in tasks]
     coresets, rows, losses = [], [], []
     times = {"train_s": 0.0, "coreset_s": 0.0, "eval_s": 0.0}
     bar = tqdm(list(enumerate(tasks)), desc=name, disable=not progress, leave=False)
@@ -209,10 +210,10 @@ def run_one(runner: _Runner, name: str, tasks: list[TaskData], *,
         x, y = task.x, task.y
         if core:
             idx = select(core, k_core, x, cfg.coreset_size)
-            coresets.append(_batch(x[idx], y[idx], t))
+            coresets.append(task_batch(x[idx], y[idx], t))
             keep = complement(idx, len(x))
             x, y = x[keep], y[keep]
-        data = _batch(x, y, t)
+        data = task_batch(x, y, t)
         t0 = time.perf_counter()
         if name == "mle":
             params, metrics = runner.fit_mle(params, (), data, k_train)
@@ -241,12 +242,11 @@ def run_one(runner: _Runner, name: str, tasks: list[TaskData], *,
             jax.block_until_ready(q_i)
             times["coreset_s"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            xt = jnp.asarray(tasks[i].x_test)
             if is_vcl:
-                probs = runner.predict(q_i, xt, i, jax.random.fold_in(k_eval, i),
+                probs = runner.predict(q_i, test_x[i], i, jax.random.fold_in(k_eval, i),
                                        n_samples=cfg.test_samples)
             else:
-                probs = runner.predict_mle(params, xt, i)
+                probs = runner.predict_mle(params, test_x[i], i)
             row.append(_accuracy(probs, tasks[i].y_test))
             times["eval_s"] += time.perf_counter() - t0
         rows.append(row)
@@ -286,7 +286,7 @@ def run(cfg: SplitMNISTConfig, run_dir: str, *, progress: bool = True) -> dict:
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(to_dict(cfg), f, indent=2)
-    runner = _Runner(cfg)
+    runner = Runner(cfg)
     results = {name: run_one(runner, name, tasks, progress=progress) for name in cfg.runs}
     metrics = {"config": to_dict(cfg), "devices": [str(d) for d in jax.devices()],
                "train_sizes": [len(t.y) for t in tasks],

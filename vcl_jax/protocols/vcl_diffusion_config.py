@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from vcl_jax.config import ConfigError, check_choice, checks
+from vcl_jax.config import check_choice, checks
 
 METHODS = ("mle", "vcl")
 CORESET_MODES = ("finetune", "replay")
@@ -65,9 +65,9 @@ class VCLDiffusionConfig:
     def validate(self) -> VCLDiffusionConfig:
         check_choice("method(s)", self.methods, METHODS)
         check_choice("coreset_mode", self.coreset_mode, CORESET_MODES)
-        if any(s < 0 for s in self.coreset_sizes):
-            raise ConfigError(f"coreset sizes must be ≥ 0, got {self.coreset_sizes}")
         checks([
+            (all(s >= 0 for s in self.coreset_sizes),
+             f"coreset sizes must be ≥ 0, got {self.coreset_sizes}"),
             (self.epochs >= 1, f"epochs must be ≥ 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}"),
             (self.train_samples >= 1, f"train_samples must be ≥ 1, got {self.train_samples}"),
