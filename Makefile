@@ -39,6 +39,7 @@ experiment:
 bench:
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.split_mnist
+	$(PY) -m benchmarks.fisher
 
 clean-cache:
 	rm -rf $(HOME)/.cache/vcl_jax

@@ -50,3 +50,19 @@ def shared_data():
     if not os.path.isdir(os.path.join(SHARED_DATA, "mnist-5k")):
         pytest.skip(f"offline data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Offline data from ../shared and a cache private to this test module."""
+    if not os.path.isdir(os.path.join(SHARED_DATA, "mnist-5k")):
+        pytest.skip(f"offline data not found at {SHARED_DATA}")
+    cache = str(tmp_path_factory.mktemp("cache"))
+    old = {k: os.environ.get(k) for k in ("VCL_JAX_DATA_DIR", "VCL_JAX_CACHE_DIR")}
+    os.environ.update(VCL_JAX_DATA_DIR=SHARED_DATA, VCL_JAX_CACHE_DIR=cache)
+    yield dict(os.environ)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v

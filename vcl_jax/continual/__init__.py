@@ -1,9 +1,19 @@
 """Continual-learning methods as small sets of pure functions (optax style)."""
 
-from vcl_jax.continual.base import Method
-from vcl_jax.continual.ewc import EWCState, diag_fisher, ewc, per_example_grads
+from vcl_jax.continual.base import Method, chain
+from vcl_jax.continual.distill import distillation
+from vcl_jax.continual.ewc import FISHERS, EWCState, Rank1, ewc
+from vcl_jax.continual.fisher import (
+                                      FisherStats,
+                                      diag_fisher,
+                                      fisher_stats,
+                                      gram_analysis,
+                                      gram_matrix,
+                                      per_example_grads,
+)
 from vcl_jax.continual.mle import mle
 from vcl_jax.continual.vcl import VCLState, vcl
 
-__all__ = ["EWCState", "Method", "VCLState", "diag_fisher", "ewc", "mle", "per_example_grads",
-           "vcl"]
+__all__ = ["FISHERS", "EWCState", "FisherStats", "Method", "Rank1", "VCLState", "chain",
+           "diag_fisher", "distillation", "ewc", "fisher_stats", "gram_analysis", "gram_matrix",
+           "mle", "per_example_grads", "vcl"]

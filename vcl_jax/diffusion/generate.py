@@ -17,7 +17,8 @@ SAMPLERS = ("ddpm", "ddim")
 
 
 @functools.lru_cache(maxsize=16)
-def _sampler(model, sampler: str, shape: tuple, guidance: float, ddim_steps: int, eta: float):
+def _sampler(model, sampler: str, shape: tuple, guidance: float, ddim_steps: int, eta: float,
+             clip: tuple | None):
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
 
@@ -26,14 +27,15 @@ def _sampler(model, sampler: str, shape: tuple, guidance: float, ddim_steps: int
         if sampler == "ddpm":
             return ddpm_sample(eps_fn, sched, key, task, shape, guidance=guidance)
         return ddim_sample(eps_fn, sched, key, task, shape, steps=ddim_steps, eta=eta,
-                           guidance=guidance)
+                           guidance=guidance, clip=clip)
 
     return jax.jit(run)
 
 
 def generate(model, draws: PyTree, sched: Schedule, key: jax.Array, tasks: np.ndarray,
              shape: tuple[int, int, int], *, sampler: str = "ddpm", guidance: float = 2.0,
-             ddim_steps: int = 50, eta: float = 0.0) -> np.ndarray:
+             ddim_steps: int = 50, eta: float = 0.0,
+             clip: tuple[float, float] | None = None) -> np.ndarray:
     """Samples ``tasks [N]`` (one image each), spread round-robin over the weight draws.
 
     Args:
@@ -43,11 +45,15 @@ def generate(model, draws: PyTree, sched: Schedule, key: jax.Array, tasks: np.nd
       key: PRNG key; draw m uses ``fold_in(key, m)``.
       tasks: ``[N]`` task index of each sample.
       shape: ``(H, W, C)``.
+      clip: DDIM only: clip the predicted x_0 to this range at every step.
 
     Returns:
       ``[N, H, W, C]`` samples in model space, in the order of ``tasks``.
     """
-    run = _sampler(model, sampler, tuple(shape), float(guidance), int(ddim_steps), float(eta))
+    if clip is not None and sampler != "ddim":
+        raise ValueError("clip applies to the DDIM sampler only")
+    run = _sampler(model, sampler, tuple(shape), float(guidance), int(ddim_steps), float(eta),
+                   None if clip is None else tuple(map(float, clip)))
     m = jax.tree.leaves(draws)[0].shape[0]
     tasks = np.asarray(tasks, np.int32)
     out = np.zeros((len(tasks), *shape), np.float32)

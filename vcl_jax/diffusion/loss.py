@@ -55,3 +55,30 @@ def batch_loss(eps_fn: EpsFn, sched: Schedule, key: jax.Array, x0: jax.Array, ta
     per = jax.vmap(lambda k, x, d: example_loss(eps_fn, sched, k, x, d, p_uncond=p_uncond))(
         keys, x0, task)
     return jnp.mean(per)
+
+
+def example_loss_at(eps_fn: EpsFn, sched: Schedule, example: dict) -> jax.Array:
+    """Per-pixel mean ‖ε − ε̂(x_t, t, d)‖² of one example at a *given* timestep and noise,
+    conditional (no guidance drop): ``example = {"x": [H,W,C], "task": int, "t": int in
+    1..T, "noise": [H,W,C]}``. Deterministic, so its per-example gradients can be taken
+    twice (the rank-1 Fisher's two passes) and give the same vectors."""
+    xt = q_sample(sched, example["x"], example["t"], example["noise"])
+    pred = eps_fn(xt[None], (example["t"] / sched.T)[None], example["task"][None],
+                  jnp.ones((1,), bool))[0]
+    return jnp.mean((pred - example["noise"]) ** 2)
+
+
+def timestep_examples(key: jax.Array, x0: jax.Array, task: jax.Array, *, T: int,  # noqa: N803
+                      t_min: int = 1, t_max: int | None = None) -> dict:
+    """Fixes the randomness of :func:`example_loss_at` for a set of examples: one timestep
+    per example, uniform in ``t_min..t_max`` (1..T: all timesteps, as the rank-1 paper's
+    code; ``t_min = t_max``: one fixed timestep; a high range: the low-SNR regime), and
+    one noise draw per example."""
+    t_max = T if t_max is None else t_max
+    if not 1 <= t_min <= t_max <= T:
+        raise ValueError(f"need 1 ≤ t_min ≤ t_max ≤ T={T}, got t_min={t_min}, t_max={t_max}")
+    kt, kn = jax.random.split(key)
+    n = x0.shape[0]
+    return {"x": x0, "task": jnp.asarray(task, jnp.int32),
+            "t": jax.random.randint(kt, (n,), t_min, t_max + 1),
+            "noise": jax.random.normal(kn, x0.shape, x0.dtype)}

@@ -71,9 +71,14 @@ def ddim_timesteps(T: int, steps: int) -> jax.Array:  # noqa: N803
 
 def ddim_sample(eps_fn: EpsFn, sched: Schedule, key: jax.Array, task: jax.Array,
                 shape: tuple[int, int, int], *, steps: int = 50, eta: float = 0.0,
-                guidance: float = 2.0, x_init: jax.Array | None = None) -> jax.Array:
+                guidance: float = 2.0, x_init: jax.Array | None = None,
+                clip: tuple[float, float] | None = None) -> jax.Array:
     """DDIM sampling over a subsequence of timesteps; with η = 0 the result depends on
     the starting noise x_T only (``x_init``, or drawn from ``key``).
+
+    ``clip = (lo, hi)`` clips each step's predicted x_0 to the data range (``clip_sample``
+    in common DDIM implementations); without it an imperfect model's few-step
+    trajectories can leave the data range far behind.
 
     Returns:
       ``[N, H, W, C]`` samples in model space.
@@ -90,6 +95,8 @@ def ddim_sample(eps_fn: EpsFn, sched: Schedule, key: jax.Array, task: jax.Array,
         ab = sched.alpha_bar[t - 1]
         ab_prev = jnp.where(tp > 0, sched.alpha_bar[jnp.maximum(tp - 1, 0)], 1.0)
         x0 = (x - jnp.sqrt(1.0 - ab) * eps) / jnp.sqrt(ab)
+        if clip is not None:
+            x0 = jnp.clip(x0, *clip)
         sigma = eta * jnp.sqrt((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev))
         z = jax.random.normal(jax.random.fold_in(kloop, t), x.shape)
         x = jnp.sqrt(ab_prev) * x0 + jnp.sqrt(1.0 - ab_prev - sigma**2) * eps + sigma * z

@@ -21,3 +21,31 @@ def classifier_uncertainty(log_probs: np.ndarray, intended: np.ndarray) -> np.nd
 def per_class_mean(values: np.ndarray, labels: np.ndarray) -> dict[int, float]:
     """Mean of ``values`` for each label present, keyed by label."""
     return {int(c): float(values[labels == c].mean()) for c in np.unique(labels)}
+
+
+def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``[D]`` and covariance ``[D, D]`` (float64) of ``features: [N, D]``, N ≥ 2."""
+    f = np.asarray(features, np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"need [N ≥ 2, D] features for a Fréchet distance, got {f.shape}")
+    return f.mean(0), np.cov(f, rowvar=False)
+
+
+def _sqrt_psd(a: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.maximum(w, 0.0))) @ v.T
+
+
+def frechet_distance(stats_a: tuple[np.ndarray, np.ndarray],
+                     stats_b: tuple[np.ndarray, np.ndarray]) -> float:
+    """Fréchet distance between two Gaussians ``(mean, cov)``:
+    ‖m_a − m_b‖² + tr(S_a) + tr(S_b) − 2 tr((S_a^½ S_b S_a^½)^½).
+
+    In the evaluation classifier's feature space this is "FD-classifier" (not FID: no
+    Inception network). Like FID it is biased upwards for small N; compare runs at equal N.
+    """
+    (ma, sa), (mb, sb) = stats_a, stats_b
+    ra = _sqrt_psd(sa)
+    w = np.linalg.eigvalsh(ra @ sb @ ra)
+    cross = float(np.sum(np.sqrt(np.maximum(w, 0.0))))
+    return float(np.sum((ma - mb) ** 2) + np.trace(sa) + np.trace(sb) - 2.0 * cross)

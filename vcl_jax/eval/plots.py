@@ -9,6 +9,19 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def grid_rows(folder: str, n_evals: int) -> list[dict[int, np.ndarray]]:
+    """One row per evaluation ``samples_task{i}.npz`` in ``folder``: the first sample of
+    each class it holds (``images [N, H, W(, 3)]`` in [0, 1], ``labels [N]``)."""
+    import os
+
+    rows = []
+    for d in range(n_evals):
+        with np.load(os.path.join(folder, f"samples_task{d}.npz")) as z:
+            images, labels = z["images"], z["labels"]
+        rows.append({int(c): images[np.argmax(labels == c)] for c in np.unique(labels)})
+    return rows
+
+
 def sample_grid(path: str, rows: list[dict[int, np.ndarray]], columns: list[int], title: str,
                 row_labels: list[str] | None = None) -> None:
     """Row i = after task i, column j = class j; blank where class j is not yet seen.

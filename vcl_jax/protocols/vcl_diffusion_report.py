@@ -4,26 +4,15 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
 from vcl_jax.eval import plots
 from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig
-
-
-def _grid_rows(run_dir: str, n_tasks: int) -> list[dict[int, np.ndarray]]:
-    rows = []
-    for d in range(n_tasks):
-        with np.load(os.path.join(run_dir, f"samples_task{d}.npz")) as z:
-            images, labels = z["images"], z["labels"]
-        rows.append({int(c): images[np.argmax(labels == c)] for c in np.unique(labels)})
-    return rows
 
 
 def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict) -> None:
     """Writes grids, uncertainty plots (linear, log, per class) and ``summary.md``."""
     n_tasks = len(cfg.classes)
     for name, rec in results.items():
-        rows = _grid_rows(os.path.join(run_dir, name), len(rec["history"]))
+        rows = plots.grid_rows(os.path.join(run_dir, name), len(rec["history"]))
         plots.sample_grid(os.path.join(run_dir, f"grid_{name}.png"), rows, list(cfg.classes),
                           f"{name}: row i = after task i, column j = digit j")
     avg = {name: [h["avg_uncertainty"] for h in rec["history"]] for name, rec in results.items()}

@@ -44,16 +44,21 @@ def epoch_indices(key: jax.Array, n: int, batch_size: int, multiple: int = 1) ->
 
 
 def scan_steps(step: StepFn, state: PyTree, data: PyTree, indices: jax.Array, key: jax.Array,
-               *, first: jax.Array | int = 0, unroll: bool = False) -> tuple[PyTree, dict]:
+               *, first: jax.Array | int = 0, unroll: bool = False,
+               shared: dict | None = None) -> tuple[PyTree, dict]:
     """Runs ``step(state, batch, key)`` over every row of ``indices`` in a ``lax.scan``.
 
-    The key of step i is ``fold_in(key, first + i)``. Returns the final state and
-    the per-step metrics stacked ``[steps, ...]``.
+    The key of step i is ``fold_in(key, first + i)``. With ``shared`` (a dict), every
+    batch is the dict ``{**data[idx], **shared}``: arrays the step reads whole, e.g. a
+    replay pool it draws from. Returns the final state and the per-step metrics stacked
+    ``[steps, ...]``.
     """
 
     def body(state, xs):
         i, idx = xs
         batch = jax.tree.map(lambda a: a[idx], data)
+        if shared is not None:
+            batch = {**batch, **shared}
         return step(state, batch, jax.random.fold_in(key, i))
 
     steps = jnp.arange(indices.shape[0]) + first
@@ -76,24 +81,27 @@ class EpochRunner:
         donate_args = (0,) if donate else ()
         if unroll:
             self._call = jax.jit(
-                lambda s, d, idx, k, first: scan_steps(step, s, d, idx, k, first=first,
-                                                       unroll=True),
+                lambda s, d, idx, k, first, sh: scan_steps(step, s, d, idx, k, first=first,
+                                                           unroll=True, shared=sh),
                 donate_argnums=donate_args)
         else:
-            self._call = jax.jit(lambda s, d, idx, k: scan_steps(step, s, d, idx, k),
-                                 donate_argnums=donate_args)
+            self._call = jax.jit(
+                lambda s, d, idx, k, first, sh: scan_steps(step, s, d, idx, k, shared=sh),
+                donate_argnums=donate_args)
 
-    def __call__(self, state: PyTree, data: PyTree, key: jax.Array) -> tuple[PyTree, dict]:
-        """One epoch; returns the new state and the metrics averaged over its steps."""
+    def __call__(self, state: PyTree, data: PyTree, key: jax.Array,
+                 shared: dict | None = None) -> tuple[PyTree, dict]:
+        """One epoch; returns the new state and the metrics averaged over its steps.
+        ``shared``: arrays every step receives whole (see :func:`scan_steps`)."""
         n = jax.tree.leaves(data)[0].shape[0]
         k_perm, k_steps = jax.random.split(key)
         idx = epoch_indices(k_perm, n, self.batch_size, max(self.unroll, 1))
         if not self.unroll:
-            state, metrics = self._call(state, data, idx, k_steps)
+            state, metrics = self._call(state, data, idx, k_steps, 0, shared)
             return state, jax.tree.map(jnp.mean, metrics)
         chunks = []
         for c in range(0, idx.shape[0], self.unroll):
-            state, m = self._call(state, data, idx[c:c + self.unroll], k_steps, c)
+            state, m = self._call(state, data, idx[c:c + self.unroll], k_steps, c, shared)
             chunks.append(m)
         metrics = jax.tree.map(lambda *ms: jnp.mean(jnp.concatenate(ms)), *chunks)
         return state, metrics

@@ -63,8 +63,10 @@ def make_train_step(method: Method, opt: optax.GradientTransformation,
 
 def train_epochs(runner: EpochRunner, state: TrainState, data: PyTree, key: jax.Array, *,
                  epochs: int, learning_rate: float, decay: bool, desc: str = "",
-                 progress: bool = True) -> tuple[TrainState, list[dict]]:
+                 progress: bool = True, shared: dict | None = None
+                 ) -> tuple[TrainState, list[dict]]:
     """Runs ``epochs`` epochs; lr decays linearly to 0 over them when ``decay``.
+    ``shared``: arrays every step receives whole (:func:`~vcl_jax.training.epoch.scan_steps`).
 
     Returns:
       The new state and one metrics dict (floats) per epoch.
@@ -76,7 +78,7 @@ def train_epochs(runner: EpochRunner, state: TrainState, data: PyTree, key: jax.
     for e in bar:
         lr = learning_rate * (1.0 - e / epochs) if decay else learning_rate
         state = set_learning_rate(state, lr)
-        state, metrics = runner(state, data, jax.random.fold_in(key, e))
+        state, metrics = runner(state, data, jax.random.fold_in(key, e), shared)
         metrics = {k: float(v) for k, v in metrics.items()}
         history.append(metrics)
         bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})

@@ -1,0 +1,166 @@
+"""The rank-1 EWC experiment and the Fisher analysis end to end on the smoke preset."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from vcl_jax.checkpoint import ConfigMismatchError
+from vcl_jax.config import ConfigError, override
+from vcl_jax.diffusion.loss import example_loss_at, timestep_examples
+from vcl_jax.diffusion.samplers import ddim_sample
+from vcl_jax.diffusion.schedule import linear_schedule
+from vcl_jax.models.unet import ContextUNet
+from vcl_jax.protocols import fisher_analysis, rank1_ewc
+from vcl_jax.protocols.rank1_ewc_config import PRESETS, parse_method
+
+
+@pytest.fixture(scope="module")
+def smoke_run(env, tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("rank1"))
+    cfg = override(PRESETS["smoke"], ["dataset=mnist", "methods=naive,replay,rank1+distill,diag"])
+    metrics = rank1_ewc.run(cfg, run_dir, progress=False)
+    return run_dir, cfg, metrics
+
+
+def test_smoke_writes_every_output(smoke_run):
+    run_dir, cfg, metrics = smoke_run
+    for f in ("config.json", "metrics.json", "summary.md", "fd.png"):
+        assert os.path.isfile(os.path.join(run_dir, f)), f
+    for name in cfg.methods:
+        d = rank1_ewc.method_dir(name)
+        assert os.path.isfile(os.path.join(run_dir, f"grid_{d}.png"))
+        rec = metrics["runs"][name]
+        assert [h["task"] for h in rec["history"]] == [0, 1]
+        assert len(rec["history"][1]["fd"]) == 2
+        assert all(np.isfinite(v) and v >= -1e-6 for h in rec["history"] for v in h["fd"])
+        assert rec["forgetting"][0] == pytest.approx(
+            rec["history"][1]["fd"][0] - rec["history"][0]["fd"][0])
+        with np.load(os.path.join(run_dir, d, "samples_task1.npz")) as z:
+            assert z["images"].shape == (4 * cfg.eval_per_class, 28, 28)  # cropped back to 28
+            assert 0 <= z["images"].min() and z["images"].max() <= 1
+            assert sorted(set(z["labels"].tolist())) == [0, 1, 2, 3]
+    # Replay methods spent time generating; EWC methods computing a Fisher; naive neither.
+    secs = {n: metrics["runs"][n]["seconds"] for n in cfg.methods}
+    assert secs["naive"]["replay"] < 0.01 and secs["naive"]["fisher"] < 0.01
+    assert secs["replay"]["replay"] > 0.05 and secs["rank1+distill"]["fisher"] > 0.05
+    assert "distill" in metrics["runs"]["rank1+distill"]["history"][1]["train_final"]
+    assert "penalty" in metrics["runs"]["diag"]["history"][1]["train_final"]
+    summary = open(os.path.join(run_dir, "summary.md")).read()
+    assert "rank1+distill" in summary and "FD-classifier" in summary
+
+
+def test_rerun_resumes_and_other_config_is_refused(smoke_run):
+    run_dir, cfg, metrics = smoke_run
+    start = time.perf_counter()
+    again = rank1_ewc.run(cfg, run_dir, progress=False)
+    assert time.perf_counter() - start < 60
+    for name in cfg.methods:
+        assert again["runs"][name]["history"] == metrics["runs"][name]["history"]
+    ckpts = os.path.join(run_dir, "naive", "checkpoints")
+    before = sorted(os.listdir(ckpts))
+    with pytest.raises(ConfigMismatchError, match="learning_rate"):
+        rank1_ewc.run(override(cfg, ["learning_rate=0.5"]), run_dir, progress=False)
+    assert sorted(os.listdir(ckpts)) == before
+    # A setting that only matters to EWC leaves the other methods' checkpoints usable.
+    rank1_ewc.check_run_dir(run_dir, override(cfg, ["ewc_lambda=5", "methods=naive,replay"]))
+
+
+def test_fisher_analysis_on_a_checkpoint(smoke_run, tmp_path):
+    run_dir, _, _ = smoke_run
+    setup, tasks, params, method, task = fisher_analysis.load_run(run_dir, "naive")
+    assert (method, task) == ("naive", 1)
+    cfg = fisher_analysis.FisherAnalysisConfig(n_timesteps=3, n_samples=6, chunk=4)
+    res = fisher_analysis.analyse(setup, params, tasks[task], cfg, progress=False)
+    assert res["timesteps"] == [1, 10, 20] and len(res["per_t"]) == 3
+    for row in res["per_t"]:
+        assert len(row["cos"]) == 6 and all(0 <= c <= 1 + 1e-6 for c in row["cos"])
+        assert 0 <= row["ratio21"] <= 1 and len(row["eigenvalues"]) == 5
+        assert row["rel_err_best_rank1"] <= row["rel_err_rank1"] + 1e-9
+    mu_cos = np.asarray(res["mu_cosine"])
+    np.testing.assert_allclose(np.diag(mu_cos), 1.0, rtol=1e-6)
+    fisher_analysis.write(str(tmp_path), res, "smoke")
+    for f in ("analysis.json", "fisher_analysis.png", "summary.md"):
+        assert os.path.isfile(tmp_path / f)
+    with pytest.raises(ConfigError, match="not in this run"):
+        fisher_analysis.load_run(run_dir, "rank1")
+    with pytest.raises(ConfigError, match="checkpoints after tasks"):
+        fisher_analysis.load_run(run_dir, "naive", task=7)
+    with pytest.raises(ConfigError, match="not a rank1_ewc run"):
+        fisher_analysis.load_run(str(tmp_path))
+
+
+def test_bad_settings_are_clear_errors(env, tmp_path):
+    for bad, match in (("methods=naive,rank2", "unknown method 'rank2'"),
+                       ("methods=diag+rank1", "at most one"),
+                       ("classes=0,1,2", "even number"),
+                       ("fisher_t_min=30", "fisher_t_min"),
+                       ("eval_split=train", "eval_split"),
+                       ("eval_split=validation", "validation_per_class"),
+                       ("validation_per_class=100000", "leaves no training image")):
+        with pytest.raises(ConfigError, match=match):
+            rank1_ewc.run(override(PRESETS["smoke"], ["dataset=mnist", bad]), str(tmp_path),
+                          progress=False)
+    assert not os.listdir(tmp_path)  # nothing written for a refused config
+    assert parse_method("rank1_unit+replay").penalty == "rank1_unit"
+
+
+def test_validation_split_is_held_out_of_training(env):
+    cfg = override(PRESETS["smoke"], ["dataset=mnist", "validation_per_class=5",
+                                      "eval_split=validation", "max_per_class=none"])
+    tasks, shape = rank1_ewc.load_tasks(cfg)
+    assert shape == (28, 28, 1)
+    t0 = tasks[0]
+    assert len(t0.reference) == 10 and sorted(set(t0.reference_labels.tolist())) == [0, 1]
+    train = (t0.x[:, 2:30, 2:30, :] + 1) / 2  # back to [0, 1] at 28×28
+    ref = t0.reference.reshape(len(t0.reference), -1)
+    diffs = np.abs(train.reshape(len(train), 1, -1) - ref[None]).max(-1)
+    assert diffs.min() > 0  # no validation image is among the training images
+    assert t0.x.shape[1:] == (32, 32, 1) and t0.x.min() == -1.0
+
+
+def test_unet_at_32x32x3_and_timestep_examples():
+    model = ContextUNet(n_feat=8, n_tasks=10, channels=3, embed_dim=8)
+    x = jnp.zeros((2, 32, 32, 3))
+    params = model.init(jax.random.key(0), x, jnp.ones(2), jnp.zeros(2, jnp.int32),
+                        jnp.ones(2, bool))["params"]
+    out = model.apply({"params": params}, x, jnp.ones(2), jnp.zeros(2, jnp.int32),
+                      jnp.ones(2, bool))
+    assert out.shape == (2, 32, 32, 3)
+    sched = linear_schedule(50)
+    ex = timestep_examples(jax.random.key(1), x, jnp.array([3, 4]), T=50, t_min=40, t_max=45)
+    assert ((ex["t"] >= 40) & (ex["t"] <= 45)).all()
+    eps_fn = lambda x, t, d, keep: model.apply({"params": params}, x, t, d, keep)
+    one = jax.tree.map(lambda a: a[0], ex)
+    assert example_loss_at(eps_fn, sched, one) == example_loss_at(eps_fn, sched, one)
+    with pytest.raises(ValueError, match="t_min"):
+        timestep_examples(jax.random.key(1), x, jnp.array([3, 4]), T=50, t_min=0)
+
+
+def test_ddim_with_the_exact_score_recovers_the_data_point():
+    # For data concentrated on one point x*, ε(x_t) = (x_t − √ᾱ_t x*)/√(1−ᾱ_t) exactly;
+    # deterministic DDIM then lands on x* for any number of steps.
+    sched = linear_schedule(100)
+    target = jnp.linspace(-1, 1, 16).reshape(4, 4, 1)
+
+    def eps_fn(x, t, d, keep):
+        ab = sched.alpha_bar[jnp.round(t * sched.T).astype(int) - 1][:, None, None, None]
+        return (x - jnp.sqrt(ab) * target[None]) / jnp.sqrt(1 - ab)
+
+    for steps in (5, 50):
+        x = ddim_sample(eps_fn, sched, jax.random.key(0), jnp.zeros(3, jnp.int32), (4, 4, 1),
+                        steps=steps, guidance=0.0, clip=(-1.0, 1.0))
+        np.testing.assert_allclose(x, jnp.broadcast_to(target, x.shape), atol=1e-5)
+
+
+def test_metrics_json_round_trips(smoke_run):
+    run_dir, cfg, metrics = smoke_run
+    saved = json.load(open(os.path.join(run_dir, "metrics.json")))
+    assert saved["config"]["methods"] == list(cfg.methods)
+    assert saved["runs"]["naive"]["avg_forgetting"] == metrics["runs"]["naive"]["avg_forgetting"]
