@@ -93,3 +93,21 @@ def test_ddim_timesteps():
     assert np.all(np.diff(np.asarray(ts)) < 0)
     with pytest.raises(ValueError):
         ddim_timesteps(10, 11)
+
+
+def test_generate_averages_noise_over_draws():
+    from vcl_jax.diffusion.generate import generate
+    from vcl_jax.models.unet import ContextUNet
+
+    model = ContextUNet(n_feat=8, n_tasks=2, embed_dim=4)
+    args = (jnp.zeros((2, 28, 28, 1)), jnp.ones(2), jnp.zeros(2, int), jnp.ones(2, bool))
+    p1, p2 = (model.init(jax.random.key(i), *args)["params"] for i in (1, 2))
+    stack = lambda *ps: jax.tree.map(lambda *a: jnp.stack(a), *ps)
+    s, key, tasks = linear_schedule(10), jax.random.key(3), np.array([0, 1, 1])
+    one = generate(model, stack(p1), s, key, tasks, (28, 28, 1))
+    same = generate(model, stack(p1, p1), s, key, tasks, (28, 28, 1), average=True)
+    np.testing.assert_allclose(same, one, atol=1e-5)  # averaging identical draws changes nothing
+    mixed = generate(model, stack(p1, p2), s, key, tasks, (28, 28, 1), average=True)
+    spread = generate(model, stack(p1, p2), s, key, tasks, (28, 28, 1))
+    assert mixed.shape == (3, 28, 28, 1)
+    assert not np.allclose(mixed, one, atol=1e-3) and not np.allclose(mixed, spread, atol=1e-3)

@@ -76,6 +76,10 @@ def test_variational_mask_excludes_embeddings_and_norms():
     assert not any(v for k, v in flat.items() if any("GroupNorm" in p for p in k))
     assert flat[("out_conv2", "kernel")] is True
     assert sum(flat.values()) > 0.8 * len(flat) / 2
+    with_norms = traverse_util.flatten_dict(variational_mask(params, norms=True))
+    added = {k for k in flat if with_norms[k] and not flat[k]}
+    assert added and all(any("GroupNorm" in p or p == "out_norm" for p in k) for k in added)
+    assert with_norms[("task_embeddings",)] is False
 
 
 def test_classifier_outputs():

@@ -89,6 +89,10 @@ def test_checkpoint_reload_and_sample(smoke_run, tmp_path):
         assert z["images"].shape == (6, 28, 28)
         assert z["labels"].tolist() == [0, 0, 0, 2, 2, 2]
         assert 0 <= z["images"].min() and z["images"].max() <= 1
+    avg = sample_from_run(run_dir, task=2, digits=[0, 2], n=3, method="vcl_coreset0",
+                          out=str(tmp_path / "a.npz"), average_draws=True)
+    with np.load(out) as z, np.load(avg) as za:  # ε averaged over the draws: other images
+        assert za["images"].shape == (6, 28, 28) and not np.allclose(za["images"], z["images"])
     png = sample_from_run(run_dir, task=1, n=2, method="mle_coreset4", out=str(tmp_path / "s.png"))
     assert os.path.getsize(png) > 1000
     with pytest.raises(ValueError, match="not learned by task 0"):
@@ -166,3 +170,32 @@ def test_vcl_only_change_reuses_finished_mle_runs(smoke_run):
     assert time.perf_counter() - start < 60
     with pytest.raises(ConfigMismatchError, match="kl_scale"):
         vcl_diffusion.run(override(cfg, ["kl_scale=0.5"]), run_dir, progress=False)
+
+
+def test_fields_added_later_match_the_value_older_checkpoints_had():
+    from vcl_jax.checkpoint import config_diff
+    from vcl_jax.protocols.vcl_diffusion_config import ADDED_FIELDS, sub_run_config
+
+    cfg = PRESETS["smoke"]
+    old = {k: v for k, v in sub_run_config(cfg, "vcl", 0).items() if k not in ADDED_FIELDS}
+    assert config_diff(old, sub_run_config(cfg, "vcl", 0), added=ADDED_FIELDS) == []
+    newer = sub_run_config(override(cfg, ["variational_norms=true"]), "vcl", 0)
+    diff = config_diff(old, newer, added=ADDED_FIELDS)
+    assert len(diff) == 1 and "variational_norms" in diff[0]
+    assert config_diff(old, sub_run_config(cfg, "vcl", 0))  # without `added` it is a mismatch
+
+
+def test_diagnostics_on_a_smoke_run(smoke_run):
+    from vcl_jax.protocols import vcl_diagnostics
+
+    run_dir, _, _ = smoke_run
+    rows = vcl_diagnostics.drift(run_dir, 1, "vcl_coreset0")
+    assert {r["random"] for r in rows} == {True, False}
+    assert all(np.isfinite(r["relative"]) and r["change"] >= 0 for r in rows)
+    assert any(r["change"] > 0 for r in rows)  # a task of training moves something
+    with pytest.raises(ValueError, match="task ≥ 1"):
+        vcl_diagnostics.drift(run_dir, 0, "vcl_coreset0")
+    rows = vcl_diagnostics.noise_effect(run_dir, 1, 1, [-10.0], n=2, draws=2, average=True,
+                                        method="mle_coreset0")
+    assert [r["n"] for r in rows] == [2, 2, 1]
+    assert all(r["uncertainty"] >= 0 and 0 <= r["accuracy"] <= 1 for r in rows)

@@ -21,9 +21,13 @@ class ConfigMismatchError(ValueError):
     """A checkpoint directory belongs to a run with another config."""
 
 
-def config_diff(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+def config_diff(saved: dict, current: dict, ignore: tuple[str, ...] = (),
+                added: dict | None = None) -> list[str]:
     """Human-readable differences between two flat-ish config dicts, over the keys of
-    ``current`` (a key only the saved config has does not matter to this run)."""
+    ``current`` (a key only the saved config has does not matter to this run).
+    ``added`` maps fields introduced after ``saved`` was written to the value it
+    implicitly had."""
+    saved = {**(added or {}), **saved}
     keys = sorted(set(current) - set(ignore))
     return [f"{k}: checkpoint has {saved.get(k, '<absent>')!r}, this run has "
             f"{current.get(k, '<absent>')!r}" for k in keys if saved.get(k) != current.get(k)]
@@ -36,12 +40,15 @@ class Checkpoints:
       directory: where checkpoints live (created if absent).
       config: the run's config as a JSON-able dict; compared with the saved one.
       ignore: config keys that may differ between runs sharing checkpoints.
+      added: fields newer than some checkpoints, with the value those implicitly had.
     """
 
-    def __init__(self, directory: str, config: dict, *, ignore: tuple[str, ...] = ()):
+    def __init__(self, directory: str, config: dict, *, ignore: tuple[str, ...] = (),
+                 added: dict | None = None):
         self.directory = os.path.abspath(directory)
         self.config = json.loads(json.dumps(config))
         self._ignore = ignore
+        self._added = json.loads(json.dumps(added or {}))
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True),
@@ -52,7 +59,7 @@ class Checkpoints:
 
     def _check_config(self, step: int) -> None:
         meta = self.restore_meta(step)
-        diff = config_diff(meta.get("config", {}), self.config, self._ignore)
+        diff = config_diff(meta.get("config", {}), self.config, self._ignore, self._added)
         if diff:
             raise ConfigMismatchError(
                 f"checkpoints in {self.directory} were written with another config:\n  "

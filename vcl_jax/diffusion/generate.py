@@ -18,12 +18,16 @@ SAMPLERS = ("ddpm", "ddim")
 
 @functools.lru_cache(maxsize=16)
 def _sampler(model, sampler: str, shape: tuple, guidance: float, ddim_steps: int, eta: float,
-             clip: tuple | None):
+             clip: tuple | None, average: bool):
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
 
     def run(params, sched, key, task):
-        eps_fn = lambda x, t, d, keep: model.apply({"params": params}, x, t, d, keep)
+        def eps_fn(x, t, d, keep):
+            one = lambda p: model.apply({"params": p}, x, t, d, keep)
+            # lax.map, not vmap: a vmapped kernel becomes a grouped conv, very slow on CPU.
+            return jnp.mean(jax.lax.map(one, params), 0) if average else one(params)
+
         if sampler == "ddpm":
             return ddpm_sample(eps_fn, sched, key, task, shape, guidance=guidance)
         return ddim_sample(eps_fn, sched, key, task, shape, steps=ddim_steps, eta=eta,
@@ -35,8 +39,10 @@ def _sampler(model, sampler: str, shape: tuple, guidance: float, ddim_steps: int
 def generate(model, draws: PyTree, sched: Schedule, key: jax.Array, tasks: np.ndarray,
              shape: tuple[int, int, int], *, sampler: str = "ddpm", guidance: float = 2.0,
              ddim_steps: int = 50, eta: float = 0.0,
-             clip: tuple[float, float] | None = None) -> np.ndarray:
-    """Samples ``tasks [N]`` (one image each), spread round-robin over the weight draws.
+             clip: tuple[float, float] | None = None, average: bool = False) -> np.ndarray:
+    """Samples ``tasks [N]`` (one image each), spread round-robin over the weight draws,
+    or, with ``average``, each with the noise prediction averaged over all draws at every
+    step (the VCL-diffusion authors' code; costs M network calls per step).
 
     Args:
       model: the U-Net module.
@@ -46,6 +52,7 @@ def generate(model, draws: PyTree, sched: Schedule, key: jax.Array, tasks: np.nd
       tasks: ``[N]`` task index of each sample.
       shape: ``(H, W, C)``.
       clip: DDIM only: clip the predicted x_0 to this range at every step.
+      average: average ε over the draws instead of spreading the samples over them.
 
     Returns:
       ``[N, H, W, C]`` samples in model space, in the order of ``tasks``.
@@ -53,15 +60,16 @@ def generate(model, draws: PyTree, sched: Schedule, key: jax.Array, tasks: np.nd
     if clip is not None and sampler != "ddim":
         raise ValueError("clip applies to the DDIM sampler only")
     run = _sampler(model, sampler, tuple(shape), float(guidance), int(ddim_steps), float(eta),
-                   None if clip is None else tuple(map(float, clip)))
+                   None if clip is None else tuple(map(float, clip)), bool(average))
     m = jax.tree.leaves(draws)[0].shape[0]
     tasks = np.asarray(tasks, np.int32)
     out = np.zeros((len(tasks), *shape), np.float32)
-    for j in range(m):
-        sel = np.arange(j, len(tasks), m)
+    groups = 1 if average else m
+    for j in range(groups):
+        sel = np.arange(j, len(tasks), groups)
         if sel.size == 0:
             continue
-        params = jax.tree.map(lambda a, j=j: a[j], draws)
+        params = draws if average else jax.tree.map(lambda a, j=j: a[j], draws)
         # Pad to a power of two so that growing evaluations reuse a few compiled shapes.
         padded = np.zeros(1 << int(np.ceil(np.log2(sel.size))), np.int32)
         padded[: sel.size] = tasks[sel]

@@ -163,16 +163,19 @@ def unet_flops(n_feat: int, size: int = 28, channels: int = 1) -> float:
     return float(f)
 
 
-def variational_mask(params: dict) -> dict:
+def variational_mask(params: dict, *, norms: bool = False) -> dict:
     """True for the leaves VCL treats as random: every conv, transpose and dense
-    weight and bias; False for the per-task/null embeddings and the GroupNorm
-    scales and offsets (deterministic, outside the KL, as in the paper's code)."""
+    weight and bias; False for the per-task/null embeddings and, unless ``norms``,
+    the GroupNorm scales and offsets (deterministic, outside the KL, as in the
+    paper's code; shared by all tasks, so free norms are a path for forgetting)."""
     from flax import traverse_util
 
     flat = traverse_util.flatten_dict(params)
 
+    def is_norm(p):
+        return p.startswith("GroupNorm") or p == "out_norm"
+
     def random(path):
-        return not any(p in EMBEDDING_PARAMS or p.startswith("GroupNorm") or p == "out_norm"
-                       for p in path)
+        return not any(p in EMBEDDING_PARAMS or (is_norm(p) and not norms) for p in path)
 
     return traverse_util.unflatten_dict({k: random(k) for k in flat})

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
-from vcl_jax import checkpoint
 from vcl_jax.config import ConfigError
+from vcl_jax.continual.base import Method
 from vcl_jax.data import to_unit
 from vcl_jax.diffusion.generate import generate
 from vcl_jax.eval import plots
 from vcl_jax.protocols import vcl_diffusion
-from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig, sub_run_config
+from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig
 from vcl_jax.training.state import TrainState, adam
 
 
@@ -28,15 +29,22 @@ def load_config(run_dir: str) -> VCLDiffusionConfig:
                                  for k, v in raw.items()})
 
 
-def sample_from_run(run_dir: str, *, task: int | None = None, digits: list[int] | None = None,
-                    n: int = 16, method: str | None = None, out: str | None = None,
-                    seed: int = 0) -> str:
-    """Samples ``n`` images of each digit from the checkpoint after ``task``.
+class Loaded(NamedTuple):
+    """One sub-run's checkpoint: ``restored["eval"]`` holds the params (MLE) or the
+    posterior (VCL) used for sampling, ``restored["train"]`` the training state."""
 
-    Returns:
-      The path written (``.png`` grid: one row per digit, or ``.npz`` with
-      ``images [N, H, W]`` in [0, 1] and ``labels [N]``).
-    """
+    cfg: VCLDiffusionConfig
+    setup: vcl_diffusion.Setup
+    method: Method
+    run: str  # sub-run name, e.g. "vcl_coreset0"
+    task: int
+    restored: dict
+
+
+def load_checkpoint(run_dir: str, *, task: int | None = None,
+                    method: str | None = None) -> Loaded:
+    """The checkpoint of sub-run ``method`` (default: the first) after ``task`` (default:
+    the last finished one)."""
     cfg = load_config(run_dir)
     setup = vcl_diffusion.build(cfg)
     names = [vcl_diffusion.run_name(m, s) for s in cfg.coreset_sizes for m in cfg.methods]
@@ -45,7 +53,7 @@ def sample_from_run(run_dir: str, *, task: int | None = None, digits: list[int] 
         raise ConfigError(f"unknown run {method!r} in {run_dir}; accepted: {', '.join(names)}")
     base, size = method.split("_coreset")
     ckpt_dir = os.path.join(run_dir, method, "checkpoints")
-    ckpt = checkpoint.Checkpoints(ckpt_dir, sub_run_config(cfg, base, int(size)))
+    ckpt = vcl_diffusion.open_checkpoints(ckpt_dir, cfg, base, int(size))
     steps = ckpt.all_steps()
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
@@ -59,6 +67,23 @@ def sample_from_run(run_dir: str, *, task: int | None = None, digits: list[int] 
     like = {"train": TrainState(trainable, opt.init(trainable), mstate), "eval": trainable}
     restored, _ = ckpt.restore(task, like)
     ckpt.close()
+    return Loaded(cfg, setup, m, method, task, restored)
+
+
+def sample_from_run(run_dir: str, *, task: int | None = None, digits: list[int] | None = None,
+                    n: int = 16, method: str | None = None, out: str | None = None,
+                    seed: int = 0, average_draws: bool | None = None) -> str:
+    """Samples ``n`` images of each digit from the checkpoint after ``task``.
+
+    ``average_draws`` (None: the run's ``eval_average_draws``) averages a VCL
+    posterior's noise prediction over its ``eval_samples`` draws for every image.
+
+    Returns:
+      The path written (``.png`` grid: one row per digit, or ``.npz`` with
+      ``images [N, H, W]`` in [0, 1] and ``labels [N]``).
+    """
+    cfg, setup, m, method, task, restored = load_checkpoint(run_dir, task=task, method=method)
+    base = m.name
     seen = list(cfg.classes[: task + 1])
     digits = seen if digits is None else digits
     unseen = [d for d in digits if d not in seen]
@@ -69,7 +94,9 @@ def sample_from_run(run_dir: str, *, task: int | None = None, digits: list[int] 
     draws = m.draws(restored["eval"], jax.random.fold_in(key, 0), setup.eval_draws(base))
     x = generate(setup.model, draws, setup.sched, jax.random.fold_in(key, 1), task_ids,
                  setup.shape, sampler=cfg.sampler, guidance=cfg.guidance,
-                 ddim_steps=cfg.ddim_steps)
+                 ddim_steps=cfg.ddim_steps,
+                 average=(cfg.eval_average_draws if average_draws is None else average_draws)
+                 and setup.eval_draws(base) > 1)
     images = to_unit(x, cfg.pixel_range)[..., 0]
     labels = np.asarray(cfg.classes)[task_ids]
     out = out or os.path.join(run_dir, f"sample_{method}_task{task}.png")

@@ -28,7 +28,7 @@ from vcl_jax.diffusion.schedule import linear_schedule
 from vcl_jax.eval.classifier import EvalClassifier, get_classifier
 from vcl_jax.eval.metrics import classifier_uncertainty, per_class_mean
 from vcl_jax.models.unet import ContextUNet, variational_mask
-from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig, sub_run_config
+from vcl_jax.protocols.vcl_diffusion_config import ADDED_FIELDS, VCLDiffusionConfig, sub_run_config
 from vcl_jax.training.epoch import EpochRunner
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step, train_epochs
 
@@ -60,7 +60,8 @@ class Setup:
         if name == "mle":
             return mle(self.batch_loss)
         if name == "vcl":
-            return vcl(self.batch_loss, mask=variational_mask(params), n_samples=cfg.train_samples,
+            mask = variational_mask(params, norms=cfg.variational_norms)
+            return vcl(self.batch_loss, mask=mask, n_samples=cfg.train_samples,
                        kl_scale=cfg.kl_scale, prior_sigma=cfg.prior_sigma,
                        log_var_init=cfg.log_var_init,
                        pretrained_prior=cfg.vcl_pretrain_epochs > 0)
@@ -95,6 +96,13 @@ def load_tasks(cfg: VCLDiffusionConfig) -> list[np.ndarray]:
 
 def run_name(method: str, coreset: int) -> str:
     return f"{method}_coreset{coreset}"
+
+
+def open_checkpoints(folder: str, cfg: VCLDiffusionConfig, method: str,
+                     coreset_size: int) -> checkpoint.Checkpoints:
+    """The checkpoints of one sub-run, refusing a folder written with another config."""
+    return checkpoint.Checkpoints(folder, sub_run_config(cfg, method, coreset_size),
+                                  added=ADDED_FIELDS)
 
 
 def _task_data(xs: list[np.ndarray], task_ids: list[int]) -> dict:
@@ -138,7 +146,8 @@ def evaluate(setup: Setup, method, trainable, task: int, key: jax.Array,
     k_draw, k_sample = jax.random.split(key)
     draws = method.draws(trainable, k_draw, setup.eval_draws(method.name))
     x = generate(setup.model, draws, setup.sched, k_sample, seen, setup.shape,
-                 sampler=cfg.sampler, guidance=cfg.guidance, ddim_steps=cfg.ddim_steps)
+                 sampler=cfg.sampler, guidance=cfg.guidance, ddim_steps=cfg.ddim_steps,
+                 average=cfg.eval_average_draws and setup.eval_draws(method.name) > 1)
     images = to_unit(x, cfg.pixel_range)
     labels = np.asarray(cfg.classes)[seen]
     unc = classifier_uncertainty(classifier.log_probs(images), labels)
@@ -167,8 +176,7 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
     step = make_train_step(method, opt, data_sharding())
     runner = EpochRunner(step, cfg.batch_size, cfg.unroll)
 
-    ckpt = checkpoint.Checkpoints(os.path.join(out_dir, "checkpoints"),
-                                  sub_run_config(cfg, method_name, coreset_size))
+    ckpt = open_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, method_name, coreset_size)
     like = {"train": state, "eval": state.trainable}
     coresets: list[list[int]] = []
     record = {"history": [], "train_seconds": 0.0, "eval_seconds": 0.0}
@@ -251,7 +259,7 @@ def check_run_dir(run_dir: str, cfg: VCLDiffusionConfig) -> None:
         for name in cfg.methods:
             folder = os.path.join(run_dir, run_name(name, size), "checkpoints")
             if os.path.isdir(folder):
-                checkpoint.Checkpoints(folder, sub_run_config(cfg, name, size)).close()
+                open_checkpoints(folder, cfg, name, size).close()
 
 
 def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict:

@@ -47,9 +47,16 @@ class VCLDiffusionConfig:
     # VCL
     train_samples: int = 10
     eval_samples: int = 10
+    # False: the evaluation's samples are spread over the eval_samples weight draws (one
+    # draw per image); True: every image uses ε averaged over all draws at every step
+    # (the authors' code; eval_samples× the sampling cost).
+    eval_average_draws: bool = False
     log_var_init: float = -10.0
     prior_sigma: float = 1.0
     kl_scale: float = 1.0
+    # GroupNorm scales/offsets inside the posterior and the KL (True) or deterministic
+    # and unregularised like the per-task embeddings (False, the paper's code).
+    variational_norms: bool = False
     # MLE epochs on the first task before VCL starts; their weights become the
     # first prior's means (log-variance log_var_init). 0: prior N(0, prior_sigma² I).
     vcl_pretrain_epochs: int = 0
@@ -106,7 +113,10 @@ PRESETS = {
 # Fields that only affect VCL runs, and the sweep lists (a sub-run has one method and
 # one coreset size). A sub-run's checkpoints are keyed on the remaining fields.
 VCL_ONLY = ("train_samples", "eval_samples", "log_var_init", "prior_sigma", "kl_scale",
-            "vcl_pretrain_epochs")
+            "vcl_pretrain_epochs", "variational_norms", "eval_average_draws")
+# Fields added after run directories existed, with the value older runs implicitly had:
+# a checkpoint without the field matches a run with this value.
+ADDED_FIELDS = {"variational_norms": False, "eval_average_draws": False}
 SWEEP = ("methods", "coreset_sizes")
 CORESET_ONLY = ("coreset_method", "coreset_mode", "coreset_epochs")
 

@@ -1,0 +1,50 @@
+"""Diagnostics of a VCL-diffusion run (see ``vcl_jax.protocols.vcl_diagnostics``).
+
+    python -m experiments.vcl_diagnostics drift --run DIR --task 1 [--method vcl_coreset0]
+    python -m experiments.vcl_diagnostics noise --run DIR --task 0 --digit 0
+        [--log-vars=-10,-14] [--n 60] [--average] [--method mle_coreset0]
+
+Prints a table and writes it as JSON next to the run (``diag_<kind>_<method>_task<d>.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from vcl_jax.protocols import vcl_diagnostics
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("kind", choices=["drift", "noise"])
+    parser.add_argument("--run", required=True, help="run directory of experiments.vcl_diffusion")
+    parser.add_argument("--task", type=int, required=True, help="0-based task of the checkpoint")
+    parser.add_argument("--method", default=None, help="sub-run, e.g. vcl_coreset0")
+    parser.add_argument("--digit", type=int, default=0, help="noise: the digit to sample")
+    parser.add_argument("--log-vars", default="-10,-14", help="noise: comma-separated")
+    parser.add_argument("--n", type=int, default=60, help="noise: samples per row")
+    parser.add_argument("--average", action="store_true", help="noise: add ε-averaged rows")
+    args = parser.parse_args(argv)
+    if args.kind == "drift":
+        rows = vcl_diagnostics.drift(args.run, args.task, args.method)
+        for r in rows:
+            print(f"{'random' if r['random'] else 'determ.'}  {r['group']:<16} size "
+                  f"{r['size']:.3g}  change {r['change']:.3g}  relative {r['relative']:.2e}")
+    else:
+        rows = vcl_diagnostics.noise_effect(
+            args.run, args.task, args.digit, [float(v) for v in args.log_vars.split(",")],
+            n=args.n, average=args.average, method=args.method)
+        for r in rows:
+            print(f"{r['weights']:<40} {r['uncertainty']:.2f} ± {r['stderr']:.2f} nats, "
+                  f"{100 * r['accuracy']:.0f}% recognised (n = {r['n']})")
+    name = f"diag_{args.kind}_{args.method or 'first'}_task{args.task}.json"
+    with open(os.path.join(args.run, name), "w") as f:
+        json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""Diagnostics of a VCL-diffusion run: where a task moves the weights, and what
+weight noise does to the samples.
+
+* :func:`drift` — per parameter group, how far the means moved during task ``d``
+  (checkpoint ``d`` against ``d − 1``), relative to their size; random (in the KL)
+  and deterministic leaves reported apart.
+* :func:`noise_effect` — classifier uncertainty of one digit's samples at the
+  checkpoint's point estimate (MLE params or VCL posterior mean), at draws of
+  ``N(mean, exp(log_var))`` (one draw per image, or ε averaged over the draws),
+  for chosen log-variances.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from vcl_jax.data import to_unit
+from vcl_jax.diffusion.generate import generate
+from vcl_jax.eval.classifier import get_classifier
+from vcl_jax.eval.metrics import classifier_uncertainty
+from vcl_jax.models.unet import variational_mask
+from vcl_jax.protocols.sampling import load_checkpoint
+from vcl_jax.vi import mean_field as mf
+
+
+def _point(loaded):
+    ev = loaded.restored["eval"]
+    return ev.mean if isinstance(ev, mf.MeanField) else ev
+
+
+def _group(path: tuple[str, ...]) -> str:
+    return path[0] if len(path) > 1 else "/".join(path)
+
+
+def drift(run_dir: str, task: int, method: str | None = None) -> list[dict]:
+    """Relative RMS change of the means during ``task`` (≥ 1), per top-level module.
+
+    Returns:
+      Rows ``{"group", "random", "size", "change", "relative"}``: ``size`` is the RMS of
+      the values before the task, ``change`` the RMS of the change.
+    """
+    if task < 1:
+        raise ValueError("drift needs task ≥ 1 (it compares with the checkpoint before)")
+    after = load_checkpoint(run_dir, task=task, method=method)
+    before = load_checkpoint(run_dir, task=task - 1, method=method)
+    mask = traverse_util.flatten_dict(
+        variational_mask(_point(after), norms=after.cfg.variational_norms))
+    a, b = (traverse_util.flatten_dict(_point(x)) for x in (after, before))
+    sums: dict[tuple[str, bool], list[float]] = {}
+    for k in a:
+        if k[0] == "task_embeddings":  # rows of other tasks: not a shared parameter
+            continue
+        s = sums.setdefault((_group(k), bool(mask[k])), [0.0, 0.0, 0])
+        s[0] += float(jnp.sum(jnp.square(b[k])))
+        s[1] += float(jnp.sum(jnp.square(a[k] - b[k])))
+        s[2] += a[k].size
+    rows = []
+    for (g, rnd), (sq, dsq, n) in sorted(sums.items()):
+        size, change = np.sqrt(sq / n), np.sqrt(dsq / n)
+        rows.append({"group": g, "random": rnd, "size": float(size), "change": float(change),
+                     "relative": float(change / max(size, 1e-12))})
+    return rows
+
+
+def noise_effect(run_dir: str, task: int, digit: int, log_vars: list[float], *, n: int = 60,
+                 draws: int = 10, average: bool = False, method: str | None = None,
+                 seed: int = 1) -> list[dict]:
+    """Uncertainty of ``n`` samples of ``digit`` at the point estimate and under weight noise.
+
+    Returns:
+      Rows ``{"weights", "uncertainty", "stderr", "accuracy", "n"}``; the same starting
+      noise for every row (``average`` rows use the first ``n // 2`` of it: M× the cost).
+    """
+    loaded = load_checkpoint(run_dir, task=task, method=method)
+    cfg, setup = loaded.cfg, loaded.setup
+    seen = list(cfg.classes[: loaded.task + 1])
+    if digit not in seen:
+        raise ValueError(f"digit {digit} not learned by task {loaded.task}; seen: {seen}")
+    point = _point(loaded)
+    mask = variational_mask(point, norms=cfg.variational_norms)
+    clf = get_classifier(cfg.dataset, data_dir=cfg.data_dir, epochs=cfg.classifier_epochs,
+                         progress=False)
+    key = jax.random.key(seed)
+
+    def score(name, stack, m, avg=False):
+        x = generate(setup.model, stack, setup.sched, key, np.full(m, seen.index(digit)),
+                     setup.shape, sampler=cfg.sampler, guidance=cfg.guidance,
+                     ddim_steps=cfg.ddim_steps, average=avg)
+        lp = clf.log_probs(to_unit(x, cfg.pixel_range))
+        u = classifier_uncertainty(lp, np.full(m, digit))
+        return {"weights": name, "uncertainty": float(u.mean()),
+                "stderr": float(u.std() / np.sqrt(m)),
+                "accuracy": float(np.mean(lp.argmax(-1) == digit)), "n": m}
+
+    rows = [score("point estimate", jax.tree.map(lambda a: a[None], point), n)]
+    for lv in log_vars:
+        q = mf.init_from_params(point, lv)
+        stack = jax.vmap(lambda k, q=q: mf.sample(k, q, mask))(
+            jax.random.split(jax.random.fold_in(key, 7), draws))
+        rows.append(score(f"{draws} draws, log-var {lv:g}, one per image", stack, n))
+        if average:
+            rows.append(score(f"{draws} draws, log-var {lv:g}, ε averaged", stack,
+                              max(n // 2, 1), avg=True))
+    return rows
