@@ -161,8 +161,12 @@ def test_killed_run_resumes_to_the_same_result(env, tmp_path):
         np.testing.assert_allclose(hb["train_final"]["loss"], ha["train_final"]["loss"], rtol=1e-5)
 
 
-def test_vcl_only_change_reuses_finished_mle_runs(smoke_run):
-    run_dir, cfg, metrics = smoke_run
+def test_vcl_only_change_reuses_finished_mle_runs(smoke_run, tmp_path):
+    import shutil
+
+    src, cfg, metrics = smoke_run
+    run_dir = str(tmp_path / "copy")  # this test rewrites config.json: leave the fixture's alone
+    shutil.copytree(src, run_dir)
     start = time.perf_counter()
     again = vcl_diffusion.run(override(cfg, ["kl_scale=0.5", "methods=mle"]), run_dir,
                               progress=False)
@@ -185,6 +189,7 @@ def test_fields_added_later_match_the_value_older_checkpoints_had():
     assert config_diff(old, sub_run_config(cfg, "vcl", 0))  # without `added` it is a mismatch
 
 
+@pytest.mark.slow  # ~1 min; `make test-all`
 def test_diagnostics_on_a_smoke_run(smoke_run):
     from vcl_jax.protocols import vcl_diagnostics
 
