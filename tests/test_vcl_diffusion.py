@@ -125,6 +125,7 @@ def test_bad_settings_are_clear_errors(env, tmp_path):
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
 
 
+@pytest.mark.slow  # ~50 s: its own smoke run; `make test-all`
 def test_replay_mode_and_ddim_evaluation(env, tmp_path):
     cfg = override(PRESETS["smoke"], ["coreset_sizes=4", "coreset_mode=replay", "methods=vcl",
                                       "sampler=ddim", "ddim_steps=5", "classes=3,4"])

@@ -95,8 +95,7 @@ def sample_from_run(run_dir: str, *, task: int | None = None, digits: list[int] 
     x = generate(setup.model, draws, setup.sched, jax.random.fold_in(key, 1), task_ids,
                  setup.shape, sampler=cfg.sampler, guidance=cfg.guidance,
                  ddim_steps=cfg.ddim_steps,
-                 average=(cfg.eval_average_draws if average_draws is None else average_draws)
-                 and setup.eval_draws(base) > 1)
+                 average=setup.average_draws(base, average_draws))
     images = to_unit(x, cfg.pixel_range)[..., 0]
     labels = np.asarray(cfg.classes)[task_ids]
     out = out or os.path.join(run_dir, f"sample_{method}_task{task}.png")

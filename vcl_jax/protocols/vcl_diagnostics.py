@@ -21,7 +21,6 @@ from vcl_jax.data import to_unit
 from vcl_jax.diffusion.generate import generate
 from vcl_jax.eval.classifier import get_classifier
 from vcl_jax.eval.metrics import classifier_uncertainty
-from vcl_jax.models.unet import variational_mask
 from vcl_jax.protocols.sampling import load_checkpoint
 from vcl_jax.vi import mean_field as mf
 
@@ -46,8 +45,7 @@ def drift(run_dir: str, task: int, method: str | None = None) -> list[dict]:
         raise ValueError("drift needs task ≥ 1 (it compares with the checkpoint before)")
     after = load_checkpoint(run_dir, task=task, method=method)
     before = load_checkpoint(run_dir, task=task - 1, method=method)
-    mask = traverse_util.flatten_dict(
-        variational_mask(_point(after), norms=after.cfg.variational_norms))
+    mask = traverse_util.flatten_dict(after.setup.mask(_point(after)))
     a, b = (traverse_util.flatten_dict(_point(x)) for x in (after, before))
     sums: dict[tuple[str, bool], list[float]] = {}
     for k in a:
@@ -71,8 +69,10 @@ def noise_effect(run_dir: str, task: int, digit: int, log_vars: list[float], *, 
     """Uncertainty of ``n`` samples of ``digit`` at the point estimate and under weight noise.
 
     Returns:
-      Rows ``{"weights", "uncertainty", "stderr", "accuracy", "n"}``; the same starting
-      noise for every row (``average`` rows use the first ``n // 2`` of it: M× the cost).
+      Rows ``{"weights", "uncertainty", "stderr", "accuracy", "n"}``, all sampled from
+      ``seed``; ``average`` rows have ``n // 2`` images (each costs M network calls per
+      step). Rows differ in their starting noise too (one key per draw group), so
+      compare them through their standard errors.
     """
     loaded = load_checkpoint(run_dir, task=task, method=method)
     cfg, setup = loaded.cfg, loaded.setup
@@ -80,7 +80,7 @@ def noise_effect(run_dir: str, task: int, digit: int, log_vars: list[float], *, 
     if digit not in seen:
         raise ValueError(f"digit {digit} not learned by task {loaded.task}; seen: {seen}")
     point = _point(loaded)
-    mask = variational_mask(point, norms=cfg.variational_norms)
+    mask = setup.mask(point)
     clf = get_classifier(cfg.dataset, data_dir=cfg.data_dir, epochs=cfg.classifier_epochs,
                          progress=False)
     key = jax.random.key(seed)

@@ -60,15 +60,24 @@ class Setup:
         if name == "mle":
             return mle(self.batch_loss)
         if name == "vcl":
-            mask = variational_mask(params, norms=cfg.variational_norms)
-            return vcl(self.batch_loss, mask=mask, n_samples=cfg.train_samples,
+            return vcl(self.batch_loss, mask=self.mask(params), n_samples=cfg.train_samples,
                        kl_scale=cfg.kl_scale, prior_sigma=cfg.prior_sigma,
                        log_var_init=cfg.log_var_init,
                        pretrained_prior=cfg.vcl_pretrain_epochs > 0)
         raise ConfigError(f"unknown method {name!r}")
 
+    def mask(self, params: dict) -> dict:
+        """Which leaves VCL treats as random (in the posterior and the KL)."""
+        return variational_mask(params, norms=self.cfg.variational_norms)
+
     def eval_draws(self, name: str) -> int:
         return self.cfg.eval_samples if name == "vcl" else 1
+
+    def average_draws(self, name: str, override: bool | None = None) -> bool:
+        """Whether sampling averages ε over the weight draws (``override``: None keeps
+        the config's ``eval_average_draws``); only meaningful with several draws."""
+        wanted = self.cfg.eval_average_draws if override is None else override
+        return wanted and self.eval_draws(name) > 1
 
 
 def build(cfg: VCLDiffusionConfig, shape: tuple[int, int, int] = (28, 28, 1)) -> Setup:
@@ -147,7 +156,7 @@ def evaluate(setup: Setup, method, trainable, task: int, key: jax.Array,
     draws = method.draws(trainable, k_draw, setup.eval_draws(method.name))
     x = generate(setup.model, draws, setup.sched, k_sample, seen, setup.shape,
                  sampler=cfg.sampler, guidance=cfg.guidance, ddim_steps=cfg.ddim_steps,
-                 average=cfg.eval_average_draws and setup.eval_draws(method.name) > 1)
+                 average=setup.average_draws(method.name))
     images = to_unit(x, cfg.pixel_range)
     labels = np.asarray(cfg.classes)[seen]
     unc = classifier_uncertainty(classifier.log_probs(images), labels)
