@@ -130,6 +130,7 @@ def test_torch_reference_has_the_same_parameters():
         assert sum(p.size for p in jax.tree.leaves(params)) == torch_reference.num_params(n)
 
 
+@pytest.mark.slow  # ~12 s; `make test-all` (keeps `make test` clear of the 10-minute budget)
 def test_step_profile_finds_every_convolution():
     from benchmarks import profile_step
 
