@@ -61,6 +61,18 @@ def test_guidance_combines_conditional_and_unconditional():
     np.testing.assert_allclose(out, 3 * 1.0 - 2 * 0.25)
 
 
+def test_unguided_sampling_skips_the_unconditional_pass():
+    batches = []
+
+    def eps_fn(x, t, task, keep):
+        batches.append((x.shape[0], bool(np.all(np.asarray(keep)))))
+        return jnp.where(keep[:, None, None, None], 1.0, 0.25) * jnp.ones_like(x)
+
+    out = guided_eps(eps_fn, jnp.zeros((3, 4, 4, 1)), jnp.ones(3), jnp.zeros(3, int), 0.0)
+    np.testing.assert_allclose(out, 1.0)  # the conditional prediction itself
+    assert batches == [(3, True)]  # one call, conditional only
+
+
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_sampler_shape_and_range(sampler):
     s = linear_schedule(30)

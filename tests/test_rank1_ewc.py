@@ -105,6 +105,7 @@ def test_bad_settings_are_clear_errors(env, tmp_path):
                        ("classes=0,1,2", "even number"),
                        ("fisher_t_min=30", "fisher_t_min"),
                        ("eval_split=train", "eval_split"),
+                       ("eval_eta=1.5", "eval_eta"),
                        ("eval_split=validation", "validation_per_class"),
                        ("validation_per_class=100000", "leaves no training image")):
         with pytest.raises(ConfigError, match=match):
@@ -112,6 +113,21 @@ def test_bad_settings_are_clear_errors(env, tmp_path):
                           progress=False)
     assert not os.listdir(tmp_path)  # nothing written for a refused config
     assert parse_method("rank1_unit+replay").penalty == "rank1_unit"
+
+
+def test_older_runs_without_eval_eta_read_as_deterministic_evaluation(smoke_run):
+    from vcl_jax.checkpoint import config_diff
+    from vcl_jax.protocols.rank1_ewc_config import ADDED_FIELDS, sub_run_config
+
+    _, cfg, _ = smoke_run
+    current = sub_run_config(cfg, "naive")
+    old = {k: v for k, v in current.items() if k not in ADDED_FIELDS}
+    assert cfg.eval_eta == ADDED_FIELDS["eval_eta"] == 0.0
+    assert config_diff(old, current, added=ADDED_FIELDS) == []
+    assert config_diff(old, current)  # without `added` it would be a mismatch
+    diff = config_diff(old, sub_run_config(override(cfg, ["eval_eta=1"]), "naive"),
+                       added=ADDED_FIELDS)
+    assert len(diff) == 1 and "eval_eta" in diff[0]
 
 
 def test_validation_split_is_held_out_of_training(env):

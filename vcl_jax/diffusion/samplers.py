@@ -19,9 +19,11 @@ def guided_eps(eps_fn: EpsFn, x: jax.Array, t: jax.Array, task: jax.Array,
       x: ``[N, H, W, C]``.
       t: ``[N]`` time fraction t/T.
       task: ``[N]`` task index.
-      guidance: α (0 = conditional only).
+      guidance: α (0 = conditional only: the unconditional half is then not computed).
     """
     n = x.shape[0]
+    if isinstance(guidance, (int, float)) and guidance == 0:
+        return eps_fn(x, t, task, jnp.ones((n,), bool))
     keep = jnp.concatenate([jnp.ones((n,), bool), jnp.zeros((n,), bool)])
     both = eps_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
                   jnp.concatenate([task, task]), keep)

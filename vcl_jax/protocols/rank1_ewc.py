@@ -42,7 +42,12 @@ from vcl_jax.diffusion.schedule import linear_schedule
 from vcl_jax.eval.classifier import EvalClassifier, get_classifier
 from vcl_jax.eval.metrics import frechet_distance, gaussian_stats
 from vcl_jax.models.unet import ContextUNet
-from vcl_jax.protocols.rank1_ewc_config import Rank1EWCConfig, parse_method, sub_run_config
+from vcl_jax.protocols.rank1_ewc_config import (
+    ADDED_FIELDS,
+    Rank1EWCConfig,
+    parse_method,
+    sub_run_config,
+)
 from vcl_jax.training.epoch import EpochRunner
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step, train_epochs
 
@@ -250,7 +255,7 @@ def evaluate(setup: Setup, params: dict, tasks: list[TaskData], upto: int, key: 
     cls = np.asarray([cfg.classes.index(int(c)) for c in labels], np.int32)
     x = generate(setup.model, stack(params, 1), setup.sched, key, cls, setup.shape,
                  sampler="ddim", guidance=cfg.eval_guidance, ddim_steps=cfg.ddim_steps,
-                 clip=(-1.0, 1.0))
+                 eta=cfg.eval_eta, clip=(-1.0, 1.0))
     images = _to_data_space(setup, x)
     feats = classifier.features(images)
     pred = classifier.log_probs(images).argmax(-1)
@@ -284,7 +289,8 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClas
     state = TrainState(trainable, opt.init(trainable), mstate)
     runner = EpochRunner(make_train_step(method, opt, data_sharding()), cfg.batch_size, cfg.unroll)
 
-    ckpt = checkpoint.Checkpoints(os.path.join(out_dir, "checkpoints"), sub_run_config(cfg, name))
+    ckpt = checkpoint.Checkpoints(os.path.join(out_dir, "checkpoints"), sub_run_config(cfg, name),
+                                 added=ADDED_FIELDS)
     record = {"history": [], "seconds": {"train": 0.0, "replay": 0.0, "fisher": 0.0,
                                          "eval": 0.0}}
     start = 0
@@ -341,7 +347,7 @@ def check_run_dir(run_dir: str, cfg: Rank1EWCConfig) -> None:
     for name in cfg.methods:
         folder = os.path.join(run_dir, method_dir(name), "checkpoints")
         if os.path.isdir(folder):
-            checkpoint.Checkpoints(folder, sub_run_config(cfg, name)).close()
+            checkpoint.Checkpoints(folder, sub_run_config(cfg, name), added=ADDED_FIELDS).close()
 
 
 def run(cfg: Rank1EWCConfig, run_dir: str, *, progress: bool = True) -> dict:

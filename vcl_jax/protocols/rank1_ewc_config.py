@@ -86,6 +86,7 @@ class Rank1EWCConfig:
     # evaluation: DDIM samples per class, scored in the evaluation classifier's features
     eval_per_class: int = 500
     eval_guidance: float = 0.0
+    eval_eta: float = 0.0  # DDIM η of the evaluation samples (0: deterministic, 1: DDPM-like)
     classifier_epochs: int | None = None
     seed: int = 0
 
@@ -115,6 +116,7 @@ class Rank1EWCConfig:
             (self.replay_per_class >= 1,
              f"replay_per_class must be ≥ 1, got {self.replay_per_class}"),
             (1 <= self.ddim_steps <= self.T, f"ddim_steps must be in 1..T, got {self.ddim_steps}"),
+            (0 <= self.eval_eta <= 1, f"eval_eta must be in [0, 1], got {self.eval_eta}"),
             (self.distill_weight >= 0, f"distill_weight must be ≥ 0, got {self.distill_weight}"),
             (self.eval_per_class >= 2, f"eval_per_class must be ≥ 2 (a covariance), got "
                                        f"{self.eval_per_class}"),
@@ -132,10 +134,13 @@ PRESETS = {
     "paper": Rank1EWCConfig(),
     # Offline on the 2-core CPU: 500 training images per class, a 16-channel U-Net, T = 400,
     # 625 steps of 32 real (+ 16 replayed) images per task, 50 evaluation samples per class.
+    # Evaluation by stochastic guided DDIM (η = 1, α = 2): this small model's deterministic
+    # unguided DDIM-50 samples are too poor for FD to see forgetting (BENCHMARKS.md, issue #5).
+    # λ = 1e2: chosen on a validation split (1e4, the authors' value, freezes this model).
     "cpu": Rank1EWCConfig(
         max_per_class=500, n_feat=16, T=400, epochs=20, batch_size=32, learning_rate=2e-3,
-        lr_decay=True, unroll=8, fisher_samples=500, replay_per_class=100, replay_batch=16,
-        eval_per_class=50),
+        lr_decay=True, unroll=8, ewc_lambda=1e2, fisher_samples=500, replay_per_class=100,
+        replay_batch=16, eval_per_class=50, eval_guidance=2.0, eval_eta=1.0),
     # Seconds, for tests.
     "smoke": Rank1EWCConfig(
         classes=(0, 1, 2, 3), max_per_class=16, n_feat=8, embed_dim=8, T=20, epochs=1,
@@ -148,6 +153,9 @@ PRESETS = {
 EWC_ONLY = ("ewc_lambda", "fisher_samples", "fisher_t_min", "fisher_t_max", "fisher_chunk")
 REPLAY_ONLY = ("replay_per_class", "replay_batch", "replay_guidance", "ddim_steps")
 DISTILL_ONLY = ("distill_weight",)
+# Fields added after run directories existed, with the value older runs implicitly had:
+# a checkpoint (or config.json) without the field matches a run with this value.
+ADDED_FIELDS = {"eval_eta": 0.0}
 
 
 def sub_run_config(cfg: Rank1EWCConfig, method: str) -> dict:

@@ -25,6 +25,7 @@ def write(run_dir: str, cfg: Rank1EWCConfig, results: dict) -> None:
     lines = [f"# Rank-1 EWC — {cfg.dataset}", "",
              f"FD-classifier: Fréchet distance in the evaluation classifier's feature space "
              f"(not FID) between {cfg.eval_per_class} DDIM-{cfg.ddim_steps} samples per class "
+             f"(η = {cfg.eval_eta:g}, guidance {cfg.eval_guidance:g}) "
              f"and the task's {ref} images; averaged over the tasks seen so far. Forgetting of "
              "a task: its FD after the last task minus its FD right after it was learned, "
              "averaged over all tasks but the last. Lower is better for both.", "",
