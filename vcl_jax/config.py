@@ -24,6 +24,16 @@ def to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def from_dict(cls: type[C], raw: dict, added: dict | None = None) -> C:
+    """The inverse of :func:`to_dict`: a config from a saved dict (lists become tuples).
+
+    ``added`` maps fields introduced after ``raw`` was written to the value such runs
+    implicitly had, which a missing field takes instead of today's default.
+    """
+    merged = {**(added or {}), **raw}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
+
+
 def _parse(raw: str, current: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)

@@ -23,12 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vcl_jax import checkpoint
-from vcl_jax.config import ConfigError, checks
+from vcl_jax.config import ConfigError, checks, from_dict
 from vcl_jax.continual.fisher import gram_analysis, gram_matrix
 from vcl_jax.diffusion.loss import q_sample, timestep_examples
 from vcl_jax.protocols import rank1_ewc
-from vcl_jax.protocols.rank1_ewc_config import ADDED_FIELDS, Rank1EWCConfig, sub_run_config
+from vcl_jax.protocols.rank1_ewc_config import ADDED_FIELDS, Rank1EWCConfig
 from vcl_jax.training.state import TrainState, adam
 
 
@@ -70,9 +69,8 @@ def load_run(run_dir: str, method: str | None = None, task: int | None = None,
     unknown = sorted(set(raw) - fields)
     if unknown:
         raise ConfigError(f"{path} is not a rank1_ewc config (unknown keys {unknown})")
-    raw = {k: tuple(v) if isinstance(v, list) else v for k, v in {**ADDED_FIELDS, **raw}.items()}
     raw["data_dir"] = data_dir or raw.get("data_dir")
-    cfg = Rank1EWCConfig(**raw).validate()
+    cfg = from_dict(Rank1EWCConfig, raw, ADDED_FIELDS).validate()
     method = method or cfg.methods[0]
     if method not in cfg.methods:
         raise ConfigError(f"method {method!r} is not in this run: {', '.join(cfg.methods)}")
@@ -81,8 +79,7 @@ def load_run(run_dir: str, method: str | None = None, task: int | None = None,
     folder = os.path.join(run_dir, rank1_ewc.method_dir(method), "checkpoints")
     if not os.path.isdir(folder):
         raise ConfigError(f"no checkpoints for {method!r} in {run_dir}")
-    ckpt = checkpoint.Checkpoints(folder, sub_run_config(cfg, method), ignore=("data_dir",),
-                                  added=ADDED_FIELDS)
+    ckpt = rank1_ewc.method_checkpoints(folder, cfg, method, ignore=("data_dir",))
     steps = ckpt.all_steps()
     task = steps[-1] if task is None else task
     if task not in steps:

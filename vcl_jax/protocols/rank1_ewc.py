@@ -289,8 +289,7 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClas
     state = TrainState(trainable, opt.init(trainable), mstate)
     runner = EpochRunner(make_train_step(method, opt, data_sharding()), cfg.batch_size, cfg.unroll)
 
-    ckpt = checkpoint.Checkpoints(os.path.join(out_dir, "checkpoints"), sub_run_config(cfg, name),
-                                 added=ADDED_FIELDS)
+    ckpt = method_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, name)
     record = {"history": [], "seconds": {"train": 0.0, "replay": 0.0, "fisher": 0.0,
                                          "eval": 0.0}}
     start = 0
@@ -342,12 +341,20 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClas
     return record
 
 
+def method_checkpoints(folder: str, cfg: Rank1EWCConfig, name: str,
+                       ignore: tuple[str, ...] = ()) -> checkpoint.Checkpoints:
+    """Method ``name``'s checkpoints, keyed on the config fields that determine its training
+    (checkpoints written before a field existed match its ``ADDED_FIELDS`` value)."""
+    return checkpoint.Checkpoints(folder, sub_run_config(cfg, name), ignore=ignore,
+                                  added=ADDED_FIELDS)
+
+
 def check_run_dir(run_dir: str, cfg: Rank1EWCConfig) -> None:
     """Refuses, before anything is written, checkpoints from another config."""
     for name in cfg.methods:
         folder = os.path.join(run_dir, method_dir(name), "checkpoints")
         if os.path.isdir(folder):
-            checkpoint.Checkpoints(folder, sub_run_config(cfg, name), added=ADDED_FIELDS).close()
+            method_checkpoints(folder, cfg, name).close()
 
 
 def run(cfg: Rank1EWCConfig, run_dir: str, *, progress: bool = True) -> dict:

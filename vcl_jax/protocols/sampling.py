@@ -9,7 +9,7 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from vcl_jax.config import ConfigError
+from vcl_jax.config import ConfigError, from_dict
 from vcl_jax.continual.base import Method
 from vcl_jax.data import to_unit
 from vcl_jax.diffusion.generate import generate
@@ -25,10 +25,7 @@ def load_config(run_dir: str) -> VCLDiffusionConfig:
         raise FileNotFoundError(f"{run_dir} is not a VCL-diffusion run directory (no config.json)")
     with open(path) as f:
         raw = json.load(f)
-    # a run written before a field existed had the field's old value, not today's default
-    raw = {**ADDED_FIELDS, **raw}
-    return VCLDiffusionConfig(**{k: tuple(v) if isinstance(v, list) else v
-                                 for k, v in raw.items()})
+    return from_dict(VCLDiffusionConfig, raw, ADDED_FIELDS)
 
 
 class Loaded(NamedTuple):
