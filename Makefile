@@ -3,7 +3,11 @@ PY ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 EXP ?= vcl_diffusion
 PRESET ?= cpu
 ARGS ?=
-export VCL_JAX_DATA_DIR ?= $(abspath ../shared/data)
+# The offline data beside the checkout, unless the environment names other roots (an empty
+# value counts as unset: `?=` alone would keep it and leave only the tfds download).
+ifeq ($(strip $(VCL_JAX_DATA_DIR)),)
+export VCL_JAX_DATA_DIR := $(abspath ../shared/data)
+endif
 
 .PHONY: help install test test-all test-fast lint experiment bench clean-cache
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -46,6 +47,55 @@ def test_train_step_traces_once():
     state, hist = train_epochs(runner, state, data, jax.random.key(1), epochs=3,
                                learning_rate=0.1, decay=True, progress=False)
     assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_adam_leaf_scales_multiply_the_steps():
+    params = {"a": jnp.ones(3), "b": jnp.ones(3)}
+    grads = {"a": jnp.array([1.0, -2.0, 3.0]), "b": jnp.array([0.5, 0.5, -4.0])}
+    plain, scaled = adam(0.1), adam(0.1, scales={"a": 1.0, "b": 0.25})
+    u_plain, _ = plain.update(grads, plain.init(params), params)
+    u_scaled, _ = scaled.update(grads, scaled.init(params), params)
+    chex.assert_trees_all_close(u_scaled["a"], u_plain["a"], rtol=1e-5)
+    chex.assert_trees_all_close(u_scaled["b"], 0.25 * u_plain["b"], rtol=1e-5)
+    assert float(jnp.abs(u_plain["b"]).min()) > 0.05  # Adam's first step is ≈ lr per coordinate
+
+
+def test_plain_adam_keeps_the_checkpointed_state_layout():
+    # Every checkpoint written so far holds inject_hyperparams(optax.adam)'s state; a
+    # different layout (e.g. fewer injected hyperparameters) would make them unrestorable.
+    import optax
+
+    params = {"w": jnp.ones(3)}
+    ours = jax.tree.structure(adam(0.1).init(params))
+    assert ours == jax.tree.structure(optax.inject_hyperparams(optax.adam)(0.1).init(params))
+
+
+def test_vcl_lr_scale_slows_only_the_random_leaves():
+    from vcl_jax.protocols import vcl_diffusion
+    from vcl_jax.protocols.vcl_diffusion_config import PRESETS
+
+    cfg = dataclasses.replace(PRESETS["smoke"], variational_lr_scale=0.1)
+    setup = vcl_diffusion.build(cfg)
+    params = setup.init_params(jax.random.key(0))
+    method = setup.method("vcl", params)
+    q, ms = method.init(params)
+    q, ms = method.begin_task(q, ms, 0, 32)
+    batch = {"x": jax.random.uniform(jax.random.key(1), (8, 28, 28, 1)),
+             "task": jnp.zeros(8, jnp.int32)}
+    moved = {}
+    for scale, opt in ((1.0, adam(1e-3)), (0.1, setup.optimizer("vcl", params))):
+        state = TrainState(q, opt.init(q), ms)
+        new, _ = jax.jit(make_train_step(method, opt))(state, batch, jax.random.key(2))
+        moved[scale] = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
+                                    new.trainable.mean, q.mean)
+    mask = setup.mask(params)
+    random = [(a, b) for a, b, r in zip(jax.tree.leaves(moved[1.0]), jax.tree.leaves(moved[0.1]),
+                                       jax.tree.leaves(mask), strict=True) if r]
+    fixed = [(a, b) for a, b, r in zip(jax.tree.leaves(moved[1.0]), jax.tree.leaves(moved[0.1]),
+                                      jax.tree.leaves(mask), strict=True) if not r and a > 0]
+    assert random and fixed
+    np.testing.assert_allclose([b for _, b in random], [0.1 * a for a, _ in random], rtol=1e-3)
+    np.testing.assert_allclose([b for _, b in fixed], [a for a, _ in fixed], rtol=1e-4)
 
 
 def test_rolled_and_unrolled_epochs_agree():

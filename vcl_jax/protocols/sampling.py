@@ -16,7 +16,7 @@ from vcl_jax.diffusion.generate import generate
 from vcl_jax.eval import plots
 from vcl_jax.protocols import vcl_diffusion
 from vcl_jax.protocols.vcl_diffusion_config import ADDED_FIELDS, VCLDiffusionConfig
-from vcl_jax.training.state import TrainState, adam
+from vcl_jax.training.state import TrainState
 
 
 def load_config(run_dir: str) -> VCLDiffusionConfig:
@@ -62,7 +62,7 @@ def load_checkpoint(run_dir: str, *, task: int | None = None,
     params = setup.init_params(jax.random.key(0))
     m = setup.method(base, params)
     trainable, mstate = m.init(params)
-    opt = adam(cfg.learning_rate)
+    opt = setup.optimizer(base, params)
     like = {"train": TrainState(trainable, opt.init(trainable), mstate), "eval": trainable}
     restored, _ = ckpt.restore(task, like)
     ckpt.close()

@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from vcl_jax import checkpoint
 from vcl_jax.config import ConfigError, to_dict
@@ -31,6 +32,7 @@ from vcl_jax.models.unet import ContextUNet, variational_mask
 from vcl_jax.protocols.vcl_diffusion_config import ADDED_FIELDS, VCLDiffusionConfig, sub_run_config
 from vcl_jax.training.epoch import EpochRunner
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step, train_epochs
+from vcl_jax.vi import mean_field as mf
 
 PyTree = Any
 
@@ -65,6 +67,14 @@ class Setup:
                        log_var_init=cfg.log_var_init,
                        pretrained_prior=cfg.vcl_pretrain_epochs > 0)
         raise ConfigError(f"unknown method {name!r}")
+
+    def optimizer(self, name: str, params: dict) -> optax.GradientTransformation:
+        """Adam for method ``name``; VCL's random leaves at ``variational_lr_scale`` × the rate."""
+        scale = self.cfg.variational_lr_scale
+        if name != "vcl" or scale == 1.0:
+            return adam(self.cfg.learning_rate)
+        per_leaf = jax.tree.map(lambda r: scale if r else 1.0, self.mask(params))
+        return adam(self.cfg.learning_rate, scales=mf.MeanField(per_leaf, per_leaf))
 
     def mask(self, params: dict) -> dict:
         """Which leaves VCL treats as random (in the posterior and the KL)."""
@@ -179,7 +189,7 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
     k_init, k_core, k_train, k_eval = jax.random.split(jax.random.key(cfg.seed), 4)
     params = setup.init_params(k_init)
     method = setup.method(method_name, params)
-    opt = adam(cfg.learning_rate)
+    opt = setup.optimizer(method_name, params)
     trainable, mstate = method.init(params)
     state = TrainState(trainable, opt.init(trainable), mstate)
     step = make_train_step(method, opt, data_sharding())

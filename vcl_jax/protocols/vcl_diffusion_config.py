@@ -59,6 +59,11 @@ class VCLDiffusionConfig:
     log_var_init: float = -10.0
     prior_sigma: float = 1.0
     kl_scale: float = 1.0
+    # Learning-rate multiplier for the posterior's means and log-variances (the KL-governed
+    # U-Net weights); embeddings and other deterministic leaves keep the full rate. < 1 lets
+    # a CPU preset's high rate train the embeddings without Adam's ±lr steps jittering
+    # weights that the KL holds stiffly in place (the paper trains everything at 1e-4).
+    variational_lr_scale: float = 1.0
     # GroupNorm scales/offsets inside the posterior and the KL (True) or deterministic
     # and unregularised like the per-task embeddings (False, the paper's code).
     variational_norms: bool = False
@@ -88,6 +93,8 @@ class VCLDiffusionConfig:
             (self.eval_per_class >= 1, f"eval_per_class must be ≥ 1, got {self.eval_per_class}"),
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (self.kl_scale >= 0, f"kl_scale must be ≥ 0, got {self.kl_scale}"),
+            (self.variational_lr_scale > 0,
+             f"variational_lr_scale must be > 0, got {self.variational_lr_scale}"),
             (self.prior_sigma > 0, f"prior_sigma must be > 0, got {self.prior_sigma}"),
             (0 <= self.p_uncond < 1, f"p_uncond must be in [0, 1), got {self.p_uncond}"),
             (len(self.classes) >= 1, "classes must name at least one class"),
@@ -119,10 +126,12 @@ PRESETS = {
 # Fields that only affect VCL runs, and the sweep lists (a sub-run has one method and
 # one coreset size). A sub-run's checkpoints are keyed on the remaining fields.
 VCL_ONLY = ("train_samples", "eval_samples", "log_var_init", "prior_sigma", "kl_scale",
-            "vcl_pretrain_epochs", "variational_norms", "eval_average_draws")
+            "vcl_pretrain_epochs", "variational_norms", "eval_average_draws",
+            "variational_lr_scale")
 # Fields added after run directories existed, with the value older runs implicitly had:
 # a checkpoint without the field matches a run with this value.
-ADDED_FIELDS = {"variational_norms": False, "eval_average_draws": False, "context": "shared"}
+ADDED_FIELDS = {"variational_norms": False, "eval_average_draws": False, "context": "shared",
+                "variational_lr_scale": 1.0}
 SWEEP = ("methods", "coreset_sizes")
 CORESET_ONLY = ("coreset_method", "coreset_mode", "coreset_epochs")
 
