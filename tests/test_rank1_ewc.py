@@ -75,6 +75,7 @@ def test_rerun_resumes_and_other_config_is_refused(smoke_run):
         rank1_ewc.check_run_dir(run_dir, override(cfg, ["ewc_lambda=5"]))
 
 
+@pytest.mark.slow  # the analysis tool on a checkpoint; `make test-all` (keeps `make test` < 10 min)
 def test_fisher_analysis_on_a_checkpoint(smoke_run, tmp_path):
     run_dir, _, _ = smoke_run
     setup, tasks, params, method, task = fisher_analysis.load_run(run_dir, "naive")
