@@ -141,3 +141,14 @@ def test_step_profile_finds_every_convolution():
     assert kernels["conv, weight gradient (whole-map window)"] == 16
     assert kernels["conv, 3×3 window"] == 31
     assert abs(sum(r["share"] for r in out["rows"]) - 1) < 1e-6
+
+
+def test_auto_conv_impl_avoids_grouped_convolutions_on_cpu():
+    from vcl_jax.models.layers import resolve_impl
+
+    assert resolve_impl("auto", vmapped_kernels=False) == "xla"
+    assert resolve_impl("auto", vmapped_kernels=True) == (
+        "im2col" if jax.default_backend() == "cpu" else "xla")
+    assert resolve_impl("xla", vmapped_kernels=True) == "xla"
+    with pytest.raises(ValueError, match="unknown conv impl 'fft'"):
+        resolve_impl("fft", vmapped_kernels=False)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vcl_jax.continual import mle, vcl
-from vcl_jax.training.epoch import EpochRunner, epoch_indices
+from vcl_jax.training.epoch import EpochRunner, epoch_indices, pad_rows, row_bucket
 from vcl_jax.training.state import TrainState, adam, make_train_step, train_epochs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -35,6 +35,25 @@ def test_epoch_indices_cover_every_example():
     idx = np.asarray(epoch_indices(jax.random.key(0), 10, 4, multiple=2))
     assert idx.shape == (4, 4)  # 3 steps rounded up to a multiple of 2
     assert set(idx.ravel().tolist()) == set(range(10))
+
+
+def test_padded_tasks_of_other_sizes_share_one_compiled_epoch():
+    assert [row_bucket(n) for n in (1, 256, 257, 500, 4096)] == [256, 256, 512, 512, 4096]
+    data, batch_loss, params = _linear_problem()
+    method, opt = mle(batch_loss), adam(0.1)
+    runner = EpochRunner(make_train_step(method, opt), batch_size=8, unroll=2, donate=False)
+    state = TrainState(params, opt.init(params), ())
+    key = jax.random.key(3)
+    plain, _ = runner(state, data, key)
+    padded, _ = runner(state, pad_rows(data, 64), key, n=40)
+    chex.assert_trees_all_equal(plain, padded)  # the padding rows are never drawn
+    # train_epochs pads: tasks of 40 and 30 examples run one compiled epoch function
+    traced = chex.assert_max_traces(make_train_step(method, opt), n=1)
+    runner = EpochRunner(traced, batch_size=8, unroll=2)
+    for n in (40, 30):
+        sub = jax.tree.map(lambda a, n=n: a[:n], data)
+        state, _ = train_epochs(runner, state, sub, key, epochs=1, learning_rate=0.1,
+                                decay=False, progress=False)
 
 
 def test_train_step_traces_once():

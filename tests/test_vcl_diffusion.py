@@ -122,6 +122,10 @@ def test_bad_settings_are_clear_errors(env, tmp_path):
         override(PRESETS["smoke"], ["epoch=3"])
     with pytest.raises(ConfigError, match="expected int"):
         override(PRESETS["smoke"], ["epochs=many"])
+    with pytest.raises(ConfigError, match="unknown estimator 'local'"):
+        override(PRESETS["smoke"], ["estimator=local"]).validate()
+    with pytest.raises(ConfigError, match="batch_size=16 must be a multiple"):
+        override(PRESETS["smoke"], ["estimator=grouped", "train_samples=3"]).validate()
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
 
 
@@ -192,6 +196,11 @@ def test_fields_added_later_match_the_value_older_checkpoints_had():
     per_task = sub_run_config(override(cfg, ["context=per_task"]), "vcl", 0)
     diff = config_diff(old, per_task, added=ADDED_FIELDS)
     assert len(diff) == 1 and "context" in diff[0]
+    # checkpoints written with the old default conv_impl=xla resume under conv_impl=auto
+    from vcl_jax.protocols.vcl_diffusion_config import SPEED_ONLY
+
+    xla = sub_run_config(override(cfg, ["conv_impl=xla"]), "vcl", 0)
+    assert config_diff(xla, sub_run_config(cfg, "vcl", 0), SPEED_ONLY, ADDED_FIELDS) == []
 
 
 def test_sampling_tools_read_an_older_run_config_with_its_old_values(tmp_path):

@@ -89,3 +89,54 @@ def test_vcl_prior_zero_or_pretrained():
     np.testing.assert_allclose(state.prior.mean["w"], params["w"])
     np.testing.assert_allclose(state.prior.log_var["w"], -4.0)
     assert abs(float(mf.kl(q, state.prior))) < 1e-6
+
+
+def _regression_vcl(estimator, k):
+    """VCL on a 1-parameter regression whose expected loss has a closed form."""
+    from vcl_jax.continual import vcl
+
+    def loss(p, batch, key):
+        del key
+        return jnp.mean((p["w"] * batch["x"] - batch["y"]) ** 2)
+
+    return vcl(loss, n_samples=k, estimator=estimator)
+
+
+@pytest.mark.parametrize("estimator", ["paper", "grouped"])
+def test_vcl_estimators_are_unbiased(estimator):
+    # E_{w~N(m, s²)} mean((w x − y)²) = mean((m x − y)²) + s² mean(x²)
+    m, log_var = 0.7, np.log(0.3)
+    x = jnp.linspace(-2.0, 3.0, 20)
+    batch = {"x": x, "y": 1.5 * x + 0.2}
+    method = _regression_vcl(estimator, 4)
+    q = mf.MeanField({"w": jnp.array(m)}, {"w": jnp.array(log_var)})
+    _, state = method.init({"w": jnp.array(0.0)})
+    state = method.begin_task(q, state, 0, 20)[1]
+    est = jax.vmap(lambda k: method.loss(q, state, batch, k)[1]["loss"])(
+        jax.random.split(jax.random.key(0), 4000))
+    exact = float(jnp.mean((m * x - batch["y"]) ** 2) + np.exp(log_var) * jnp.mean(x ** 2))
+    stderr = float(jnp.std(est)) / np.sqrt(len(est))
+    assert abs(float(jnp.mean(est)) - exact) < 4 * stderr
+
+
+def test_grouped_estimator_gives_each_slice_its_own_draw():
+    x = jnp.linspace(-2.0, 3.0, 8)
+    batch = {"x": x, "y": 1.5 * x}
+    q = mf.MeanField({"w": jnp.array(0.7)}, {"w": jnp.array(-1.0)})
+    key = jax.random.key(5)
+    grouped, paper = _regression_vcl("grouped", 4), _regression_vcl("paper", 4)
+    _, state = grouped.init({"w": jnp.array(0.0)})
+    # the k-th draw (the same keys as the paper estimator's) on the k-th slice of 2 examples
+    ws = jax.vmap(lambda k: mf.sample(jax.random.split(k)[0], q)["w"])(jax.random.split(key, 4))
+    per_slice = jnp.mean((ws[:, None] * x.reshape(4, 2) - batch["y"].reshape(4, 2)) ** 2, axis=1)
+    got = grouped.loss(q, state, batch, key)[1]["loss"]
+    np.testing.assert_allclose(got, jnp.mean(per_slice), rtol=1e-6)
+    # the paper estimator uses every draw on the whole batch
+    whole = jnp.mean((ws[:, None] * x[None] - batch["y"][None]) ** 2)
+    np.testing.assert_allclose(paper.loss(q, state, batch, key)[1]["loss"], whole, rtol=1e-6)
+    # one draw: the two estimators are the same computation
+    one = [_regression_vcl(e, 1).loss(q, state, batch, key)[1]["loss"]
+           for e in ("paper", "grouped")]
+    np.testing.assert_allclose(one[0], one[1], rtol=0)
+    with pytest.raises(ValueError, match="divisible"):
+        _regression_vcl("grouped", 3).loss(q, state, batch, key)

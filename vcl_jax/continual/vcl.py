@@ -4,8 +4,16 @@ Objective for task d, minimised over q_d = (mean, log_var):
 
     E_{w~q_d}[ batch_loss(w) ] + kl_scale · KL(q_d ‖ q_{d−1}) / N_d
 
-estimated with ``n_samples`` reparameterised weight draws per step (``vmap``
-over keys, each draw seeing its own diffusion noise). The per-example diffusion
+estimated with ``n_samples`` = K reparameterised weight draws per step (``vmap``
+over keys). Two estimators of the expected loss, both unbiased for the same
+objective:
+
+* ``paper`` (the authors' code): every draw sees the whole batch, with its own
+  diffusion noise — K passes over the batch, about K× the cost of an MLE step;
+* ``grouped``: draw k sees only the k-th of K equal slices of the batch — one
+  pass in total, about the cost of an MLE step, but each example sees one draw.
+
+With K = 1 the two are the same computation. The per-example diffusion
 loss is a per-pixel mean, so with ``kl_scale = 1`` the KL carries the same
 relative weight as in the paper author's code (KL divided by the dataset size,
 per-pixel-mean loss). After each task the posterior becomes the prior.
@@ -24,6 +32,7 @@ from vcl_jax.vi import mean_field as mf
 
 PyTree = Any
 ExpectedLoss = Callable[[mf.MeanField, PyTree, jax.Array], jax.Array]
+ESTIMATORS = ("paper", "grouped")
 
 
 class VCLState(NamedTuple):
@@ -33,11 +42,24 @@ class VCLState(NamedTuple):
     kl_weight: jax.Array
 
 
+def split_batch(batch: PyTree, k: int) -> PyTree:
+    """``[B, ...]`` leaves → ``[k, B/k, ...]``: k equal slices of a batch."""
+
+    def split(a):
+        if a.shape[0] % k:
+            raise ValueError(f"the grouped VCL estimator needs a batch size divisible by the "
+                             f"number of weight draws K={k}, got a batch of {a.shape[0]}")
+        return a.reshape(k, a.shape[0] // k, *a.shape[1:])
+
+    return jax.tree.map(split, batch)
+
+
 def vcl(
     batch_loss: BatchLoss,
     *,
     mask: PyTree | None = None,
     n_samples: int = 10,
+    estimator: str = "paper",
     kl_scale: float = 1.0,
     prior_sigma: float = 1.0,
     log_var_init: float = -10.0,
@@ -51,6 +73,8 @@ def vcl(
       mask: pytree of bools, True for random (variational) leaves; the others
         (per-task embeddings, norm layers) stay deterministic and outside the KL.
       n_samples: weight draws per training step (K).
+      estimator: ``paper`` (each draw over the whole batch) or ``grouped`` (each
+        draw over one K-th of the batch; the batch size must be a multiple of K).
       kl_scale: multiplier of KL / N_d.
       prior_sigma: σ₀ of the first task's prior N(0, σ₀² I).
       log_var_init: initial log-variance of the posterior.
@@ -58,12 +82,13 @@ def vcl(
         around the params given to ``init`` (the authors' code: MLE pre-training on
         the first task gives the prior means) instead of N(0, prior_sigma² I).
       expected_loss: ``(q, batch, key) -> scalar``, an estimator of
-        E_q[batch_loss] that replaces the default (``n_samples`` weight draws,
-        each over the whole batch), e.g. local reparameterisation
+        E_q[batch_loss] that replaces ``estimator``'s weight draws, e.g. local reparameterisation
         (``vcl_jax.models.bayes_mlp``). ``batch_loss`` is unused when given.
     """
     if n_samples < 1:
         raise ValueError(f"VCL needs n_samples ≥ 1, got {n_samples}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown VCL estimator {estimator!r}; accepted: {', '.join(ESTIMATORS)}")
 
     def init(params):
         q = mf.init_from_params(params, log_var_init)
@@ -76,12 +101,18 @@ def vcl(
             raise ValueError(f"a task needs data, got n_data={n_data}")
         return q, state._replace(kl_weight=jnp.asarray(kl_scale / n_data, jnp.float32))
 
-    def weight_draws(q, batch, key):
-        def one(k):
-            kw, kd = jax.random.split(k)
-            return batch_loss(mf.sample(kw, q, mask), batch, kd)
+    def one_draw(q, k, batch):
+        kw, kd = jax.random.split(k)
+        return batch_loss(mf.sample(kw, q, mask), batch, kd)
 
-        return jnp.mean(jax.vmap(one)(jax.random.split(key, n_samples)))
+    def weight_draws(q, batch, key):
+        keys = jax.random.split(key, n_samples)
+        if estimator == "paper":
+            losses = jax.vmap(lambda k: one_draw(q, k, batch))(keys)
+        else:  # equal slices, so the mean of the slice means is the batch mean
+            groups = split_batch(batch, n_samples)
+            losses = jax.vmap(lambda k, g: one_draw(q, k, g))(keys, groups)
+        return jnp.mean(losses)
 
     estimate = expected_loss or weight_draws
 

@@ -20,9 +20,25 @@ import jax
 import jax.numpy as jnp
 
 IMPLS = ("xla", "im2col")
+CONV_IMPLS = ("auto", *IMPLS)  # what a config may ask for; "auto" is resolved by `resolve_impl`
 
 # U(−√(15/fan_in), +√(15/fan_in)): the VCL-diffusion paper's weight (mean) init.
 paper_uniform = nn.initializers.variance_scaling(5.0, "fan_in", "uniform")
+
+
+def resolve_impl(impl: str, vmapped_kernels: bool) -> str:
+    """The convolution implementation for a config's ``impl`` (``auto``, ``xla``, ``im2col``).
+
+    ``auto`` is ``xla`` except where the kernels are ``vmap``-ped (VCL's weight draws) on a
+    CPU backend: ``vmap`` turns a batched kernel into a grouped convolution, which XLA:CPU
+    runs ~40× slower than the plain one (``BENCHMARKS.md``), while the patches form becomes
+    a batched matmul. Both forms compute the same function with the same params.
+    """
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"unknown conv impl {impl!r}; accepted: {', '.join(CONV_IMPLS)}")
+    if impl != "auto":
+        return impl
+    return "im2col" if vmapped_kernels and jax.default_backend() == "cpu" else "xla"
 
 
 def conv_same(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:

@@ -9,6 +9,7 @@ summary) to ``run_dir``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -28,8 +29,14 @@ from vcl_jax.diffusion.loss import batch_loss
 from vcl_jax.diffusion.schedule import linear_schedule
 from vcl_jax.eval.classifier import EvalClassifier, get_classifier
 from vcl_jax.eval.metrics import classifier_uncertainty, per_class_mean
+from vcl_jax.models.layers import resolve_impl
 from vcl_jax.models.unet import ContextUNet, variational_mask
-from vcl_jax.protocols.vcl_diffusion_config import ADDED_FIELDS, VCLDiffusionConfig, sub_run_config
+from vcl_jax.protocols.vcl_diffusion_config import (
+    ADDED_FIELDS,
+    SPEED_ONLY,
+    VCLDiffusionConfig,
+    sub_run_config,
+)
 from vcl_jax.training.epoch import EpochRunner
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step, train_epochs
 from vcl_jax.vi import mean_field as mf
@@ -42,9 +49,10 @@ class Setup:
     """What a run builds from its config: model, schedule, loss and methods."""
 
     cfg: VCLDiffusionConfig
-    model: ContextUNet
+    model: ContextUNet  # for one set of weights: MLE, pre-training, sampling
     sched: Any
     shape: tuple[int, int, int]
+    draws_model: ContextUNet  # the same network for VCL's vmapped weight draws in training
 
     def init_params(self, key: jax.Array) -> dict:
         h, w, c = self.shape
@@ -52,8 +60,9 @@ class Setup:
         return self.model.init(key, jnp.zeros((n, h, w, c)), jnp.ones((n,)),
                                jnp.zeros((n,), jnp.int32), jnp.ones((n,), bool))["params"]
 
-    def batch_loss(self, params, batch, key):
-        eps_fn = lambda x, t, d, keep: self.model.apply({"params": params}, x, t, d, keep)
+    def batch_loss(self, params, batch, key, *, model: ContextUNet | None = None):
+        model = model or self.model
+        eps_fn = lambda x, t, d, keep: model.apply({"params": params}, x, t, d, keep)
         return batch_loss(eps_fn, self.sched, key, batch["x"], batch["task"],
                           p_uncond=self.cfg.p_uncond)
 
@@ -62,8 +71,9 @@ class Setup:
         if name == "mle":
             return mle(self.batch_loss)
         if name == "vcl":
-            return vcl(self.batch_loss, mask=self.mask(params), n_samples=cfg.train_samples,
-                       kl_scale=cfg.kl_scale, prior_sigma=cfg.prior_sigma,
+            draws_loss = functools.partial(self.batch_loss, model=self.draws_model)
+            return vcl(draws_loss, mask=self.mask(params), n_samples=cfg.train_samples,
+                       estimator=cfg.estimator, kl_scale=cfg.kl_scale, prior_sigma=cfg.prior_sigma,
                        log_var_init=cfg.log_var_init,
                        pretrained_prior=cfg.vcl_pretrain_epochs > 0)
         raise ConfigError(f"unknown method {name!r}")
@@ -93,8 +103,10 @@ class Setup:
 def build(cfg: VCLDiffusionConfig, shape: tuple[int, int, int] = (28, 28, 1)) -> Setup:
     cfg.validate()
     model = ContextUNet(n_feat=cfg.n_feat, n_tasks=len(cfg.classes), channels=shape[-1],
-                        embed_dim=cfg.embed_dim, impl=cfg.conv_impl, context=cfg.context)
-    return Setup(cfg, model, linear_schedule(cfg.T, cfg.beta_1, cfg.beta_T), shape)
+                        embed_dim=cfg.embed_dim, impl=resolve_impl(cfg.conv_impl, False),
+                        context=cfg.context)
+    draws_model = model.clone(impl=resolve_impl(cfg.conv_impl, cfg.train_samples > 1))
+    return Setup(cfg, model, linear_schedule(cfg.T, cfg.beta_1, cfg.beta_T), shape, draws_model)
 
 
 def load_tasks(cfg: VCLDiffusionConfig) -> list[np.ndarray]:
@@ -121,7 +133,7 @@ def open_checkpoints(folder: str, cfg: VCLDiffusionConfig, method: str,
                      coreset_size: int) -> checkpoint.Checkpoints:
     """The checkpoints of one sub-run, refusing a folder written with another config."""
     return checkpoint.Checkpoints(folder, sub_run_config(cfg, method, coreset_size),
-                                  added=ADDED_FIELDS)
+                                  ignore=SPEED_ONLY, added=ADDED_FIELDS)
 
 
 def _task_data(xs: list[np.ndarray], task_ids: list[int]) -> dict:

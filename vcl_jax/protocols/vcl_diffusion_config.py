@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 
 from vcl_jax.config import check_choice, checks
+from vcl_jax.continual.vcl import ESTIMATORS
+from vcl_jax.models.layers import CONV_IMPLS
 from vcl_jax.models.unet import CONTEXTS
 
 METHODS = ("mle", "vcl")
@@ -31,7 +33,10 @@ class VCLDiffusionConfig:
     # under VCL); "per_task": each task and the null model own their context MLPs
     # (deterministic, outside the KL). Measured in BENCHMARKS.md: per_task is not better.
     context: str = "shared"
-    conv_impl: str = "xla"
+    # "auto": XLA's convolution, except the patches form (a batched matmul) for VCL's
+    # vmapped weight draws on CPU, where XLA's grouped convolution is ~40× slower;
+    # "xla" / "im2col" force one form everywhere. Same math: checkpoints ignore it.
+    conv_impl: str = "auto"
     # diffusion
     T: int = 400  # noqa: N815
     beta_1: float = 1e-4
@@ -50,7 +55,10 @@ class VCLDiffusionConfig:
     coreset_mode: str = "finetune"
     coreset_epochs: int = 10
     # VCL
-    train_samples: int = 10
+    train_samples: int = 10  # K weight draws per training step
+    # "paper": each of the K draws over the whole batch (K× an MLE step's cost); "grouped":
+    # draw k over the k-th slice of the batch (≈ one MLE step; batch_size divisible by K).
+    estimator: str = "paper"
     eval_samples: int = 10
     # False: the evaluation's samples are spread over the eval_samples weight draws (one
     # draw per image); True: every image uses ε averaged over all draws at every step
@@ -83,12 +91,17 @@ class VCLDiffusionConfig:
         check_choice("method(s)", self.methods, METHODS)
         check_choice("coreset_mode", self.coreset_mode, CORESET_MODES)
         check_choice("context", self.context, CONTEXTS)
+        check_choice("estimator", self.estimator, ESTIMATORS)
+        check_choice("conv_impl", self.conv_impl, CONV_IMPLS)
         checks([
             (all(s >= 0 for s in self.coreset_sizes),
              f"coreset sizes must be ≥ 0, got {self.coreset_sizes}"),
             (self.epochs >= 1, f"epochs must be ≥ 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}"),
             (self.train_samples >= 1, f"train_samples must be ≥ 1, got {self.train_samples}"),
+            (self.estimator != "grouped" or self.batch_size % self.train_samples == 0,
+             f"estimator=grouped splits each batch over the train_samples={self.train_samples} "
+             f"weight draws: batch_size={self.batch_size} must be a multiple of it"),
             (self.eval_samples >= 1, f"eval_samples must be ≥ 1, got {self.eval_samples}"),
             (self.eval_per_class >= 1, f"eval_per_class must be ≥ 1, got {self.eval_per_class}"),
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
@@ -127,11 +140,14 @@ PRESETS = {
 # one coreset size). A sub-run's checkpoints are keyed on the remaining fields.
 VCL_ONLY = ("train_samples", "eval_samples", "log_var_init", "prior_sigma", "kl_scale",
             "vcl_pretrain_epochs", "variational_norms", "eval_average_draws",
-            "variational_lr_scale")
+            "variational_lr_scale", "estimator")
 # Fields added after run directories existed, with the value older runs implicitly had:
 # a checkpoint without the field matches a run with this value.
 ADDED_FIELDS = {"variational_norms": False, "eval_average_draws": False, "context": "shared",
-                "variational_lr_scale": 1.0}
+                "variational_lr_scale": 1.0, "estimator": "paper"}
+# Fields that change speed, not results (tested: both convolution forms agree); a
+# checkpoint written with another value is still this run's.
+SPEED_ONLY = ("conv_impl",)
 SWEEP = ("methods", "coreset_sizes")
 CORESET_ONLY = ("coreset_method", "coreset_mode", "coreset_epochs")
 

@@ -43,6 +43,23 @@ def epoch_indices(key: jax.Array, n: int, batch_size: int, multiple: int = 1) ->
     return perm.reshape(steps, batch_size)
 
 
+def row_bucket(n: int, smallest: int = 256) -> int:
+    """Rows a dataset of ``n`` examples is padded to (a power of two, at least ``smallest``),
+    so that tasks and coresets of different sizes reuse a few compiled epoch functions."""
+    return max(smallest, 1 << max(n - 1, 0).bit_length())
+
+
+def pad_rows(data: PyTree, rows: int) -> PyTree:
+    """``data``'s leaves zero-padded along the first axis to ``rows``."""
+    def pad(a):
+        extra = rows - a.shape[0]
+        if extra < 0:
+            raise ValueError(f"cannot pad {a.shape[0]} rows to {rows}")
+        return jnp.pad(a, [(0, extra)] + [(0, 0)] * (a.ndim - 1)) if extra else a
+
+    return jax.tree.map(pad, data)
+
+
 def scan_steps(step: StepFn, state: PyTree, data: PyTree, indices: jax.Array, key: jax.Array,
                *, first: jax.Array | int = 0, unroll: bool = False,
                shared: dict | None = None) -> tuple[PyTree, dict]:
@@ -90,10 +107,12 @@ class EpochRunner:
                 donate_argnums=donate_args)
 
     def __call__(self, state: PyTree, data: PyTree, key: jax.Array,
-                 shared: dict | None = None) -> tuple[PyTree, dict]:
+                 shared: dict | None = None, n: int | None = None) -> tuple[PyTree, dict]:
         """One epoch; returns the new state and the metrics averaged over its steps.
-        ``shared``: arrays every step receives whole (see :func:`scan_steps`)."""
-        n = jax.tree.leaves(data)[0].shape[0]
+        ``shared``: arrays every step receives whole (see :func:`scan_steps`). ``n``: the
+        number of real examples when ``data`` is padded (:func:`pad_rows`); the padding
+        is never drawn, so the epoch is the one of the unpadded data."""
+        n = jax.tree.leaves(data)[0].shape[0] if n is None else n
         k_perm, k_steps = jax.random.split(key)
         idx = epoch_indices(k_perm, n, self.batch_size, max(self.unroll, 1))
         if not self.unroll:

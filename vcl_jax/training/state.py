@@ -10,7 +10,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vcl_jax.continual.base import Method
-from vcl_jax.training.epoch import EpochRunner
+from vcl_jax.training.epoch import EpochRunner, pad_rows, row_bucket
 
 PyTree = Any
 
@@ -86,12 +86,14 @@ def train_epochs(runner: EpochRunner, state: TrainState, data: PyTree, key: jax.
     """
     from tqdm import tqdm
 
+    n = jax.tree.leaves(data)[0].shape[0]
+    data = pad_rows(data, row_bucket(n))  # one compiled epoch for tasks/coresets of many sizes
     history = []
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
     for e in bar:
         lr = learning_rate * (1.0 - e / epochs) if decay else learning_rate
         state = set_learning_rate(state, lr)
-        state, metrics = runner(state, data, jax.random.fold_in(key, e), shared)
+        state, metrics = runner(state, data, jax.random.fold_in(key, e), shared, n=n)
         metrics = {k: float(v) for k, v in metrics.items()}
         history.append(metrics)
         bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
