@@ -44,6 +44,7 @@ bench:
 	$(PY) -m benchmarks.run
 	$(PY) -m benchmarks.split_mnist
 	$(PY) -m benchmarks.fisher
+	$(PY) -m benchmarks.vcl_estimators
 
 clean-cache:
 	rm -rf $(HOME)/.cache/vcl_jax

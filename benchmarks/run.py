@@ -105,8 +105,9 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="fewer configurations")
     parser.add_argument("--k10", action="store_true",
-                        help="also VCL with K = 10 vmapped weight draws (very slow on XLA:CPU: "
-                             "did not finish a 10-minute budget on 2 cores)")
+                        help="also VCL with K = 10 vmapped weight draws over the whole batch "
+                             "(the paper's estimator: ~20× an MLE step on this CPU; see "
+                             "benchmarks.vcl_estimators)")
     parser.add_argument("--torch", default="32,64",
                         help="U-Net widths for the JAX vs PyTorch train-step comparison at batch "
                              "128 ('' to skip; needs the bench extra: pip install torch)")
