@@ -107,6 +107,7 @@ def test_ddim_timesteps():
         ddim_timesteps(10, 11)
 
 
+@pytest.mark.slow  # ~20 s of compiles for an option (eval_average_draws); `make test-all`
 def test_generate_averages_noise_over_draws():
     from vcl_jax.diffusion.generate import generate
     from vcl_jax.models.unet import ContextUNet

@@ -87,10 +87,11 @@ def test_per_task_context_mlps_belong_to_their_task():
     x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
     t = jnp.full((4,), 0.3)
     task, keep = jnp.array([0, 0, 2, 1]), jnp.array([True, True, True, False])
-    params = model.init(jax.random.key(1), x, t, task, keep)["params"]
+    params = jax.jit(model.init)(jax.random.key(1), x, t, task, keep)["params"]
     assert "contextembed1" not in params
     assert params["task_context1"]["Dense_1"]["kernel"].shape == (4, 16, 16)  # 3 tasks + null
-    grads = jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, t, task, keep) ** 2))(params)
+    grads = jax.jit(jax.grad(
+        lambda p: jnp.sum(model.apply({"params": p}, x, t, task, keep) ** 2)))(params)
     g1, g2 = (grads[m]["Dense_1"]["bias"] for m in ("task_context1", "task_context2"))
     # tasks 0 and 2 are in the batch; task 1 only as unconditional, so its MLPs are
     # untouched; the null model's (row 3) get gradients. (At init the null context is
