@@ -51,7 +51,8 @@ def step_ms(setup, method: str, data: dict, steps: int, repeats: int = 2) -> flo
     tr, ms = m.init(params)
     tr, ms = m.begin_task(tr, ms, 0, 500)
     state = [TrainState(tr, opt.init(tr), ms)]
-    runner = EpochRunner(make_train_step(m, opt), setup.cfg.batch_size, setup.cfg.unroll)
+    runner = EpochRunner(make_train_step(m, opt), setup.cfg.batch_size,
+                         setup.steps_per_call(method), multiple=max(setup.cfg.unroll, 1))
 
     def epoch():
         state[0], metrics = runner(state[0], data, jax.random.key(2))
@@ -112,6 +113,8 @@ def main(argv=None) -> dict:
                         help="MLE epochs on digit 0 before the variance is measured")
     parser.add_argument("--conv-impls", default="auto",
                         help="comma-separated conv_impl values to time (auto, xla, im2col)")
+    parser.add_argument("--weight-draws", default="vmap,loop",
+                        help="comma-separated layouts of the K draws to time (vmap, loop)")
     parser.add_argument("--skip-variance", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__),
@@ -124,16 +127,21 @@ def main(argv=None) -> dict:
     b, steps = args.batch, args.steps
     data = {"x": jax.random.uniform(jax.random.key(1), (b * steps, 28, 28, 1)),
             "task": jnp.zeros(b * steps, jnp.int32)}
-    runs = [("mle", 1, "paper"), ("vcl", 1, "paper"), ("vcl", args.k, "grouped"),
-            ("vcl", args.k, "paper")]
+    runs = [("mle", 1, "paper", "-"), ("vcl", 1, "paper", "-")] + [
+        ("vcl", args.k, est, layout) for layout in args.weight_draws.split(",")
+        for est in ("grouped", "paper")]
     for impl in [] if args.skip_timing else filter(None, args.conv_impls.split(",")):
-        for method, k, est in runs:
-            name = "mle" if method == "mle" else f"vcl_K{k}" + (f"_{est}" if k > 1 else "")
-            setup = _setup(args.n_feat, b, k, est, [f"conv_impl={impl}", f"unroll={steps}"])
+        for method, k, est, layout in runs:
+            name = "mle" if method == "mle" else f"vcl_K{k}" + (f"_{est}_{layout}" if k > 1 else "")
+            extra = [f"conv_impl={impl}", f"unroll={steps}"]
+            extra += [f"weight_draws={layout}"] if k > 1 else []
+            setup = _setup(args.n_feat, b, k, est, extra)
+            t = time.perf_counter()
             ms = step_ms(setup, method, data, steps)
             results["step_ms"][f"{impl}/{name}"] = ms
             mle = results["step_ms"][f"{impl}/mle"]
-            print(f"{impl} conv, {name}: {ms:.0f} ms/step ({ms / mle:.2f}× MLE)", flush=True)
+            print(f"{impl} conv, {name}: {ms:.0f} ms/step ({ms / mle:.2f}× MLE; "
+                  f"{time.perf_counter() - t:.0f} s with compile)", flush=True)
     if not args.skip_variance:
         var = gradient_variance(args.n_feat, b, args.k, ["paper", "grouped", "K=1"],
                                 args.draws, args.pretrain_epochs)

@@ -12,6 +12,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from vcl_jax.continual import mle, vcl
 from vcl_jax.training.epoch import EpochRunner, epoch_indices, pad_rows, row_bucket
@@ -113,16 +114,24 @@ def test_rolled_and_unrolled_epochs_agree():
     data, batch_loss, params = _linear_problem()
     method = vcl(batch_loss, n_samples=2, log_var_init=-6.0)
     opt = adam(0.05)
-    results = []
-    for unroll in (0, 2):
+
+    def run(unroll, multiple, n):
         q, ms = method.init(jax.tree.map(jnp.copy, params))  # each run donates its own
-        ms = method.begin_task(q, ms, 0, 40)[1]
+        ms = method.begin_task(q, ms, 0, n)[1]
         state = TrainState(q, opt.init(q), ms)
-        runner = EpochRunner(make_train_step(method, opt), batch_size=10, unroll=unroll)
-        state, _ = train_epochs(runner, state, data, jax.random.key(2), epochs=2,
+        runner = EpochRunner(make_train_step(method, opt), batch_size=10, unroll=unroll,
+                             multiple=multiple)
+        sub = jax.tree.map(lambda a: a[:n], data)
+        state, _ = train_epochs(runner, state, sub, jax.random.key(2), epochs=2,
                                 learning_rate=0.05, decay=False, progress=False)
-        results.append(state.trainable)
-    chex.assert_trees_all_close(results[0], results[1], rtol=1e-5, atol=1e-6)
+        return state.trainable
+
+    # a rolled scan and calls of 2 steps (4 batches of 10 per epoch)
+    chex.assert_trees_all_close(run(0, None, 40), run(2, None, 40), rtol=1e-5, atol=1e-6)
+    # calls of 1 step drawing the epochs of calls of 2 (3 batches rounded up to 4)
+    chex.assert_trees_all_close(run(2, None, 30), run(1, 2, 30), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="calls of 3 steps"):
+        EpochRunner(make_train_step(method, opt), batch_size=10, unroll=3, multiple=2)
 
 
 _TWO_DEVICES = r"""

@@ -124,6 +124,8 @@ def test_bad_settings_are_clear_errors(env, tmp_path):
         override(PRESETS["smoke"], ["epochs=many"])
     with pytest.raises(ConfigError, match="unknown estimator 'local'"):
         override(PRESETS["smoke"], ["estimator=local"]).validate()
+    with pytest.raises(ConfigError, match="unknown weight_draws 'scan'"):
+        override(PRESETS["smoke"], ["weight_draws=scan"]).validate()
     with pytest.raises(ConfigError, match="batch_size=16 must be a multiple"):
         override(PRESETS["smoke"], ["estimator=grouped", "train_samples=3"]).validate()
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
@@ -199,8 +201,33 @@ def test_fields_added_later_match_the_value_older_checkpoints_had():
     # checkpoints written with the old default conv_impl=xla resume under conv_impl=auto
     from vcl_jax.protocols.vcl_diffusion_config import SPEED_ONLY
 
-    xla = sub_run_config(override(cfg, ["conv_impl=xla"]), "vcl", 0)
+    xla = sub_run_config(override(cfg, ["conv_impl=xla", "weight_draws=vmap"]), "vcl", 0)
     assert config_diff(xla, sub_run_config(cfg, "vcl", 0), SPEED_ONLY, ADDED_FIELDS) == []
+
+
+def test_weight_draw_layouts_give_the_same_vcl_step():
+    # "loop" (K U-Nets with plain kernels, XLA convolutions) and "vmap" (batched kernels, the
+    # patches form on CPU) compute the same estimate from the same keys (the paper estimator's
+    # layouts: tests/test_vi.py)
+    estimator = "grouped"
+    import jax
+    import jax.numpy as jnp
+
+    cfg = override(PRESETS["smoke"], [f"estimator={estimator}", "train_samples=2"])
+    assert cfg.weight_draws_layout() == ("loop" if jax.default_backend() == "cpu" else "vmap")
+    batch = {"x": jax.random.uniform(jax.random.key(1), (4, 28, 28, 1)),
+             "task": jnp.array([0, 1, 2, 0])}
+    grads = []
+    for layout in ("vmap", "loop"):
+        setup = vcl_diffusion.build(override(cfg, [f"weight_draws={layout}"]))
+        params = setup.init_params(jax.random.key(0))
+        method = setup.method("vcl", params)
+        q, state = method.begin_task(*method.init(params), 0, 32)
+        loss = jax.jit(jax.grad(lambda q, m=method, s=state: m.loss(q, s, batch,
+                                                                     jax.random.key(2))[0]))
+        grads.append(loss(q))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_sampling_tools_read_an_older_run_config_with_its_old_values(tmp_path):

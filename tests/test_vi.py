@@ -91,7 +91,7 @@ def test_vcl_prior_zero_or_pretrained():
     assert abs(float(mf.kl(q, state.prior))) < 1e-6
 
 
-def _regression_vcl(estimator, k):
+def _regression_vcl(estimator, k, draws="vmap"):
     """VCL on a 1-parameter regression whose expected loss has a closed form."""
     from vcl_jax.continual import vcl
 
@@ -99,7 +99,7 @@ def _regression_vcl(estimator, k):
         del key
         return jnp.mean((p["w"] * batch["x"] - batch["y"]) ** 2)
 
-    return vcl(loss, n_samples=k, estimator=estimator)
+    return vcl(loss, n_samples=k, estimator=estimator, draws=draws)
 
 
 @pytest.mark.parametrize("estimator", ["paper", "grouped"])
@@ -140,3 +140,19 @@ def test_grouped_estimator_gives_each_slice_its_own_draw():
     np.testing.assert_allclose(one[0], one[1], rtol=0)
     with pytest.raises(ValueError, match="divisible"):
         _regression_vcl("grouped", 3).loss(q, state, batch, key)
+
+
+@pytest.mark.parametrize("estimator", ["paper", "grouped"])
+def test_looped_draws_compute_the_vmapped_estimate(estimator):
+    x = jnp.linspace(-2.0, 3.0, 8)
+    batch = {"x": x, "y": 1.5 * x}
+    q = mf.MeanField({"w": jnp.array(0.7)}, {"w": jnp.array(-1.0)})
+    methods = [_regression_vcl(estimator, 4, d) for d in ("vmap", "loop")]
+    _, state = methods[0].init({"w": jnp.array(0.0)})
+    state = methods[0].begin_task(q, state, 0, 8)[1]
+    grads = [jax.grad(lambda q, m=m: m.loss(q, state, batch, jax.random.key(3))[0])(q)
+             for m in methods]
+    np.testing.assert_allclose(grads[0].mean["w"], grads[1].mean["w"], rtol=1e-6)
+    np.testing.assert_allclose(grads[0].log_var["w"], grads[1].log_var["w"], rtol=1e-6)
+    with pytest.raises(ValueError, match="draws layout"):
+        _regression_vcl(estimator, 4, "scan")

@@ -33,6 +33,7 @@ from vcl_jax.vi import mean_field as mf
 PyTree = Any
 ExpectedLoss = Callable[[mf.MeanField, PyTree, jax.Array], jax.Array]
 ESTIMATORS = ("paper", "grouped")
+DRAWS = ("vmap", "loop")  # how the K draws are laid out in the compiled step (same math)
 
 
 class VCLState(NamedTuple):
@@ -60,6 +61,7 @@ def vcl(
     mask: PyTree | None = None,
     n_samples: int = 10,
     estimator: str = "paper",
+    draws: str = "vmap",
     kl_scale: float = 1.0,
     prior_sigma: float = 1.0,
     log_var_init: float = -10.0,
@@ -75,6 +77,10 @@ def vcl(
       n_samples: weight draws per training step (K).
       estimator: ``paper`` (each draw over the whole batch) or ``grouped`` (each
         draw over one K-th of the batch; the batch size must be a multiple of K).
+      draws: ``vmap`` (one batched computation over the K draws) or ``loop`` (K copies
+        of the network in the compiled step, each with plain, unbatched weights: a
+        longer compile, but no batched-kernel convolutions, which XLA:CPU runs slowly).
+        The same estimate either way.
       kl_scale: multiplier of KL / N_d.
       prior_sigma: σ₀ of the first task's prior N(0, σ₀² I).
       log_var_init: initial log-variance of the posterior.
@@ -89,6 +95,8 @@ def vcl(
         raise ValueError(f"VCL needs n_samples ≥ 1, got {n_samples}")
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown VCL estimator {estimator!r}; accepted: {', '.join(ESTIMATORS)}")
+    if draws not in DRAWS:
+        raise ValueError(f"unknown VCL draws layout {draws!r}; accepted: {', '.join(DRAWS)}")
 
     def init(params):
         q = mf.init_from_params(params, log_var_init)
@@ -107,11 +115,16 @@ def vcl(
 
     def weight_draws(q, batch, key):
         keys = jax.random.split(key, n_samples)
-        if estimator == "paper":
-            losses = jax.vmap(lambda k: one_draw(q, k, batch))(keys)
-        else:  # equal slices, so the mean of the slice means is the batch mean
-            groups = split_batch(batch, n_samples)
-            losses = jax.vmap(lambda k, g: one_draw(q, k, g))(keys, groups)
+        # paper: every draw gets the whole batch; grouped: draw k gets the k-th of K equal
+        # slices (so the mean of the slice means is the batch mean)
+        per_draw = None if estimator == "paper" else 0
+        batches = batch if estimator == "paper" else split_batch(batch, n_samples)
+        if draws == "vmap":
+            losses = jax.vmap(lambda k, b: one_draw(q, k, b), (0, per_draw))(keys, batches)
+        else:
+            pick = (lambda i: batches) if per_draw is None else (
+                lambda i: jax.tree.map(lambda a: a[i], batches))
+            losses = jnp.stack([one_draw(q, keys[i], pick(i)) for i in range(n_samples)])
         return jnp.mean(losses)
 
     estimate = expected_loss or weight_draws

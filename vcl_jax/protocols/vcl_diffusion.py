@@ -73,7 +73,8 @@ class Setup:
         if name == "vcl":
             draws_loss = functools.partial(self.batch_loss, model=self.draws_model)
             return vcl(draws_loss, mask=self.mask(params), n_samples=cfg.train_samples,
-                       estimator=cfg.estimator, kl_scale=cfg.kl_scale, prior_sigma=cfg.prior_sigma,
+                       estimator=cfg.estimator, draws=cfg.weight_draws_layout(),
+                       kl_scale=cfg.kl_scale, prior_sigma=cfg.prior_sigma,
                        log_var_init=cfg.log_var_init,
                        pretrained_prior=cfg.vcl_pretrain_epochs > 0)
         raise ConfigError(f"unknown method {name!r}")
@@ -93,6 +94,19 @@ class Setup:
     def eval_draws(self, name: str) -> int:
         return self.cfg.eval_samples if name == "vcl" else 1
 
+    def steps_per_call(self, name: str) -> int:
+        """Train steps per jitted call of method ``name`` (``EpochRunner``'s ``unroll``).
+
+        ``cfg.unroll`` counts U-Net copies in one compiled call: VCL with looped weight
+        draws has K copies per step, so it runs ``max(1, unroll // K)`` steps per call
+        (8 steps × 8 draws of the `cpu` U-Net took > 20 GiB to compile; 1 × 8: 4 GiB, 80 s).
+        """
+        k = self.cfg.train_samples
+        if name != "vcl" or k == 1 or not self.cfg.unroll or \
+                self.cfg.weight_draws_layout() != "loop":
+            return self.cfg.unroll
+        return max(1, self.cfg.unroll // k)
+
     def average_draws(self, name: str, override: bool | None = None) -> bool:
         """Whether sampling averages ε over the weight draws (``override``: None keeps
         the config's ``eval_average_draws``); only meaningful with several draws."""
@@ -105,7 +119,8 @@ def build(cfg: VCLDiffusionConfig, shape: tuple[int, int, int] = (28, 28, 1)) ->
     model = ContextUNet(n_feat=cfg.n_feat, n_tasks=len(cfg.classes), channels=shape[-1],
                         embed_dim=cfg.embed_dim, impl=resolve_impl(cfg.conv_impl, False),
                         context=cfg.context)
-    draws_model = model.clone(impl=resolve_impl(cfg.conv_impl, cfg.train_samples > 1))
+    vmapped = cfg.train_samples > 1 and cfg.weight_draws_layout() == "vmap"
+    draws_model = model.clone(impl=resolve_impl(cfg.conv_impl, vmapped))
     return Setup(cfg, model, linear_schedule(cfg.T, cfg.beta_1, cfg.beta_T), shape, draws_model)
 
 
@@ -205,7 +220,8 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
     trainable, mstate = method.init(params)
     state = TrainState(trainable, opt.init(trainable), mstate)
     step = make_train_step(method, opt, data_sharding())
-    runner = EpochRunner(step, cfg.batch_size, cfg.unroll)
+    runner = EpochRunner(step, cfg.batch_size, setup.steps_per_call(method_name),
+                         multiple=max(cfg.unroll, 1))
 
     ckpt = open_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, method_name, coreset_size)
     like = {"train": state, "eval": state.trainable}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from vcl_jax.config import check_choice, checks
-from vcl_jax.continual.vcl import ESTIMATORS
+from vcl_jax.continual.vcl import DRAWS, ESTIMATORS
 from vcl_jax.models.layers import CONV_IMPLS
 from vcl_jax.models.unet import CONTEXTS
 
@@ -59,6 +59,10 @@ class VCLDiffusionConfig:
     # "paper": each of the K draws over the whole batch (K× an MLE step's cost); "grouped":
     # draw k over the k-th slice of the batch (≈ one MLE step; batch_size divisible by K).
     estimator: str = "paper"
+    # How the K draws are compiled (same numbers): "vmap" (batched kernels), "loop" (K
+    # copies of the U-Net with plain kernels: faster on CPU, longer compile) or "auto"
+    # (loop on a CPU backend when K > 1, else vmap).
+    weight_draws: str = "auto"
     eval_samples: int = 10
     # False: the evaluation's samples are spread over the eval_samples weight draws (one
     # draw per image); True: every image uses ε averaged over all draws at every step
@@ -87,12 +91,21 @@ class VCLDiffusionConfig:
     # reproducibility
     seed: int = 0
 
+    def weight_draws_layout(self) -> str:
+        """``weight_draws`` with ``auto`` resolved for the current backend."""
+        if self.weight_draws != "auto":
+            return self.weight_draws
+        import jax
+
+        return "loop" if self.train_samples > 1 and jax.default_backend() == "cpu" else "vmap"
+
     def validate(self) -> VCLDiffusionConfig:
         check_choice("method(s)", self.methods, METHODS)
         check_choice("coreset_mode", self.coreset_mode, CORESET_MODES)
         check_choice("context", self.context, CONTEXTS)
         check_choice("estimator", self.estimator, ESTIMATORS)
         check_choice("conv_impl", self.conv_impl, CONV_IMPLS)
+        check_choice("weight_draws", self.weight_draws, ("auto", *DRAWS))
         checks([
             (all(s >= 0 for s in self.coreset_sizes),
              f"coreset sizes must be ≥ 0, got {self.coreset_sizes}"),
@@ -147,7 +160,7 @@ ADDED_FIELDS = {"variational_norms": False, "eval_average_draws": False, "contex
                 "variational_lr_scale": 1.0, "estimator": "paper"}
 # Fields that change speed, not results (tested: both convolution forms agree); a
 # checkpoint written with another value is still this run's.
-SPEED_ONLY = ("conv_impl",)
+SPEED_ONLY = ("conv_impl", "weight_draws")
 SWEEP = ("methods", "coreset_sizes")
 CORESET_ONLY = ("coreset_method", "coreset_mode", "coreset_epochs")
 
