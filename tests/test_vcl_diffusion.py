@@ -215,6 +215,11 @@ def test_weight_draw_layouts_give_the_same_vcl_step():
 
     cfg = override(PRESETS["smoke"], [f"estimator={estimator}", "train_samples=2"])
     assert cfg.weight_draws_layout() == ("loop" if jax.default_backend() == "cpu" else "vmap")
+    # looped draws: calls of at most `unroll` U-Net copies, a divisor of `unroll` steps
+    calls = {(u, k): vcl_diffusion.build(override(cfg, [f"unroll={u}", f"train_samples={k}",
+                                                        "weight_draws=loop"])).steps_per_call("vcl")
+             for u, k in ((8, 8), (8, 2), (9, 2), (8, 16))}
+    assert calls == {(8, 8): 1, (8, 2): 4, (9, 2): 3, (8, 16): 1}
     batch = {"x": jax.random.uniform(jax.random.key(1), (4, 28, 28, 1)),
              "task": jnp.array([0, 1, 2, 0])}
     grads = []

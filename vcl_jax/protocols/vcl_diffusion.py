@@ -98,14 +98,15 @@ class Setup:
         """Train steps per jitted call of method ``name`` (``EpochRunner``'s ``unroll``).
 
         ``cfg.unroll`` counts U-Net copies in one compiled call: VCL with looped weight
-        draws has K copies per step, so it runs ``max(1, unroll // K)`` steps per call
-        (8 steps × 8 draws of the `cpu` U-Net took > 20 GiB to compile; 1 × 8: 4 GiB, 80 s).
+        draws has K copies per step, so it runs the largest divisor of ``unroll`` that is
+        ≤ ``unroll // K`` steps per call, at least 1 (8 steps × 8 draws of the `cpu` U-Net
+        took > 20 GiB to compile; 1 × 8: 4 GiB, 60–80 s). Epochs keep ``unroll``'s step
+        count (``EpochRunner(multiple=unroll)``), so they are those of ``vmap``-ed draws.
         """
-        k = self.cfg.train_samples
-        if name != "vcl" or k == 1 or not self.cfg.unroll or \
-                self.cfg.weight_draws_layout() != "loop":
-            return self.cfg.unroll
-        return max(1, self.cfg.unroll // k)
+        u, k = self.cfg.unroll, self.cfg.train_samples
+        if name != "vcl" or k == 1 or not u or self.cfg.weight_draws_layout() != "loop":
+            return u
+        return max(d for d in range(1, max(u // k, 1) + 1) if u % d == 0)
 
     def average_draws(self, name: str, override: bool | None = None) -> bool:
         """Whether sampling averages ε over the weight draws (``override``: None keeps
