@@ -21,6 +21,7 @@ per-pixel-mean loss). After each task the posterior becomes the prior.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -138,6 +139,7 @@ def vcl(
         del task, data
         return state._replace(prior=jax.tree.map(jnp.copy, q))
 
+    @functools.partial(jax.jit, static_argnums=2)
     def draws(q, key, n):
         return jax.vmap(lambda k: mf.sample(k, q, mask))(jax.random.split(key, n))
 

@@ -22,7 +22,10 @@ def _sampler(model, sampler: str, shape: tuple, guidance: float, ddim_steps: int
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; accepted: {', '.join(SAMPLERS)}")
 
-    def run(params, sched, key, task):
+    def run(draws, j, sched, key, task):
+        # draw j's params (every draw, stacked, when averaging)
+        params = draws if average else jax.tree.map(lambda a: a[j], draws)
+
         def eps_fn(x, t, d, keep):
             one = lambda p: model.apply({"params": p}, x, t, d, keep)
             # lax.map, not vmap: a vmapped kernel becomes a grouped conv, very slow on CPU.
@@ -69,10 +72,9 @@ def generate(model, draws: PyTree, sched: Schedule, key: jax.Array, tasks: np.nd
         sel = np.arange(j, len(tasks), groups)
         if sel.size == 0:
             continue
-        params = draws if average else jax.tree.map(lambda a, j=j: a[j], draws)
         # Pad to a power of two so that growing evaluations reuse a few compiled shapes.
         padded = np.zeros(1 << int(np.ceil(np.log2(sel.size))), np.int32)
         padded[: sel.size] = tasks[sel]
-        x = run(params, sched, jax.random.fold_in(key, j), jnp.asarray(padded))
+        x = run(draws, j, sched, jax.random.fold_in(key, j), jnp.asarray(padded))
         out[sel] = np.asarray(x)[: sel.size]
     return out

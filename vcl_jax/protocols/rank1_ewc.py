@@ -41,7 +41,7 @@ from vcl_jax.diffusion.loss import draw_noise, example_loss_at, q_sample, timest
 from vcl_jax.diffusion.schedule import linear_schedule
 from vcl_jax.eval.classifier import EvalClassifier, get_classifier
 from vcl_jax.eval.metrics import frechet_distance, gaussian_stats
-from vcl_jax.models.unet import ContextUNet
+from vcl_jax.models.unet import ContextUNet, init_unet
 from vcl_jax.protocols.rank1_ewc_config import (
     ADDED_FIELDS,
     Rank1EWCConfig,
@@ -89,9 +89,7 @@ class Setup:
         return TaskStream.pairs(self.cfg.classes)
 
     def init_params(self, key: jax.Array) -> dict:
-        n = 2
-        return self.model.init(key, jnp.zeros((n, *self.shape)), jnp.ones((n,)),
-                               jnp.zeros((n,), jnp.int32), jnp.ones((n,), bool))["params"]
+        return init_unet(self.model, key, self.shape)
 
     def eps_fn(self, params):
         return lambda x, t, d, keep: self.model.apply({"params": params}, x, t, d, keep)

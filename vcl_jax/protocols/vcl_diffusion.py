@@ -30,7 +30,7 @@ from vcl_jax.diffusion.schedule import linear_schedule
 from vcl_jax.eval.classifier import EvalClassifier, get_classifier
 from vcl_jax.eval.metrics import classifier_uncertainty, per_class_mean
 from vcl_jax.models.layers import resolve_impl
-from vcl_jax.models.unet import ContextUNet, variational_mask
+from vcl_jax.models.unet import ContextUNet, init_unet, variational_mask
 from vcl_jax.protocols.vcl_diffusion_config import (
     ADDED_FIELDS,
     SPEED_ONLY,
@@ -55,10 +55,7 @@ class Setup:
     draws_model: ContextUNet  # the same network for VCL's vmapped weight draws in training
 
     def init_params(self, key: jax.Array) -> dict:
-        h, w, c = self.shape
-        n = 2
-        return self.model.init(key, jnp.zeros((n, h, w, c)), jnp.ones((n,)),
-                               jnp.zeros((n,), jnp.int32), jnp.ones((n,), bool))["params"]
+        return init_unet(self.model, key, self.shape)
 
     def batch_loss(self, params, batch, key, *, model: ContextUNet | None = None):
         model = model or self.model

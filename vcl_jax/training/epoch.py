@@ -13,6 +13,7 @@ Two ways to run an epoch, same math:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +24,7 @@ PyTree = Any
 StepFn = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, dict]]
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def epoch_indices(key: jax.Array, n: int, batch_size: int, multiple: int = 1) -> jax.Array:
     """A shuffled epoch as ``[steps, batch_size]`` indices.
 
