@@ -9,13 +9,13 @@ ifeq ($(strip $(VCL_JAX_DATA_DIR)),)
 export VCL_JAX_DATA_DIR := $(abspath ../shared/data)
 endif
 
-.PHONY: help install test test-all test-fast lint experiment bench clean-cache
+.PHONY: help install test test-classifiers test-all lint experiment bench clean-cache
 
 help:
 	@echo "make install                  venv in .venv with vcl_jax and dev tools"
-	@echo "make test                     the test suite CI runs (< 10 min; real-data classifiers included)"
-	@echo "make test-all                 also the tests marked slow (resume after SIGKILL)"
-	@echo "make test-fast                without the classifier trainings (minutes less)"
+	@echo "make test                     the default test suite (< 10 min on 2 cores)"
+	@echo "make test-classifiers         the evaluation classifiers trained from scratch on real data"
+	@echo "make test-all                 everything, with the tests marked slow and classifier"
 	@echo "make lint                     ruff"
 	@echo "make experiment EXP=vcl_diffusion PRESET=cpu [ARGS='key=value ...']"
 	@echo "make bench                    benchmarks (prints figures, writes benchmarks/results.json)"
@@ -26,13 +26,13 @@ install:
 	.venv/bin/pip install -q -e '.[dev]'
 
 test:
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not classifier"
+
+test-classifiers:
+	$(PY) -m pytest -q -m classifier
 
 test-all:
 	$(PY) -m pytest -q
-
-test-fast:
-	$(PY) -m pytest -q -m "not slow" -k "not classifier_trained and not fashion_mnist_classifier"
 
 lint:
 	$(PY) -m ruff check vcl_jax experiments tests benchmarks

@@ -1,4 +1,8 @@
-"""The evaluation classifier on the real offline data (trains from scratch in CI: ~2.5 min)."""
+"""The evaluation classifier on the real offline data.
+
+The two trainings from scratch (~4 min on 2 cores) are marked ``classifier``: ``make test``
+leaves them out, ``make test-classifiers`` (and ``.ci/run``, after ``make test``) runs them.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from vcl_jax.data import load, to_float
 from vcl_jax.eval.classifier import get_classifier
 
 
+@pytest.mark.classifier
 def test_mnist_classifier_trained_on_mnist_5k(shared_data, isolated_data):
     clf = get_classifier("mnist", data_dir=shared_data, progress=False)
     test = load("mnist", "test", data_dir=shared_data)
@@ -25,6 +30,7 @@ def test_mnist_classifier_trained_on_mnist_5k(shared_data, isolated_data):
     assert again.features(x).shape == (64, 128)
 
 
+@pytest.mark.classifier
 def test_fashion_mnist_classifier():
     if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
         pytest.skip("Debian's dataset-fashion-mnist is not installed")

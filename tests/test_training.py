@@ -136,19 +136,27 @@ def test_rolled_and_unrolled_epochs_agree():
 
 _TWO_DEVICES = r"""
 import json, jax, jax.numpy as jnp, numpy as np
+from vcl_jax.config import override
+from vcl_jax.continual import vcl
+from vcl_jax.models import mlp
 from vcl_jax.protocols import vcl_diffusion
 from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step
 assert jax.local_device_count() == 2, jax.devices()
-from vcl_jax.config import override
-# one weight draw: the draws' vmap is not what is under test, and it doubles the compiles
-setup = vcl_diffusion.build(override(PRESETS["smoke"], ["train_samples=1"]))
-params = setup.init_params(jax.random.key(0))
-batch = {"x": jax.random.uniform(jax.random.key(1), (16, 28, 28, 1)),
-         "task": jnp.arange(16, dtype=jnp.int32) % 3}
+# MLE on the smoke U-Net, and VCL (two weight draws over the whole batch) on a multi-head
+# MLP: the same train step and sharding; the MLP keeps the VCL compile cheap.
+setup = vcl_diffusion.build(PRESETS["smoke"])
+unet_batch = {"x": jax.random.uniform(jax.random.key(1), (16, 28, 28, 1)),
+              "task": jnp.arange(16, dtype=jnp.int32) % 3}
+mlp_params = mlp.init_mlp(jax.random.key(4), 20, (16,), 2, 2)
+mlp_loss = lambda p, b, key: jnp.mean(mlp.nll(mlp.apply(p, b["x"], b["head"]), b["y"]))
+mlp_batch = {"x": jax.random.normal(jax.random.key(5), (16, 20)),
+             "y": jnp.arange(16, dtype=jnp.int32) % 2, "head": jnp.arange(16) % 2}
+cases = {"mle": (setup.method("mle", setup.init_params(jax.random.key(0))),
+                 setup.init_params(jax.random.key(0)), unet_batch),
+         "vcl": (vcl(mlp_loss, n_samples=2, log_var_init=-6.0), mlp_params, mlp_batch)}
 out = {}
-for name in ("mle", "vcl"):
-    method = setup.method(name, params)
+for name, (method, params, batch) in cases.items():
     opt = adam(1e-3)
     tr, ms = method.init(params)
     tr, ms = method.begin_task(tr, ms, 0, 32)

@@ -205,6 +205,7 @@ def test_fields_added_later_match_the_value_older_checkpoints_had():
     assert config_diff(xla, sub_run_config(cfg, "vcl", 0), SPEED_ONLY, ADDED_FIELDS) == []
 
 
+@pytest.mark.slow  # ~1-1.5 min of compiles; its parts: test_vi (layouts), test_models (convs)
 def test_weight_draw_layouts_give_the_same_vcl_step():
     # "loop" (K U-Nets with plain kernels, XLA convolutions) and "vmap" (batched kernels, the
     # patches form on CPU) compute the same estimate from the same keys (the paper estimator's
