@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -23,7 +24,7 @@ from vcl_jax.diffusion.generate import generate
 from vcl_jax.models.unet import unet_flops
 from vcl_jax.protocols import vcl_diffusion
 from vcl_jax.protocols.vcl_diffusion_config import PRESETS
-from vcl_jax.training.epoch import EpochRunner
+from vcl_jax.training.epoch import EpochRunner, scan_steps
 from vcl_jax.training.state import TrainState, adam, make_train_step
 
 
@@ -74,6 +75,49 @@ def sampling_throughput(n_feat: int, n: int, repeats: int = 1) -> dict:
 
     dt = _best(run, repeats)
     return {"n_feat": n_feat, "samples": n, "steps": cfg.T, "seconds": dt, "images_per_s": n / dt}
+
+
+def compile_times(n_feat: int = 16) -> dict:
+    """Seconds to compile one posterior draw of the `cpu` U-Net (n_feat 16): one threefry
+    computation per leaf (``jax.random.normal`` per leaf, the code before 2026-12-01) vs
+    ``mean_field.sample`` (one per power-of-two size class; the same numbers), and the
+    `cpu` preset's jitted call of 8 unrolled MLE and VCL (K = 1) train steps."""
+    from vcl_jax.vi import mean_field as mf
+
+    cfg = override(PRESETS["cpu"], [f"n_feat={n_feat}"])
+    setup = vcl_diffusion.build(cfg)
+    params = setup.init_params(jax.random.key(0))
+    mask = setup.mask(params)
+    q = mf.init_from_params(params, cfg.log_var_init)
+
+    def per_leaf(key, q):
+        leaves, treedef = jax.tree.flatten(q.mean)
+        keys = jax.random.split(key, len(leaves))
+        out = [m + jnp.exp(0.5 * lv) * jax.random.normal(k, m.shape) if r else m
+               for k, m, lv, r in zip(keys, leaves, treedef.flatten_up_to(q.log_var),
+                                      treedef.flatten_up_to(mask), strict=True)]
+        return jax.tree.unflatten(treedef, out)
+
+    def seconds(fn, *args):
+        t = time.perf_counter()
+        jax.jit(fn).lower(*args).compile()
+        return time.perf_counter() - t
+
+    key = jax.random.key(1)
+    out = {"n_feat": n_feat, "random_leaves": sum(jax.tree.leaves(mask)),
+           "draw_per_leaf_s": seconds(per_leaf, key, q),
+           "draw_grouped_s": seconds(lambda k, q: mf.sample(k, q, mask), key, q)}
+    batch, steps = cfg.batch_size, cfg.unroll
+    data = {"x": jnp.zeros((batch * steps, 28, 28, 1)), "task": jnp.zeros(batch * steps, jnp.int32)}
+    idx = jnp.arange(batch * steps).reshape(steps, batch)
+    for method in ("mle", "vcl"):
+        m = setup.method(method, params)
+        opt = adam(cfg.learning_rate)
+        tr, ms = m.init(params)
+        state = TrainState(tr, opt.init(tr), m.begin_task(tr, ms, 0, 500)[1])
+        call = functools.partial(scan_steps, make_train_step(m, opt), unroll=True)
+        out[f"{method}_{steps}_steps_s"] = seconds(call, state, data, idx, key)
+    return out
 
 
 def compare_torch(widths: list[int], batch: int = 128) -> list[dict]:
@@ -134,11 +178,18 @@ def main(argv=None) -> dict:
         results["sampling"].append(r)
         print(f"sampling n_feat={n}: {r['images_per_s']:.2f} img/s (400-step guided DDPM, "
               f"{r['samples']} samples in {r['seconds']:.1f} s)", flush=True)
+    results["compile"] = compile_times()
+    c = results["compile"]
+    print(f"compile, cpu U-Net: posterior draw {c['draw_per_leaf_s']:.1f} s per leaf -> "
+          f"{c['draw_grouped_s']:.1f} s grouped; 8 unrolled steps: MLE {c['mle_8_steps_s']:.0f} s, "
+          f"VCL {c['vcl_8_steps_s']:.0f} s", flush=True)
     results["vs_torch"] = compare_torch([int(w) for w in args.torch.split(",") if w])
     mle = {r["n_feat"]: r for r in results["train"] if r["method"] == "mle"}
     results["ratios"] = {
         f"vcl_K{r['K']}_over_mle_n{r['n_feat']}": r["step_ms"] / mle[r["n_feat"]]["step_ms"]
         for r in results["train"] if r["method"] == "vcl"}
+    results["ratios"]["draw_compile_per_leaf_over_grouped"] = (
+        results["compile"]["draw_per_leaf_s"] / results["compile"]["draw_grouped_s"])
     rolled, unrolled = results["scan"][1]["step_ms"], results["scan"][0]["step_ms"]
     results["ratios"]["rolled_over_unrolled_n16"] = rolled / unrolled
     for r in results["vs_torch"]:

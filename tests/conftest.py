@@ -52,12 +52,19 @@ def shared_data():
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def session_cache(tmp_path_factory) -> str:
+    """A classifier cache for the whole test session, apart from the user's: classifiers are
+    keyed by their training data and config, so modules training the same one share it."""
+    return str(tmp_path_factory.mktemp("cache"))
+
+
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """Offline data from ../shared and a cache private to this test module."""
+def env(session_cache):
+    """Offline data from ../shared and the session's own classifier cache."""
     if not os.path.isdir(os.path.join(SHARED_DATA, "mnist-5k")):
         pytest.skip(f"offline data not found at {SHARED_DATA}")
-    cache = str(tmp_path_factory.mktemp("cache"))
+    cache = session_cache
     old = {k: os.environ.get(k) for k in ("VCL_JAX_DATA_DIR", "VCL_JAX_CACHE_DIR")}
     os.environ.update(VCL_JAX_DATA_DIR=SHARED_DATA, VCL_JAX_CACHE_DIR=cache)
     yield dict(os.environ)

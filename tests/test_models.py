@@ -29,12 +29,17 @@ def _unet_io(size, channels, b=3):
             jnp.array([0, 1, 2])[:b], jnp.array([True, False, True])[:b])
 
 
+def _param_shapes(model, *args):
+    """The params' shapes and dtypes, by shape inference (nothing is compiled or run)."""
+    return jax.eval_shape(model.init, jax.random.key(0), *args)["params"]
+
+
 @pytest.mark.parametrize("size,channels", [(28, 1), (32, 3)])
 def test_unet_output_shape(size, channels):
     model = ContextUNet(n_feat=8, n_tasks=5, channels=channels, embed_dim=4)
     args = _unet_io(size, channels)
-    params = model.init(jax.random.key(0), *args)["params"]
-    out = model.apply({"params": params}, *args)
+    params = _param_shapes(model, *args)
+    out = jax.eval_shape(lambda p: model.apply({"params": p}, *args), params)
     assert out.shape == (3, size, size, channels)
     assert params["task_embeddings"].shape == (5, 4)
 
@@ -42,8 +47,7 @@ def test_unet_output_shape(size, channels):
 def test_unet_parameter_count_scales_with_width():
     counts = {}
     for n in (8, 16):
-        model = ContextUNet(n_feat=n, n_tasks=10, embed_dim=4)
-        params = model.init(jax.random.key(0), *_unet_io(28, 1))["params"]
+        params = _param_shapes(ContextUNet(n_feat=n, n_tasks=10, embed_dim=4), *_unet_io(28, 1))
         counts[n] = sum(p.size for p in jax.tree.leaves(params))
     # Dominated by n² conv weights: doubling the width gives close to 4× the params.
     assert 3.5 < counts[16] / counts[8] < 4.1
@@ -53,24 +57,24 @@ def test_conv_impls_give_the_same_unet():
     args = _unet_io(28, 1)
     a = ContextUNet(n_feat=8, n_tasks=3, embed_dim=4, impl="xla")
     b = ContextUNet(n_feat=8, n_tasks=3, embed_dim=4, impl="im2col")
-    params = a.init(jax.random.key(0), *args)
-    np.testing.assert_allclose(a.apply(params, *args), b.apply(params, *args), rtol=1e-4,
-                               atol=1e-4)
+    params = jax.jit(a.init)(jax.random.key(0), *args)
+    np.testing.assert_allclose(jax.jit(a.apply)(params, *args), jax.jit(b.apply)(params, *args),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_task_embedding_changes_the_output():
     model = ContextUNet(n_feat=8, n_tasks=3, embed_dim=4)
     x = jax.random.normal(jax.random.key(0), (2, 28, 28, 1))
     t, keep = jnp.full((2,), 0.3), jnp.ones(2, bool)
-    params = model.init(jax.random.key(1), x, t, jnp.zeros(2, int), keep)
-    a = model.apply(params, x, t, jnp.array([0, 0]), keep)
-    b = model.apply(params, x, t, jnp.array([1, 1]), keep)
+    params = jax.jit(model.init)(jax.random.key(1), x, t, jnp.zeros(2, int), keep)
+    apply = jax.jit(model.apply)
+    a = apply(params, x, t, jnp.array([0, 0]), keep)
+    b = apply(params, x, t, jnp.array([1, 1]), keep)
     assert not np.allclose(a, b)
 
 
 def test_variational_mask_excludes_embeddings_and_norms():
-    model = ContextUNet(n_feat=8, n_tasks=3, embed_dim=4)
-    params = model.init(jax.random.key(0), *_unet_io(28, 1))["params"]
+    params = _param_shapes(ContextUNet(n_feat=8, n_tasks=3, embed_dim=4), *_unet_io(28, 1))
     flat = traverse_util.flatten_dict(variational_mask(params))
     assert flat[("task_embeddings",)] is False and flat[("null_embedding",)] is False
     assert not any(v for k, v in flat.items() if any("GroupNorm" in p for p in k))
@@ -102,7 +106,7 @@ def test_per_task_context_mlps_belong_to_their_task():
     flat = traverse_util.flatten_dict(variational_mask(params))
     assert not any(v for k, v in flat.items() if k[0].startswith("task_context"))
     with pytest.raises(ValueError, match="unknown context"):
-        ContextUNet(n_feat=8, context="bogus").init(jax.random.key(0), x, t, task, keep)
+        _param_shapes(ContextUNet(n_feat=8, context="bogus"), x, t, task, keep)
 
 
 def test_classifier_outputs():
@@ -120,14 +124,12 @@ def test_torch_reference_has_the_same_parameters():
 
     torch_reference = pytest.importorskip("benchmarks.torch_reference")
     import jax
-    import jax.numpy as jnp
 
     from vcl_jax.models.unet import ContextUNet
 
     for n in (8, 16):
-        model = ContextUNet(n_feat=n, n_tasks=10, embed_dim=32)
-        params = model.init(jax.random.key(0), jnp.zeros((2, 28, 28, 1)), jnp.ones(2),
-                            jnp.zeros(2, jnp.int32), jnp.ones(2, bool))["params"]
+        params = _param_shapes(ContextUNet(n_feat=n, n_tasks=10, embed_dim=32),
+                               *_unet_io(28, 1, b=2))
         assert sum(p.size for p in jax.tree.leaves(params)) == torch_reference.num_params(n)
 
 

@@ -148,17 +148,18 @@ def test_validation_split_is_held_out_of_training(env):
 def test_unet_at_32x32x3_and_timestep_examples():
     model = ContextUNet(n_feat=8, n_tasks=10, channels=3, embed_dim=8)
     x = jnp.zeros((2, 32, 32, 3))
-    params = model.init(jax.random.key(0), x, jnp.ones(2), jnp.zeros(2, jnp.int32),
-                        jnp.ones(2, bool))["params"]
-    out = model.apply({"params": params}, x, jnp.ones(2), jnp.zeros(2, jnp.int32),
-                      jnp.ones(2, bool))
+    params = jax.jit(model.init)(jax.random.key(0), x, jnp.ones(2), jnp.zeros(2, jnp.int32),
+                                 jnp.ones(2, bool))["params"]
+    out = jax.jit(model.apply)({"params": params}, x, jnp.ones(2), jnp.zeros(2, jnp.int32),
+                               jnp.ones(2, bool))
     assert out.shape == (2, 32, 32, 3)
     sched = linear_schedule(50)
     ex = timestep_examples(jax.random.key(1), x, jnp.array([3, 4]), T=50, t_min=40, t_max=45)
     assert ((ex["t"] >= 40) & (ex["t"] <= 45)).all()
     eps_fn = lambda x, t, d, keep: model.apply({"params": params}, x, t, d, keep)
     one = jax.tree.map(lambda a: a[0], ex)
-    assert example_loss_at(eps_fn, sched, one) == example_loss_at(eps_fn, sched, one)
+    loss = jax.jit(lambda one: example_loss_at(eps_fn, sched, one))
+    assert loss(one) == loss(one)  # t and noise come with the example
     with pytest.raises(ValueError, match="t_min"):
         timestep_examples(jax.random.key(1), x, jnp.array([3, 4]), T=50, t_min=0)
 

@@ -50,6 +50,38 @@ def test_smoke_writes_every_output(smoke_run):
     assert saved["coreset_sizes"] == [0, 4] and saved["seed"] == cfg.seed
 
 
+def test_no_forgetting_bound_averages_each_digit_right_after_it_was_learned(smoke_run):
+    from vcl_jax.protocols.vcl_diffusion_report import no_forgetting_bound
+
+    hist = [{"per_class": {"3": 1.0}}, {"per_class": {"3": 5.0, "7": 2.0}},
+            {"per_class": {"3": 9.0, "7": 4.0, "1": 0.0}}]
+    assert no_forgetting_bound(hist, (3, 7, 1)) == [1.0, 1.5, 1.0]
+    assert no_forgetting_bound(hist[:2], (3, 7, 1)) == [1.0, 1.5]
+    run_dir = smoke_run[0]
+    summary = open(os.path.join(run_dir, "summary.md")).read()
+    assert "No-forgetting bound" in summary and "MLE's no-forgetting bound / MLE" in summary
+
+
+def test_joint_reference_trains_once_on_every_task(env, tmp_path):
+    cfg = override(PRESETS["smoke"], ["methods=joint", "coreset_sizes=0,4"])
+    run_dir = str(tmp_path / "joint")
+    metrics = vcl_diffusion.run(cfg, run_dir, progress=False)
+    assert sorted(metrics["runs"]) == ["joint"]  # once, whatever the coreset sizes
+    hist = metrics["runs"]["joint"]["history"]
+    # one evaluation of every class; "after task d" keeps the classes of tasks 0..d
+    assert [sorted(h["per_class"]) for h in hist] == [["0"], ["0", "1"], ["0", "1", "2"]]
+    assert all(h["per_class"]["0"] == hist[-1]["per_class"]["0"] for h in hist)
+    with np.load(os.path.join(run_dir, "joint", "samples_task1.npz")) as z:
+        assert sorted(set(z["labels"].tolist())) == [0, 1]
+    assert "`joint` is the reference" in open(os.path.join(run_dir, "summary.md")).read()
+    out = sample_from_run(run_dir, method="joint", digits=[2], n=2,
+                          out=str(tmp_path / "j.npz"))
+    with np.load(out) as z:
+        assert z["images"].shape == (2, 28, 28)
+    again = vcl_diffusion.run(cfg, run_dir, progress=False)  # resumes: nothing retrained
+    assert again["runs"]["joint"] == metrics["runs"]["joint"]
+
+
 def test_rerun_of_a_finished_run_resumes_without_training(smoke_run):
     run_dir, cfg, metrics = smoke_run
     start = time.perf_counter()

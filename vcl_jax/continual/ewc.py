@@ -62,6 +62,12 @@ def penalty(params: PyTree, state: EWCState) -> jax.Array:
     return jnp.sum(jnp.where(state.active, per_task, 0.0))
 
 
+@jax.jit
+def _put(slots: PyTree, new: PyTree, task: int | jax.Array) -> PyTree:
+    """``slots[task] = new`` leaf by leaf (slots have a leading task axis)."""
+    return jax.tree.map(lambda s, v: s.at[task].set(v), slots, new)
+
+
 def ewc(batch_loss: BatchLoss | None, example_loss: ExampleLoss, *, n_tasks: int, lam: float,
         fisher: str = "diag", chunk: int = 256) -> Method:
     """Builds EWC.
@@ -102,7 +108,7 @@ def ewc(batch_loss: BatchLoss | None, example_loss: ExampleLoss, *, n_tasks: int
         if data is None:
             raise ValueError("EWC's end_task needs the finished task's data for its Fisher")
         stats = fisher_stats(example_loss, params, data, chunk=chunk, rank1=rank1)
-        put = lambda slots, new: jax.tree.map(lambda s, v: s.at[task].set(v), slots, new)
+        put = lambda slots, new: _put(slots, new, task)
         if rank1:
             c = stats.rank1_scale(unit=fisher == "rank1_unit")
             curvature = Rank1(put(state.curvature.mu, stats.mean),

@@ -55,10 +55,21 @@ class FisherStats(NamedTuple):
         return self.proj_sq / jnp.maximum(self.mean_sq_norm() ** 2, 1e-30)
 
 
+@jax.jit
 def tree_dot(a: PyTree, b: PyTree) -> jax.Array:
     """Σ over all leaves of ⟨a, b⟩."""
     return sum(jax.tree.leaves(jax.tree.map(lambda x, y: jnp.sum(x * y), a, b)),
                jnp.zeros((), jnp.float32))
+
+
+@jax.jit
+def _tree_add(a: PyTree, b: PyTree) -> PyTree:
+    return jax.tree.map(jnp.add, a, b)
+
+
+@jax.jit
+def _tree_div(a: PyTree, n: int | jax.Array) -> PyTree:
+    return jax.tree.map(lambda x: x / n, a)
 
 
 def n_examples(data: PyTree) -> int:
@@ -122,10 +133,9 @@ def fisher_stats(example_loss: ExampleLoss, params: PyTree, data: PyTree, *, chu
     total_g = total_g2 = None
     for rows, w in chunks(data, chunk):
         g, g2 = _moments(example_loss, params, rows, w)
-        total_g = g if total_g is None else jax.tree.map(jnp.add, total_g, g)
-        total_g2 = g2 if total_g2 is None else jax.tree.map(jnp.add, total_g2, g2)
-    mean = jax.tree.map(lambda s: s / n, total_g)
-    diag = jax.tree.map(lambda s: s / n, total_g2)
+        total_g = g if total_g is None else _tree_add(total_g, g)
+        total_g2 = g2 if total_g2 is None else _tree_add(total_g2, g2)
+    mean, diag = _tree_div(total_g, n), _tree_div(total_g2, n)
     proj = jnp.full((), jnp.nan, jnp.float32)
     if rank1:
         proj = sum(_proj_sq(example_loss, params, rows, w, mean)

@@ -130,7 +130,7 @@ def train_classifier(train: Dataset, config: ClassifierConfig, *, progress: bool
     init_key, data_key = jax.random.split(key)
     x = jnp.asarray(to_float(train.images))
     y = jnp.asarray(train.labels)
-    params = model.init(init_key, x[:1])
+    params = jax.jit(model.init)(init_key, x[:1])  # one compile, not one per initializer
     steps = -(-len(train) // config.batch_size)
     sched = optax.cosine_decay_schedule(config.learning_rate, config.epochs * steps)
     opt = optax.adam(sched)
@@ -190,7 +190,8 @@ def get_classifier(
                        features=config.features)
     ckpt = checkpoint.Checkpoints(folder, dataclasses.asdict(config))
     if ckpt.latest_step() is not None:
-        like = model.init(jax.random.key(0), jnp.zeros((1,) + train.images.shape[1:]))
+        like = jax.eval_shape(model.init, jax.random.key(0),
+                              jnp.zeros((1,) + train.images.shape[1:]))  # a template only
         params, meta = ckpt.restore(ckpt.latest_step(), like)
         ckpt.close()
         return EvalClassifier(params, model, meta["info"])

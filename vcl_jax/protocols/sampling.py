@@ -46,25 +46,28 @@ def load_checkpoint(run_dir: str, *, task: int | None = None,
     the last finished one)."""
     cfg = load_config(run_dir)
     setup = vcl_diffusion.build(cfg)
-    names = [vcl_diffusion.run_name(m, s) for s in cfg.coreset_sizes for m in cfg.methods]
-    method = method or names[0]
-    if method not in names:
-        raise ConfigError(f"unknown run {method!r} in {run_dir}; accepted: {', '.join(names)}")
-    base, size = method.split("_coreset")
+    runs = {vcl_diffusion.run_name(m, s): (m, s) for m, s in vcl_diffusion.sub_runs(cfg)}
+    method = method or next(iter(runs))
+    if method not in runs:
+        raise ConfigError(f"unknown run {method!r} in {run_dir}; accepted: {', '.join(runs)}")
+    base, size = runs[method]
     ckpt_dir = os.path.join(run_dir, method, "checkpoints")
-    ckpt = vcl_diffusion.open_checkpoints(ckpt_dir, cfg, base, int(size))
+    ckpt = vcl_diffusion.open_checkpoints(ckpt_dir, cfg, base, size)
     steps = ckpt.all_steps()
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
     task = steps[-1] if task is None else task
     if task not in steps:
         raise ValueError(f"no checkpoint after task {task} in {ckpt_dir}; have {steps}")
-    params = setup.init_params(jax.random.key(0))
+    params = jax.eval_shape(setup.init_params, jax.random.key(0))  # shapes: a template only
     m = setup.method(base, params)
-    trainable, mstate = m.init(params)
     opt = setup.optimizer(base, params)
-    like = {"train": TrainState(trainable, opt.init(trainable), mstate), "eval": trainable}
-    restored, _ = ckpt.restore(task, like)
+
+    def template(params):
+        trainable, mstate = m.init(params)
+        return {"train": TrainState(trainable, opt.init(trainable), mstate), "eval": trainable}
+
+    restored, _ = ckpt.restore(task, jax.eval_shape(template, params))
     ckpt.close()
     return Loaded(cfg, setup, m, method, task, restored)
 

@@ -65,7 +65,7 @@ class Setup:
 
     def method(self, name: str, params: dict):
         cfg = self.cfg
-        if name == "mle":
+        if name in ("mle", "joint"):
             return mle(self.batch_loss)
         if name == "vcl":
             draws_loss = functools.partial(self.batch_loss, model=self.draws_model)
@@ -139,7 +139,7 @@ def load_tasks(cfg: VCLDiffusionConfig) -> list[np.ndarray]:
 
 
 def run_name(method: str, coreset: int) -> str:
-    return f"{method}_coreset{coreset}"
+    return "joint" if method == "joint" else f"{method}_coreset{coreset}"
 
 
 def open_checkpoints(folder: str, cfg: VCLDiffusionConfig, method: str,
@@ -194,12 +194,21 @@ def evaluate(setup: Setup, method, trainable, task: int, key: jax.Array,
                  average=setup.average_draws(method.name))
     images = to_unit(x, cfg.pixel_range)
     labels = np.asarray(cfg.classes)[seen]
-    unc = classifier_uncertainty(classifier.log_probs(images), labels)
-    per_class = per_class_mean(unc, labels)
-    metrics = {"task": task, "avg_uncertainty": float(np.mean(list(per_class.values()))),
-               "per_class": {str(k): v for k, v in per_class.items()},
-               "sample_accuracy": float(np.mean(classifier.log_probs(images).argmax(-1) == labels))}
-    return metrics, images[..., 0] if images.shape[-1] == 1 else images, labels
+    return score(images, labels, task, classifier), _squeeze(images), labels
+
+
+def _squeeze(images: np.ndarray) -> np.ndarray:
+    return images[..., 0] if images.shape[-1] == 1 else images
+
+
+def score(images: np.ndarray, labels: np.ndarray, task: int,
+          classifier: EvalClassifier) -> dict:
+    """Classifier uncertainty of samples ``images`` of classes ``labels`` (after ``task``)."""
+    log_probs = classifier.log_probs(images if images.ndim == 4 else images[..., None])
+    per_class = per_class_mean(classifier_uncertainty(log_probs, labels), labels)
+    return {"task": task, "avg_uncertainty": float(np.mean(list(per_class.values()))),
+            "per_class": {str(k): v for k, v in per_class.items()},
+            "sample_accuracy": float(np.mean(log_probs.argmax(-1) == labels))}
 
 
 def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.ndarray],
@@ -295,16 +304,70 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
     return record
 
 
+def run_joint(setup: Setup, tasks: list[np.ndarray], classifier: EvalClassifier,
+              out_dir: str, *, progress: bool = True) -> dict:
+    """The paper's Figure 7 reference: one MLE model trained on every task's data at once
+    (``epochs`` epochs over the union: as many steps as MLE takes over the whole stream),
+    evaluated once on every class. Its entry "after task d" is that evaluation restricted to
+    the classes of tasks 0..d: what a model of this size and budget reaches without any
+    continual learning. Returns the record of :func:`run_one`; resumes from its checkpoint.
+    """
+    cfg, n = setup.cfg, len(tasks)
+    os.makedirs(out_dir, exist_ok=True)
+    ckpt = open_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, "joint", 0)
+    if ckpt.latest_step() is not None:
+        record = ckpt.restore_meta(ckpt.latest_step())["record"]
+        ckpt.close()
+        return record
+    k_init, _, k_train, k_eval = jax.random.split(jax.random.key(cfg.seed), 4)
+    params = setup.init_params(k_init)
+    method, opt = setup.method("joint", params), setup.optimizer("joint", params)
+    trainable, mstate = method.init(params)
+    state = TrainState(trainable, opt.init(trainable), mstate)
+    runner = EpochRunner(make_train_step(method, opt, data_sharding()), cfg.batch_size,
+                         setup.steps_per_call("joint"), multiple=max(cfg.unroll, 1))
+    t0 = time.perf_counter()
+    state, hist = train_epochs(runner, state, _task_data(tasks, list(range(n))), k_train,
+                               epochs=cfg.epochs, learning_rate=cfg.learning_rate,
+                               decay=cfg.lr_decay, desc=f"joint, {n} tasks at once",
+                               progress=progress)
+    jax.block_until_ready(state.trainable)
+    t1 = time.perf_counter()
+    _, images, labels = evaluate(setup, method, state.trainable, n - 1, k_eval, classifier)
+    history = []
+    for d in range(n):
+        sel = np.isin(labels, cfg.classes[:d + 1])
+        np.savez_compressed(os.path.join(out_dir, f"samples_task{d}.npz"), images=images[sel],
+                            labels=labels[sel])
+        history.append(dict(score(images[sel], labels[sel], d, classifier),
+                            train_final=hist[-1]))
+    record = {"history": history, "train_seconds": t1 - t0,
+              "eval_seconds": time.perf_counter() - t1}
+    ckpt.save(n - 1, {"train": state, "eval": state.trainable},
+              {"task": n - 1, "coresets": [], "record": record})
+    ckpt.close()
+    if progress:
+        print(f"[joint] all {n} tasks: avg uncertainty {history[-1]['avg_uncertainty']:.4f} "
+              f"nats, loss {hist[-1]['loss']:.4f}", flush=True)
+    return record
+
+
+def sub_runs(cfg: VCLDiffusionConfig) -> list[tuple[str, int]]:
+    """(method, coreset size) of every sub-run; the joint reference runs once, without a
+    coreset."""
+    out = [(name, size) for size in cfg.coreset_sizes for name in cfg.methods if name != "joint"]
+    return out + ([("joint", 0)] if "joint" in cfg.methods else [])
+
+
 def check_run_dir(run_dir: str, cfg: VCLDiffusionConfig) -> None:
     """Refuses, before anything is written, a run directory whose checkpoints were
     written with settings that matter to them. Sub-runs are keyed on their own fields
     (:func:`sub_run_config`), so adding coreset sizes or changing a VCL-only setting
     reuses the finished MLE runs."""
-    for size in cfg.coreset_sizes:
-        for name in cfg.methods:
-            folder = os.path.join(run_dir, run_name(name, size), "checkpoints")
-            if os.path.isdir(folder):
-                open_checkpoints(folder, cfg, name, size).close()
+    for name, size in sub_runs(cfg):
+        folder = os.path.join(run_dir, run_name(name, size), "checkpoints")
+        if os.path.isdir(folder):
+            open_checkpoints(folder, cfg, name, size).close()
 
 
 def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict:
@@ -320,11 +383,14 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(to_dict(cfg), f, indent=2)
     results = {}
-    for size in cfg.coreset_sizes:
-        for name in cfg.methods:
-            rn = run_name(name, size)
-            results[rn] = run_one(setup, name, size, tasks, classifier,
-                                  os.path.join(run_dir, rn), progress=progress)
+    for name, size in sub_runs(cfg):
+        rn = run_name(name, size)
+        out_dir = os.path.join(run_dir, rn)
+        if name == "joint":
+            results[rn] = run_joint(setup, tasks, classifier, out_dir, progress=progress)
+        else:
+            results[rn] = run_one(setup, name, size, tasks, classifier, out_dir,
+                                  progress=progress)
     metrics = {"config": to_dict(cfg), "classifier": classifier.info, "runs": results}
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
