@@ -42,7 +42,7 @@ experiment:
 
 bench:
 	$(PY) -m benchmarks.run
-	$(PY) -m benchmarks.split_mnist
+	$(PY) -m benchmarks.split_mnist --step-comparison
 	$(PY) -m benchmarks.fisher
 	$(PY) -m benchmarks.vcl_estimators
 

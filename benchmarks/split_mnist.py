@@ -20,6 +20,7 @@ import platform
 import time
 
 import jax
+import jax.numpy as jnp
 
 from vcl_jax.config import override
 from vcl_jax.protocols import split_mnist
@@ -66,12 +67,64 @@ def gradient_variance(estimators: list[str], draws: int = 64) -> dict:
     return out
 
 
+def _vmapped_per_leaf_draws(keys, q):
+    """The draws as written before 2026-12-01: ``vmap`` of one draw, ``jax.random.normal``
+    per leaf (its gradient reduces over the draw axis; twice the threefry hashes)."""
+    def one(key):
+        leaves, treedef = jax.tree.flatten(q.mean)
+        ks = jax.random.split(key, len(leaves))
+        return jax.tree.unflatten(treedef, [
+            m + jnp.exp(0.5 * lv) * jax.random.normal(k, m.shape, m.dtype) for m, lv, k in
+            zip(leaves, treedef.flatten_up_to(q.log_var), ks, strict=True)])
+    return jax.vmap(one)(keys)
+
+
+def step_comparison(n_images: int = 12_000, repeats: int = 11) -> dict:
+    """Gradient of the grouped VCL loss (K = 10, full batch of ``n_images``) with the
+    library's draws (:func:`vcl_jax.vi.mean_field.sample_many`, ``standard_normal``) vs the
+    earlier per-leaf vmapped draws, and an MLE gradient, timed interleaved (best and median
+    of ``repeats``), so that their ratios come from the same run."""
+    from vcl_jax.models import mlp
+    from vcl_jax.vi import mean_field as mf
+
+    key = jax.random.PRNGKey(0)
+    x = jax.random.uniform(key, (n_images, 784))
+    y = jnp.zeros((n_images,), jnp.int32)
+    params = mlp.init_mlp(key, 784, (256, 256), 5, 2, 0.1)
+    q = mf.init_from_params(params, -6.0)
+
+    def vcl_grad(draw):  # the grouped estimator (bayes_mlp._grouped_nll) with these draws
+        def loss(q, k):
+            ws = draw(jax.random.split(k, 10), q)
+            out = jax.vmap(lambda w, xg: mlp.forward(mlp.layers_of(w), xg))(
+                ws, x.reshape(10, -1, x.shape[1]))
+            return jnp.mean(mlp.nll(mlp.select_head(out, 0, 5), y.reshape(10, -1)))
+        return jax.jit(jax.grad(loss))
+
+    fns = {"mle": (jax.jit(jax.grad(lambda p: jnp.mean(mlp.nll(mlp.apply(p, x, 0), y)))),
+                   (params,)),
+           "vcl": (vcl_grad(mf.sample_many), (q, key)),
+           "vcl, earlier draws": (vcl_grad(_vmapped_per_leaf_draws), (q, key))}
+    for fn, args in fns.values():
+        jax.block_until_ready(fn(*args))
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, (fn, args) in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    return {name: {"best_ms": min(t), "median_ms": sorted(t)[len(t) // 2]}
+            for name, t in times.items()}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--estimators", default="grouped,paper")
     parser.add_argument("--tile-to", type=int, default=12_000)
     parser.add_argument("--grad-var", default="paper,grouped,local",
                         help="estimators whose gradient variance is measured ('' to skip)")
+    parser.add_argument("--step-comparison", action="store_true",
+                        help="also time the grouped VCL gradient vs MLE and the earlier draws")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__),
                                                       "split_mnist_results.json"))
     args = parser.parse_args(argv)
@@ -91,6 +144,13 @@ def main(argv=None) -> dict:
         for est, v in var.items():
             ratio = f" ({v / base:.2f}× paper)" if base else ""
             print(f"gradient variance, {est} estimator: {v:.4g}{ratio}", flush=True)
+    if args.step_comparison:
+        steps = step_comparison()
+        results["step_comparison"] = steps
+        mle_ms = steps["mle"]["median_ms"]
+        for name, r in steps.items():
+            print(f"{name} gradient, 12,000 images: best {r['best_ms']:.0f} ms, median "
+                  f"{r['median_ms']:.0f} ms ({r['median_ms'] / mle_ms:.2f}× MLE)", flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     return results

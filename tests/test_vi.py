@@ -86,8 +86,50 @@ def test_grouped_draw_is_the_per_leaf_draw_bit_for_bit():
     keys = jax.random.split(key, len(leaves))
     names = treedef.unflatten(range(len(leaves)))
     for name, i in names.items():
-        expected = jax.random.normal(keys[i], params[name].shape) if mask[name] else 0.0
+        expected = mf.standard_normal(keys[i], params[name].shape) if mask[name] else 0.0
         np.testing.assert_array_equal(w[name], expected)
+
+
+@pytest.mark.parametrize("key", [jax.random.key(3), jax.random.PRNGKey(3)], ids=["typed", "raw"])
+def test_standard_normal_is_standard_normal_and_a_prefix_of_longer_draws(key):
+    z = np.asarray(jax.jit(lambda k: mf.standard_normal(k, (400, 500)))(key)).ravel()
+    n = z.size
+    assert abs(z.mean()) < 5 / np.sqrt(n) and abs(z.var() - 1) < 5 * np.sqrt(2 / n)
+    assert abs(np.mean(z ** 3)) < 5 * np.sqrt(15 / n)  # skewness 0, kurtosis 3
+    assert abs(np.mean(z ** 4) - 3) < 5 * np.sqrt(96 / n)
+    # the two words of one hash, and neighbours, are uncorrelated
+    assert abs(np.corrcoef(z[0::2], z[1::2])[0, 1]) < 5 / np.sqrt(n / 2)
+    assert abs(np.corrcoef(z[:-1], z[1:])[0, 1]) < 5 / np.sqrt(n)
+    # the normal CDF at a few points (Kolmogorov-Smirnov bound at 5e-3)
+    from math import erf
+    for t in (-2.0, -0.5, 0.0, 1.0, 2.5):
+        assert abs(np.mean(z <= t) - 0.5 * (1 + erf(t / np.sqrt(2)))) < 5e-3
+    short = mf.standard_normal(key, (1001,))
+    np.testing.assert_array_equal(short, z[:1001])
+    assert not np.array_equal(mf.standard_normal(jax.random.split(key)[0], (1001,)), short)
+    # other dtypes fall back to jax.random.normal
+    np.testing.assert_array_equal(mf.standard_normal(key, (7,), jnp.bfloat16),
+                                  jax.random.normal(key, (7,), jnp.bfloat16))
+
+
+def test_sample_many_is_stacked_draws_with_the_same_gradient():
+    q = mf.MeanField({"w": jnp.linspace(-1, 1, 12).reshape(3, 4), "b": jnp.ones(5)},
+                     {"w": jnp.full((3, 4), -1.0), "b": jnp.full((5,), -2.0)})
+    mask = {"w": True, "b": False}
+    keys = jax.random.split(jax.random.key(0), 6)
+    stacked = jax.vmap(lambda k: mf.sample(k, q, mask))
+    many = mf.sample_many(keys, q, mask)
+    for name in ("w", "b"):
+        np.testing.assert_array_equal(many[name], stacked(keys)[name])
+
+    def loss(draw):
+        return lambda q: jnp.sum(jnp.sin(draw(q)["w"]) ** 2) + jnp.sum(draw(q)["b"] ** 3)
+
+    g_many = jax.grad(loss(lambda q: mf.sample_many(keys, q, mask)))(q)
+    g_vmap = jax.grad(loss(lambda q: jax.vmap(lambda k: mf.sample(k, q, mask))(keys)))(q)
+    for a, b in zip(jax.tree.leaves(g_many), jax.tree.leaves(g_vmap), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    assert float(jnp.abs(g_many.log_var["b"]).sum()) == 0  # deterministic leaf
 
 
 def test_sample_is_differentiable_wrt_posterior():
