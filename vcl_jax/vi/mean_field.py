@@ -58,7 +58,7 @@ def _threefry_key_data(key: jax.Array) -> jax.Array | None:
 
 def standard_normal(key: jax.Array, shape: tuple[int, ...] = (),
                     dtype: Any = jnp.float32) -> jax.Array:
-    """``N(0, 1)`` draws of ``shape``, like ``jax.random.normal`` but about 3× cheaper on CPU.
+    """``N(0, 1)`` draws of ``shape``, like ``jax.random.normal`` but 2–3× cheaper on CPU here.
 
     JAX's partitionable threefry (the default) hashes one counter pair per output
     number and keeps one of the hash's two words. Here element ``i`` of the flattened
