@@ -14,11 +14,13 @@ import functools
 import json
 import os
 import platform
+import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
+from benchmarks import legacy_draws
 from vcl_jax.config import override
 from vcl_jax.diffusion.generate import generate
 from vcl_jax.models.unet import unet_flops
@@ -38,8 +40,11 @@ def _best(fn, repeats: int) -> float:
     return min(times)
 
 
-def train_throughput(n_feat: int, method: str, batch: int, steps: int, unroll: int,
-                     train_samples: int = 1, repeats: int = 2) -> dict:
+def make_epoch(n_feat: int, method: str, batch: int, steps: int, unroll: int,
+               train_samples: int = 1):
+    """A no-argument callable that runs ``steps`` train steps of the `cpu` preset's U-Net at
+    width ``n_feat`` (one epoch of the `EpochRunner`, ``unroll`` steps per jitted call) on
+    fixed random images, and blocks until they are done."""
     cfg = override(PRESETS["cpu"], [f"n_feat={n_feat}", f"train_samples={train_samples}"])
     setup = vcl_diffusion.build(cfg)
     params = setup.init_params(jax.random.key(0))
@@ -56,7 +61,12 @@ def train_throughput(n_feat: int, method: str, batch: int, steps: int, unroll: i
         state[0], metrics = runner(state[0], data, jax.random.key(2))
         jax.block_until_ready(metrics)
 
-    dt = _best(epoch, repeats) / steps
+    return epoch
+
+
+def train_throughput(n_feat: int, method: str, batch: int, steps: int, unroll: int,
+                     train_samples: int = 1, repeats: int = 2) -> dict:
+    dt = _best(make_epoch(n_feat, method, batch, steps, unroll, train_samples), repeats) / steps
     return {"n_feat": n_feat, "method": method, "K": train_samples, "batch": batch,
             "unroll": unroll, "step_ms": 1e3 * dt, "images_per_s": batch / dt,
             "gflops": 3 * batch * unet_flops(n_feat) * train_samples / dt / 1e9}
@@ -90,14 +100,6 @@ def compile_times(n_feat: int = 16) -> dict:
     mask = setup.mask(params)
     q = mf.init_from_params(params, cfg.log_var_init)
 
-    def per_leaf(key, q):
-        leaves, treedef = jax.tree.flatten(q.mean)
-        keys = jax.random.split(key, len(leaves))
-        out = [m + jnp.exp(0.5 * lv) * jax.random.normal(k, m.shape) if r else m
-               for k, m, lv, r in zip(keys, leaves, treedef.flatten_up_to(q.log_var),
-                                      treedef.flatten_up_to(mask), strict=True)]
-        return jax.tree.unflatten(treedef, out)
-
     def seconds(fn, *args):
         t = time.perf_counter()
         jax.jit(fn).lower(*args).compile()
@@ -105,7 +107,8 @@ def compile_times(n_feat: int = 16) -> dict:
 
     key = jax.random.key(1)
     out = {"n_feat": n_feat, "random_leaves": sum(jax.tree.leaves(mask)),
-           "draw_per_leaf_s": seconds(per_leaf, key, q),
+           "draw_per_leaf_s": seconds(
+               lambda k, q: legacy_draws.per_leaf_sample(k, q, mask), key, q),
            "draw_grouped_s": seconds(lambda k, q: mf.sample(k, q, mask), key, q)}
     batch, steps = cfg.batch_size, cfg.unroll
     data = {"x": jnp.zeros((batch * steps, 28, 28, 1)), "task": jnp.zeros(batch * steps, jnp.int32)}
@@ -120,10 +123,19 @@ def compile_times(n_feat: int = 16) -> dict:
     return out
 
 
-def compare_torch(widths: list[int], batch: int = 128) -> list[dict]:
+def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """XLA's float32 ``n × n`` matmul rate on this backend (GFLOP/s, best of ``repeats``)."""
+    a = jax.random.normal(jax.random.key(0), (n, n))
+    mm = jax.jit(lambda a: a @ a)
+    return 2 * n ** 3 / _best(lambda: jax.block_until_ready(mm(a)), repeats) / 1e9
+
+
+def compare_torch(widths: list[int], batch: int = 128, rounds: int = 5) -> list[dict]:
     """JAX vs the PyTorch reference (``benchmarks/torch_reference.py``), MLE and VCL (K = 1),
-    same architecture, batch and machine, measured back to back. Step-time ratio JAX/PyTorch
-    (< 1: JAX faster)."""
+    same architecture, batch and machine. After a warm-up, the two steps alternate for
+    ``rounds`` rounds (a JAX call of 2 unrolled steps, then 2 PyTorch steps), so that slow
+    spells of a noisy machine hit both; the ratio is of the medians (min-of-rounds also kept).
+    Step-time ratio JAX/PyTorch (< 1: JAX faster)."""
     if not widths:
         return []
     try:
@@ -132,16 +144,40 @@ def compare_torch(widths: list[int], batch: int = 128) -> list[dict]:
         print("PyTorch not installed (pip install -e '.[bench]'): no JAX/PyTorch comparison")
         return []
     out = []
+    # The floor under every convolution rewrite: the two libraries' plain matmul rates.
+    g_jax, g_torch = gemm_gflops(), torch_reference.gemm_gflops()
+    out.append({"gemm_jax_gflops": g_jax, "gemm_torch_gflops": g_torch,
+                "jax_over_torch": g_torch / g_jax})
+    print(f"2048² float32 matmul: JAX {g_jax:.0f} GFLOP/s, PyTorch {g_torch:.0f} GFLOP/s "
+          f"(time ratio JAX/PyTorch {g_torch / g_jax:.2f})", flush=True)
     for n in widths:
         for method in ("mle", "vcl"):
-            j = train_throughput(n, method, batch=batch, steps=2, unroll=2, repeats=2)
-            t = torch_reference.train_throughput(n, method, batch=batch, steps=2)
-            r = {"n_feat": n, "method": method, "batch": batch, "jax_step_ms": j["step_ms"],
-                 "torch_step_ms": t["step_ms"], "jax_over_torch": j["step_ms"] / t["step_ms"],
-                 "torch_threads": t["threads"]}
+            steps = 2
+            fns = {"jax": make_epoch(n, method, batch=batch, steps=steps, unroll=steps),
+                   "torch": torch_reference.make_step(n, method, batch=batch)}
+            per_call = {"jax": steps, "torch": 1}
+            times = {k: [] for k in fns}
+            for fn in fns.values():  # compile / warm up
+                fn()
+            for _ in range(rounds):
+                for k, fn in fns.items():
+                    for _ in range(steps // per_call[k]):
+                        t0 = time.perf_counter()
+                        fn()
+                        times[k].append((time.perf_counter() - t0) / per_call[k])
+            med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+            best = {k: 1e3 * min(v) for k, v in times.items()}
+            r = {"n_feat": n, "method": method, "batch": batch, "rounds": rounds,
+                 "jax_step_ms": med["jax"], "torch_step_ms": med["torch"],
+                 "jax_best_ms": best["jax"], "torch_best_ms": best["torch"],
+                 "jax_over_torch": med["jax"] / med["torch"],
+                 "jax_over_torch_best": best["jax"] / best["torch"],
+                 "torch_threads": torch_reference.torch.get_num_threads()}
             out.append(r)
-            print(f"n_feat={n} {method} batch {batch}: JAX {j['step_ms']:.0f} ms, PyTorch "
-                  f"{t['step_ms']:.0f} ms, JAX/PyTorch {r['jax_over_torch']:.2f}", flush=True)
+            print(f"n_feat={n} {method} batch {batch}, median of {rounds} interleaved rounds: "
+                  f"JAX {med['jax']:.0f} ms, PyTorch {med['torch']:.0f} ms, JAX/PyTorch "
+                  f"{r['jax_over_torch']:.2f} (best: {best['jax']:.0f} / {best['torch']:.0f} ms, "
+                  f"{r['jax_over_torch_best']:.2f})", flush=True)
     return out
 
 
@@ -193,7 +229,8 @@ def main(argv=None) -> dict:
     rolled, unrolled = results["scan"][1]["step_ms"], results["scan"][0]["step_ms"]
     results["ratios"]["rolled_over_unrolled_n16"] = rolled / unrolled
     for r in results["vs_torch"]:
-        results["ratios"][f"jax_over_torch_{r['method']}_n{r['n_feat']}"] = r["jax_over_torch"]
+        name = f"{r['method']}_n{r['n_feat']}" if "method" in r else "gemm_2048"
+        results["ratios"][f"jax_over_torch_{name}"] = r["jax_over_torch"]
     print("\n| ratio | value |\n|---|---|")
     for k, v in results["ratios"].items():
         print(f"| {k} | {v:.2f} |")

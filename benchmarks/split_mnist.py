@@ -22,6 +22,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from benchmarks import legacy_draws
 from vcl_jax.config import override
 from vcl_jax.protocols import split_mnist
 from vcl_jax.protocols.split_mnist_config import PRESETS
@@ -67,18 +68,6 @@ def gradient_variance(estimators: list[str], draws: int = 64) -> dict:
     return out
 
 
-def _vmapped_per_leaf_draws(keys, q):
-    """The draws as written before 2026-12-01: ``vmap`` of one draw, ``jax.random.normal``
-    per leaf (its gradient reduces over the draw axis; twice the threefry hashes)."""
-    def one(key):
-        leaves, treedef = jax.tree.flatten(q.mean)
-        ks = jax.random.split(key, len(leaves))
-        return jax.tree.unflatten(treedef, [
-            m + jnp.exp(0.5 * lv) * jax.random.normal(k, m.shape, m.dtype) for m, lv, k in
-            zip(leaves, treedef.flatten_up_to(q.log_var), ks, strict=True)])
-    return jax.vmap(one)(keys)
-
-
 def step_comparison(n_images: int = 12_000, repeats: int = 11) -> dict:
     """Gradient of the grouped VCL loss (K = 10, full batch of ``n_images``) with the
     library's draws (:func:`vcl_jax.vi.mean_field.sample_many`, ``standard_normal``) vs the
@@ -104,7 +93,7 @@ def step_comparison(n_images: int = 12_000, repeats: int = 11) -> dict:
     fns = {"mle": (jax.jit(jax.grad(lambda p: jnp.mean(mlp.nll(mlp.apply(p, x, 0), y)))),
                    (params,)),
            "vcl": (vcl_grad(mf.sample_many), (q, key)),
-           "vcl, earlier draws": (vcl_grad(_vmapped_per_leaf_draws), (q, key))}
+           "vcl, earlier draws": (vcl_grad(legacy_draws.vmapped_per_leaf_draws), (q, key))}
     for fn, args in fns.values():
         jax.block_until_ready(fn(*args))
     times = {name: [] for name in fns}

@@ -158,25 +158,45 @@ class VCLStep:
         return float(loss.detach())
 
 
-def train_throughput(n_feat: int, method: str, batch: int = 128, steps: int = 3,
-                     warmup: int = 1, seed: int = 0) -> dict:
-    """Images per second of the PyTorch train step (best of ``steps`` after warm-up)."""
+def make_step(n_feat: int, method: str, batch: int = 128, seed: int = 0):
+    """A no-argument callable that runs one PyTorch train step (MLE or VCL, K = 1) on a fixed
+    random batch of ``batch`` images."""
     torch.manual_seed(seed)
     model = TorchContextUNet(n_feat)
     step = MLEStep(model) if method == "mle" else VCLStep(model, n_data=6000)
     x0 = torch.rand(batch, 1, 28, 28)
     task = torch.randint(0, 10, (batch,))
+    return lambda: step(x0, task)
+
+
+def train_throughput(n_feat: int, method: str, batch: int = 128, steps: int = 3,
+                     warmup: int = 1, seed: int = 0) -> dict:
+    """Images per second of the PyTorch train step (best of ``steps`` after warm-up)."""
+    step = make_step(n_feat, method, batch, seed)
     for _ in range(warmup):
-        step(x0, task)
+        step()
     times = []
     for _ in range(steps):
         t0 = time.perf_counter()
-        step(x0, task)
+        step()
         times.append(time.perf_counter() - t0)
     dt = min(times)
     return {"impl": "torch", "n_feat": n_feat, "method": method, "batch": batch,
             "threads": torch.get_num_threads(), "step_ms": 1e3 * dt,
             "images_per_s": batch / dt}
+
+
+def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
+    """PyTorch's float32 ``n × n`` matmul rate (GFLOP/s, best of ``repeats``): the BLAS that
+    its convolutions and linear layers run on, next to `benchmarks.run.gemm_gflops`."""
+    a = torch.randn(n, n)
+    torch.mm(a, a)
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, a)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
 
 
 def num_params(n_feat: int) -> int:

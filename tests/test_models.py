@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +12,7 @@ import pytest
 from flax import traverse_util
 
 from vcl_jax.models.classifier import Classifier
-from vcl_jax.models.layers import conv_same
+from vcl_jax.models.layers import GroupNorm, conv_same
 from vcl_jax.models.unet import ContextUNet, variational_mask
 
 
@@ -22,6 +25,26 @@ def test_im2col_conv_equals_xla_conv(k, c_in, c_out):
     gx = jax.grad(lambda w: jnp.sum(conv_same(x, w, "xla") ** 2))(w)
     gi = jax.grad(lambda w: jnp.sum(conv_same(x, w, "im2col") ** 2))(w)
     np.testing.assert_allclose(gi, gx, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape,groups", [((3, 7, 7, 16), 8), ((2, 5, 5, 6), 1), ((4, 9, 12), 4)])
+def test_group_norm_equals_flax_group_norm(shape, groups):
+    x = 3.0 * jax.random.normal(jax.random.key(0), shape) + 1.5
+    ours, flax_gn = GroupNorm(groups), nn.GroupNorm(groups)
+    params = flax_gn.init(jax.random.key(1), x)
+    shapes = functools.partial(jax.tree.map, jnp.shape)
+    assert shapes(ours.init(jax.random.key(1), x)) == shapes(params)  # checkpoints carry over
+    params = jax.tree.map(lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+    np.testing.assert_allclose(ours.apply(params, x), flax_gn.apply(params, x),
+                               rtol=1e-5, atol=1e-5)
+
+    def grads(module):  # w.r.t. params and input, through a nonlinear loss
+        return jax.grad(lambda p, x: jnp.sum(jnp.sin(module.apply(p, x))), (0, 1))(params, x)
+
+    for a, b in zip(grads(ours), grads(flax_gn), strict=True):
+        jax.tree.map(lambda u, v: np.testing.assert_allclose(u, v, rtol=1e-4, atol=1e-4), a, b)
+    with pytest.raises(ValueError, match="groups"):
+        GroupNorm(5).init(jax.random.key(0), x)
 
 
 def _unet_io(size, channels, b=3):
@@ -60,6 +83,21 @@ def test_conv_impls_give_the_same_unet():
     params = jax.jit(a.init)(jax.random.key(0), *args)
     np.testing.assert_allclose(jax.jit(a.apply)(params, *args), jax.jit(b.apply)(params, *args),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_unet_is_unchanged_by_its_group_norm(monkeypatch):
+    """The U-Net with `layers.GroupNorm` is the U-Net it was with Flax's: same parameter
+    tree (earlier checkpoints load), same outputs."""
+    from vcl_jax.models import unet
+
+    args = _unet_io(28, 1)
+    model = ContextUNet(n_feat=8, n_tasks=3, embed_dim=4)
+    params = jax.jit(model.init)(jax.random.key(0), *args)
+    ours = jax.jit(model.apply)(params, *args)
+    monkeypatch.setattr(unet, "GroupNorm", nn.GroupNorm)
+    flax_params = jax.jit(model.init)(jax.random.key(0), *args)
+    assert jax.tree.structure(flax_params) == jax.tree.structure(params)
+    np.testing.assert_allclose(ours, jax.jit(model.apply)(params, *args), rtol=1e-4, atol=1e-4)
 
 
 def test_task_embedding_changes_the_output():

@@ -13,6 +13,7 @@ depends on one input pixel: they are a matmul and a reshape, in both impls.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -95,6 +96,90 @@ class PatchTranspose(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
         y = jnp.einsum("bhwc,ijco->bhiwjo", x, kernel)
         return y.reshape(b, h * s, w * s, self.features) + bias
+
+
+def _channel_sums(v: jax.Array) -> jax.Array:
+    """Sums of ``[B, ..., C]`` over every axis but the first and the last: ``[B, C]``."""
+    return v.sum(tuple(range(1, v.ndim - 1)))
+
+
+def _group_mean(v: jax.Array, groups: int, n: int) -> jax.Array:
+    """``[B, C]`` per-channel sums → ``[B, C]`` means over each group (``n`` elements each)."""
+    b, c = v.shape
+    return jnp.repeat(v.reshape(b, groups, c // groups).sum(-1) / n, c // groups, axis=-1)
+
+
+def _group_size(x: jax.Array, groups: int) -> int:
+    """Elements per example and group of ``x: [B, ..., C]``."""
+    return x.size // (x.shape[0] * groups)
+
+
+def _bcast(v: jax.Array, like: jax.Array) -> jax.Array:
+    """``[B, C]`` → ``[B, 1, ..., 1, C]`` broadcastable against ``like``."""
+    return v.reshape((v.shape[0],) + (1,) * (like.ndim - 2) + (v.shape[-1],))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
+               epsilon: float) -> jax.Array:
+    """GroupNorm of ``x: [B, ..., C]`` over (spatial axes, C/G channels), with Flax's math
+    (``E[x²] − E[x]²`` variance clipped at 0, ``rsqrt(var + ε)``).
+
+    The statistics are per-channel sums over the spatial axes followed by a sum over each
+    group's channels; the gradient is the closed form (one pass for the per-channel sums of
+    ``dy`` and ``dy·x``, one elementwise pass for ``dx``). XLA:CPU runs Flax's reduction over
+    (H, W, C/G) several times below memory speed, and the autodiff of either form re-reads the
+    activations more often (``BENCHMARKS.md``).
+    """
+    return _group_norm_fwd(x, scale, bias, groups, epsilon)[0]
+
+
+def _group_norm_fwd(x, scale, bias, groups, epsilon):
+    n = _group_size(x, groups)
+    mean = _group_mean(_channel_sums(x), groups, n)
+    var = jnp.maximum(0.0, _group_mean(_channel_sums(jnp.square(x)), groups, n) - jnp.square(mean))
+    rstd = jax.lax.rsqrt(var + epsilon)
+    y = (x - _bcast(mean, x)) * _bcast(rstd * scale, x) + bias
+    return y, (x, scale, mean, rstd)
+
+
+def _group_norm_bwd(groups, epsilon, res, dy):
+    x, scale, mean, rstd = res
+    n = _group_size(x, groups)
+    s_dy, s_dyx = _channel_sums(dy), _channel_sums(dy * x)  # [B, C]
+    s_dyxhat = rstd * (s_dyx - mean * s_dy)  # Σ dy·x̂ per channel
+    m1 = _group_mean(scale * s_dy, groups, n)  # group mean of dx̂ = dy·scale
+    m2 = _group_mean(scale * s_dyxhat, groups, n)  # group mean of dx̂·x̂
+    a = rstd * scale
+    k = -jnp.square(rstd) * m2
+    dx = _bcast(a, x) * dy + _bcast(k, x) * x + _bcast(-k * mean - rstd * m1, x)
+    return dx, s_dyxhat.sum(0), s_dy.sum(0)
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class GroupNorm(nn.Module):
+    """``flax.linen.GroupNorm`` over ``[B, ..., C]`` (same params, epsilon and math) computed by
+    `group_norm`. Agreement with ``nn.GroupNorm`` (values and gradients, to float rounding) and
+    the same parameter tree are tested (``tests/test_models.py``).
+
+    Attributes:
+      num_groups: number of channel groups (divides C).
+      epsilon: added to the variance, as in Flax (1e-6).
+    """
+
+    num_groups: int
+    epsilon: float = 1e-6
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        c = x.shape[-1]
+        if c % self.num_groups:
+            raise ValueError(f"GroupNorm: {c} channels do not split into {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (c,))
+        bias = self.param("bias", nn.initializers.zeros, (c,))
+        return group_norm(x, scale, bias, self.num_groups, self.epsilon)
 
 
 def max_pool2(x: jax.Array) -> jax.Array:

@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vcl_jax.models.layers import Conv, PatchTranspose, max_pool2, paper_uniform
+from vcl_jax.models.layers import Conv, GroupNorm, PatchTranspose, max_pool2, paper_uniform
 
 # Parameter names that are per-task / unconditional embeddings (deterministic in VCL).
 EMBEDDING_PARAMS = ("task_embeddings", "null_embedding", "task_context1", "task_context2")
@@ -48,7 +48,7 @@ class ConvBlock(nn.Module):
     @nn.compact
     def __call__(self, x):
         x = Conv(self.features, 3, impl=self.impl)(x)
-        return nn.gelu(nn.GroupNorm(_groups(self.features))(x))
+        return nn.gelu(GroupNorm(_groups(self.features))(x))
 
 
 class ResidualConvBlock(nn.Module):
@@ -159,11 +159,11 @@ class ContextUNet(nn.Module):
         down2 = Down(2 * n, self.impl, name="down2")(down1)  # [B, H/4, W/4, 2n]
         hidden = nn.gelu(jnp.mean(down2, axis=(1, 2), keepdims=True))  # [B, 1, 1, 2n]
         up0 = PatchTranspose(2 * n, down2.shape[1], name="up0")(hidden)
-        up0 = nn.relu(nn.GroupNorm(_groups(2 * n))(up0))
+        up0 = nn.relu(GroupNorm(_groups(2 * n))(up0))
         up1 = Up(n, self.impl, name="up1")(cemb1 * up0 + temb1, down2)  # [B, H/2, W/2, n]
         up2 = Up(n, self.impl, name="up2")(cemb2 * up1 + temb2, down1)  # [B, H, W, n]
         h = Conv(n, 3, impl=self.impl, name="out_conv1")(jnp.concatenate([up2, x0], -1))
-        h = nn.relu(nn.GroupNorm(_groups(n), name="out_norm")(h))
+        h = nn.relu(GroupNorm(_groups(n), name="out_norm")(h))
         return Conv(self.channels, 3, impl=self.impl, name="out_conv2")(h)
 
 
