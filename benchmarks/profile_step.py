@@ -1,6 +1,6 @@
 """Where the U-Net train step's time goes on this machine: a profile by operation kind.
 
-    python -m benchmarks.profile_step [--n-feat 64] [--batch 128]
+    python -m benchmarks.profile_step [--n-feat 64] [--batch 128] [--conv-impl xla]
 
 Traces one gradient of the ε-prediction loss (forward + backward, no optimizer)
 with the JAX profiler, maps every XLA kernel in the trace to the optimised HLO it
@@ -25,10 +25,15 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
+from vcl_jax.models.layers import resolve_impl
 from vcl_jax.models.unet import ContextUNet, unet_flops
 
 
 def _kind(body: str, name: str) -> str:
+    if 'custom_call_target="vcl_conv3x3_forward"' in body:  # our kernels (conv_impl=ffi)
+        return "conv, 3×3 window"
+    if 'custom_call_target="vcl_conv3x3_weight_grad"' in body:
+        return "conv, weight gradient (whole-map window)"
     if "convolution(" in body:
         window = re.search(r"window=\{size=(\d+)x", body)
         return "conv, 3×3 window" if window and int(window.group(1)) <= 3 else \
@@ -40,8 +45,9 @@ def _kind(body: str, name: str) -> str:
     return "other fusions"
 
 
-def profile(n_feat: int, batch: int) -> dict:
-    model = ContextUNet(n_feat=n_feat, n_tasks=10, embed_dim=32)
+def profile(n_feat: int, batch: int, conv_impl: str = "xla") -> dict:
+    model = ContextUNet(n_feat=n_feat, n_tasks=10, embed_dim=32,
+                        impl=resolve_impl(conv_impl, False))
     x = jax.random.normal(jax.random.key(0), (batch, 28, 28, 1))
     t, task, keep = jnp.full((batch,), 0.5), jnp.zeros((batch,), int), jnp.ones((batch,), bool)
     params = model.init(jax.random.key(1), x, t, task, keep)
@@ -80,7 +86,8 @@ def profile(n_feat: int, batch: int) -> dict:
     for r in rows:
         if r["kind"] in rates:
             r["gflop_per_s"] = rates[r["kind"]] * step_flops / (r["ms"] / 1e3) / 1e9
-    return {"n_feat": n_feat, "batch": batch, "total_ms": total, "rows": rows,
+    return {"n_feat": n_feat, "batch": batch, "conv_impl": model.impl, "total_ms": total,
+            "rows": rows,
             "step_gflop": step_flops / 1e9}
 
 
@@ -89,9 +96,11 @@ def main(argv=None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n-feat", type=int, default=64)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--conv-impl", default="xla", help="xla, im2col, ffi or auto")
     args = parser.parse_args(argv)
-    out = profile(args.n_feat, args.batch)
-    print(f"U-Net n_feat {out['n_feat']}, batch {out['batch']}: gradient step "
+    out = profile(args.n_feat, args.batch, args.conv_impl)
+    print(f"U-Net n_feat {out['n_feat']}, batch {out['batch']}, {out['conv_impl']} convs: "
+          f"gradient step "
           f"{out['total_ms']:.0f} ms in XLA kernels, {out['step_gflop']:.0f} GFLOP of convolutions")
     print("| kind | ms | share | kernels | GFLOP/s |\n|---|---|---|---|---|")
     for r in out["rows"]:

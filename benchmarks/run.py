@@ -21,8 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import legacy_draws
+from benchmarks.timing import interleaved_times
 from vcl_jax.config import override
 from vcl_jax.diffusion.generate import generate
+from vcl_jax.models.layers import resolve_impl
 from vcl_jax.models.unet import unet_flops
 from vcl_jax.protocols import vcl_diffusion
 from vcl_jax.protocols.vcl_diffusion_config import PRESETS
@@ -41,11 +43,12 @@ def _best(fn, repeats: int) -> float:
 
 
 def make_epoch(n_feat: int, method: str, batch: int, steps: int, unroll: int,
-               train_samples: int = 1):
+               train_samples: int = 1, conv_impl: str = "auto"):
     """A no-argument callable that runs ``steps`` train steps of the `cpu` preset's U-Net at
     width ``n_feat`` (one epoch of the `EpochRunner`, ``unroll`` steps per jitted call) on
     fixed random images, and blocks until they are done."""
-    cfg = override(PRESETS["cpu"], [f"n_feat={n_feat}", f"train_samples={train_samples}"])
+    cfg = override(PRESETS["cpu"], [f"n_feat={n_feat}", f"train_samples={train_samples}",
+                                    f"conv_impl={conv_impl}"])
     setup = vcl_diffusion.build(cfg)
     params = setup.init_params(jax.random.key(0))
     m = setup.method(method, params)
@@ -130,12 +133,14 @@ def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / _best(lambda: jax.block_until_ready(mm(a)), repeats) / 1e9
 
 
-def compare_torch(widths: list[int], batch: int = 128, rounds: int = 5) -> list[dict]:
+def compare_torch(widths: list[int], batch: int = 128, rounds: int = 5,
+                  conv_impls: tuple[str, ...] = ("auto", "xla")) -> list[dict]:
     """JAX vs the PyTorch reference (``benchmarks/torch_reference.py``), MLE and VCL (K = 1),
-    same architecture, batch and machine. After a warm-up, the two steps alternate for
-    ``rounds`` rounds (a JAX call of 2 unrolled steps, then 2 PyTorch steps), so that slow
-    spells of a noisy machine hit both; the ratio is of the medians (min-of-rounds also kept).
-    Step-time ratio JAX/PyTorch (< 1: JAX faster)."""
+    same architecture, batch and machine, for each of ``conv_impls`` (``auto``: our CPU
+    kernels where they build; ``xla``: XLA's own convolutions). After a warm-up the steps
+    alternate for ``rounds`` rounds (per JAX impl a call of 2 unrolled steps, then 2 PyTorch
+    steps), so that slow spells of a noisy machine hit all; ratios are of the medians
+    (min-of-rounds also kept). Step-time ratio JAX/PyTorch (< 1: JAX faster)."""
     if not widths:
         return []
     try:
@@ -150,35 +155,39 @@ def compare_torch(widths: list[int], batch: int = 128, rounds: int = 5) -> list[
                 "jax_over_torch": g_torch / g_jax})
     print(f"2048² float32 matmul: JAX {g_jax:.0f} GFLOP/s, PyTorch {g_torch:.0f} GFLOP/s "
           f"(time ratio JAX/PyTorch {g_torch / g_jax:.2f})", flush=True)
+    steps = 2
     for n in widths:
         for method in ("mle", "vcl"):
-            steps = 2
-            fns = {"jax": make_epoch(n, method, batch=batch, steps=steps, unroll=steps),
-                   "torch": torch_reference.make_step(n, method, batch=batch)}
-            per_call = {"jax": steps, "torch": 1}
-            times = {k: [] for k in fns}
-            for fn in fns.values():  # compile / warm up
-                fn()
-            for _ in range(rounds):
-                for k, fn in fns.items():
-                    for _ in range(steps // per_call[k]):
-                        t0 = time.perf_counter()
-                        fn()
-                        times[k].append((time.perf_counter() - t0) / per_call[k])
-            med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
-            best = {k: 1e3 * min(v) for k, v in times.items()}
+            fns = {f"jax_{impl}": make_epoch(n, method, batch=batch, steps=steps, unroll=steps,
+                                             conv_impl=impl) for impl in conv_impls}
+            fns["torch"] = _repeat(torch_reference.make_step(n, method, batch=batch), steps)
+            times = interleaved_times(fns, rounds)
+            med = {k: 1e3 * statistics.median(v) / steps for k, v in times.items()}
+            best = {k: 1e3 * min(v) / steps for k, v in times.items()}
             r = {"n_feat": n, "method": method, "batch": batch, "rounds": rounds,
-                 "jax_step_ms": med["jax"], "torch_step_ms": med["torch"],
-                 "jax_best_ms": best["jax"], "torch_best_ms": best["torch"],
-                 "jax_over_torch": med["jax"] / med["torch"],
-                 "jax_over_torch_best": best["jax"] / best["torch"],
+                 "torch_step_ms": med["torch"], "torch_best_ms": best["torch"],
                  "torch_threads": torch_reference.torch.get_num_threads()}
+            line = f"n_feat={n} {method} batch {batch}, median of {rounds} interleaved rounds:"
+            for impl in conv_impls:
+                j = f"jax_{impl}"
+                r[impl] = {"conv_impl": resolve_impl(impl, False), "jax_step_ms": med[j],
+                           "jax_best_ms": best[j], "jax_over_torch": med[j] / med["torch"],
+                           "jax_over_torch_best": best[j] / best["torch"]}
+                line += (f" JAX ({impl} → {r[impl]['conv_impl']}) {med[j]:.0f} ms,")
+            line += f" PyTorch {med['torch']:.0f} ms; JAX/PyTorch " + ", ".join(
+                f"{impl} {r[impl]['jax_over_torch']:.2f} "
+                f"(best {r[impl]['jax_over_torch_best']:.2f})"
+                for impl in conv_impls)
             out.append(r)
-            print(f"n_feat={n} {method} batch {batch}, median of {rounds} interleaved rounds: "
-                  f"JAX {med['jax']:.0f} ms, PyTorch {med['torch']:.0f} ms, JAX/PyTorch "
-                  f"{r['jax_over_torch']:.2f} (best: {best['jax']:.0f} / {best['torch']:.0f} ms, "
-                  f"{r['jax_over_torch_best']:.2f})", flush=True)
+            print(line, flush=True)
     return out
+
+
+def _repeat(fn, n: int):
+    def run():
+        for _ in range(n):
+            fn()
+    return run
 
 
 def main(argv=None) -> dict:
@@ -229,8 +238,13 @@ def main(argv=None) -> dict:
     rolled, unrolled = results["scan"][1]["step_ms"], results["scan"][0]["step_ms"]
     results["ratios"]["rolled_over_unrolled_n16"] = rolled / unrolled
     for r in results["vs_torch"]:
-        name = f"{r['method']}_n{r['n_feat']}" if "method" in r else "gemm_2048"
-        results["ratios"][f"jax_over_torch_{name}"] = r["jax_over_torch"]
+        if "method" not in r:
+            results["ratios"]["jax_over_torch_gemm_2048"] = r["jax_over_torch"]
+            continue
+        for impl in ("auto", "xla"):
+            if impl in r:
+                results["ratios"][f"jax_{impl}_over_torch_{r['method']}_n{r['n_feat']}"] = (
+                    r[impl]["jax_over_torch"])
     print("\n| ratio | value |\n|---|---|")
     for k, v in results["ratios"].items():
         print(f"| {k} | {v:.2f} |")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import legacy_draws
+from benchmarks.timing import interleaved_times
 from vcl_jax.config import override
 from vcl_jax.protocols import split_mnist
 from vcl_jax.protocols.split_mnist_config import PRESETS
@@ -94,16 +96,14 @@ def step_comparison(n_images: int = 12_000, repeats: int = 11) -> dict:
                    (params,)),
            "vcl": (vcl_grad(mf.sample_many), (q, key)),
            "vcl, earlier draws": (vcl_grad(legacy_draws.vmapped_per_leaf_draws), (q, key))}
-    for fn, args in fns.values():
-        jax.block_until_ready(fn(*args))
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, (fn, args) in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(*args))
-            times[name].append(1e3 * (time.perf_counter() - t0))
-    return {name: {"best_ms": min(t), "median_ms": sorted(t)[len(t) // 2]}
+    times = interleaved_times({name: functools.partial(_blocking, fn, args)
+                               for name, (fn, args) in fns.items()}, repeats)
+    return {name: {"best_ms": 1e3 * min(t), "median_ms": 1e3 * sorted(t)[len(t) // 2]}
             for name, t in times.items()}
+
+
+def _blocking(fn, args):
+    jax.block_until_ready(fn(*args))
 
 
 def main(argv=None) -> dict:

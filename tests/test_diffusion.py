@@ -53,6 +53,24 @@ def test_example_loss_shapes_and_value():
     assert b.shape == () and float(b) == pytest.approx(1.0, abs=0.05)
 
 
+def test_batch_loss_is_the_mean_of_example_losses():
+    """One call of the network on the batch gives the vmap-of-examples loss: the same
+    timesteps, noise and guidance drops per example (a network that depends on all four)."""
+    s = linear_schedule(50)
+
+    def eps_fn(x, t, task, keep):
+        w = t[:, None, None, None] + 0.1 * task[:, None, None, None] + keep[:, None, None, None]
+        return jnp.tanh(x) * w
+
+    x0 = jax.random.uniform(jax.random.key(0), (6, 5, 4, 2))
+    task = jnp.arange(6) % 3
+    key = jax.random.key(1)
+    per = jax.vmap(lambda k, x, d: example_loss(eps_fn, s, k, x, d, p_uncond=0.5))(
+        jax.random.split(key, 6), x0, task)
+    np.testing.assert_allclose(batch_loss(eps_fn, s, key, x0, task, p_uncond=0.5),
+                               jnp.mean(per), rtol=1e-6)
+
+
 def test_guidance_combines_conditional_and_unconditional():
     def eps_fn(x, t, task, keep):
         return jnp.where(keep[:, None, None, None], 1.0, 0.25) * jnp.ones_like(x)

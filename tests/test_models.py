@@ -27,6 +27,24 @@ def test_im2col_conv_equals_xla_conv(k, c_in, c_out):
     np.testing.assert_allclose(gi, gx, rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("k,c_in,c_out,hw",
+                         [(3, 16, 1, (9, 7)), (3, 7, 2, (5, 5)), (5, 4, 3, (8, 6))])
+def test_taps_first_conv_equals_xla_conv(k, c_in, c_out, hw):
+    """The few-output-channel form (the U-Net's last conv under ``impl="ffi"``)."""
+    from vcl_jax.models.layers import conv_taps_first
+
+    x = jax.random.normal(jax.random.key(0), (2, *hw, c_in))
+    w = jax.random.normal(jax.random.key(1), (k, k, c_in, c_out))
+    ct = jax.random.normal(jax.random.key(2), (2, *hw, c_out))
+
+    def run(conv):
+        y, vjp = jax.vjp(conv, x, w)
+        return (y, *vjp(ct))
+
+    for a, b in zip(run(conv_taps_first), run(lambda x, w: conv_same(x, w, "xla")), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("shape,groups", [((3, 7, 7, 16), 8), ((2, 5, 5, 6), 1), ((4, 9, 12), 4)])
 def test_group_norm_equals_flax_group_norm(shape, groups):
     x = 3.0 * jax.random.normal(jax.random.key(0), shape) + 1.5
@@ -185,12 +203,10 @@ def test_step_profile_finds_every_convolution():
     assert abs(sum(r["share"] for r in out["rows"]) - 1) < 1e-6
 
 
-def test_auto_conv_impl_avoids_grouped_convolutions_on_cpu():
+def test_unknown_conv_impl_is_an_error():
+    """(Which impl ``auto`` picks on the CPU: ``tests/test_kernels.py``.)"""
     from vcl_jax.models.layers import resolve_impl
 
-    assert resolve_impl("auto", vmapped_kernels=False) == "xla"
-    assert resolve_impl("auto", vmapped_kernels=True) == (
-        "im2col" if jax.default_backend() == "cpu" else "xla")
     assert resolve_impl("xla", vmapped_kernels=True) == "xla"
     with pytest.raises(ValueError, match="unknown conv impl 'fft'"):
         resolve_impl("fft", vmapped_kernels=False)

@@ -50,11 +50,18 @@ def example_loss(
 
 def batch_loss(eps_fn: EpsFn, sched: Schedule, key: jax.Array, x0: jax.Array, task: jax.Array,
                *, p_uncond: float = 0.1) -> jax.Array:
-    """Mean of :func:`example_loss` over ``x0: [B, H, W, C]``, keys split per example."""
+    """Mean of :func:`example_loss` over ``x0: [B, H, W, C]``, keys split per example.
+
+    The same numbers as ``vmap`` of :func:`example_loss` (the per-example randomness is
+    drawn the same way), with the network called once on the whole batch rather than
+    ``vmap``-ped over batches of one: a kernel without a batching rule of its own (our CPU
+    convolutions) then sees the batch (tested in ``tests/test_diffusion.py``).
+    """
     keys = jax.random.split(key, x0.shape[0])
-    per = jax.vmap(lambda k, x, d: example_loss(eps_fn, sched, k, x, d, p_uncond=p_uncond))(
-        keys, x0, task)
-    return jnp.mean(per)
+    t, noise, keep = jax.vmap(lambda k, x: draw_noise(k, x, sched.T, p_uncond))(keys, x0)
+    xt = jax.vmap(lambda x, t, n: q_sample(sched, x, t, n))(x0, t, noise)
+    pred = eps_fn(xt, t / sched.T, task, keep)
+    return jnp.mean(jnp.mean((pred - noise) ** 2, axis=tuple(range(1, x0.ndim))))
 
 
 def example_loss_at(eps_fn: EpsFn, sched: Schedule, example: dict) -> jax.Array:

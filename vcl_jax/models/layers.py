@@ -1,10 +1,12 @@
 """Layers with a choice of convolution implementation.
 
-XLA's CPU convolutions are slow on small machines (see DESIGN.md); a 3×3 "same"
-convolution written as patches + one matmul ("im2col") runs several times
-faster there, with identical math. ``impl="xla"`` uses ``lax.conv``; ``impl="im2col"``
-the patches form. Both share the parameter layout of ``flax.linen.Conv``
-(kernel ``[kh, kw, in, out]``), so a checkpoint works with either.
+XLA's CPU convolutions are slow on small machines (see DESIGN.md). ``impl="xla"`` uses
+``lax.conv``; ``impl="im2col"`` writes a 3×3 "same" convolution as patches + one matmul
+(the faster form under ``vmap``-ped kernels on the CPU); ``impl="ffi"`` runs the 3×3
+convolutions in our CPU kernels (`vcl_jax.kernels.conv3x3`: forward, input and weight
+gradients ~3× faster than XLA's at the U-Net's sizes), with ``lax.conv`` for the layers they
+do not cover. All compute the same function with the parameter layout of
+``flax.linen.Conv`` (kernel ``[kh, kw, in, out]``), so a checkpoint works with any of them.
 
 Transposed convolutions here have stride equal to kernel size (the U-Net's 2×2/2
 up-sampling and the k×k projection of the 1×1 bottleneck), so each output pixel
@@ -20,7 +22,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("xla", "im2col")
+from vcl_jax.kernels import conv3x3 as cpu_conv
+
+IMPLS = ("xla", "im2col", "ffi")
 CONV_IMPLS = ("auto", *IMPLS)  # what a config may ask for; "auto" is resolved by `resolve_impl`
 
 # U(−√(15/fan_in), +√(15/fan_in)): the VCL-diffusion paper's weight (mean) init.
@@ -28,23 +32,39 @@ paper_uniform = nn.initializers.variance_scaling(5.0, "fan_in", "uniform")
 
 
 def resolve_impl(impl: str, vmapped_kernels: bool) -> str:
-    """The convolution implementation for a config's ``impl`` (``auto``, ``xla``, ``im2col``).
+    """The convolution implementation for a config's ``impl`` (``auto``, ``xla``, ``im2col``,
+    ``ffi``).
 
-    ``auto`` is ``xla`` except where the kernels are ``vmap``-ped (VCL's weight draws) on a
-    CPU backend: ``vmap`` turns a batched kernel into a grouped convolution, which XLA:CPU
-    runs ~40× slower than the plain one (``BENCHMARKS.md``), while the patches form becomes
-    a batched matmul. Both forms compute the same function with the same params.
+    ``auto`` is ``xla`` on accelerators. On the CPU it is ``ffi`` where our kernels build
+    (`vcl_jax.kernels.conv3x3.available`); without them, ``im2col`` where the kernels are
+    ``vmap``-ped (VCL's weight draws: ``vmap`` turns a batched kernel into a grouped
+    convolution, which XLA:CPU runs ~40× slower than the plain one, ``BENCHMARKS.md``) and
+    ``xla`` elsewhere. Asking for ``ffi`` where the kernels cannot run is an error that says why.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv impl {impl!r}; accepted: {', '.join(CONV_IMPLS)}")
+    if impl == "ffi":
+        ok, why = cpu_conv.available()
+        if not ok:
+            raise ValueError(f"conv impl 'ffi' is unavailable here: {why}")
     if impl != "auto":
         return impl
-    return "im2col" if vmapped_kernels and jax.default_backend() == "cpu" else "xla"
+    if jax.default_backend() != "cpu":
+        return "xla"
+    if cpu_conv.available()[0]:
+        return "ffi"
+    return "im2col" if vmapped_kernels else "xla"
 
 
 def conv_same(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
     """Stride-1 'SAME' convolution of ``x: [B, H, W, C]`` with ``kernel: [kh, kw, C, O]``."""
     kh, kw, c, o = kernel.shape
+    if impl == "ffi":
+        if kh == kw == 3 and x.dtype == jnp.float32 and cpu_conv.supports(c, o):
+            return cpu_conv.conv3x3(x, kernel)
+        if o < c:  # few outputs (the U-Net's last conv, 64 → 1): one matmul, then 9 shifts
+            return conv_taps_first(x, kernel)
+        impl = "xla"  # the other layers our kernels do not cover
     if impl == "xla":
         return jax.lax.conv_general_dilated(
             x, kernel, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -60,13 +80,26 @@ def conv_same(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
     return patches @ kernel.reshape(kh * kw * c, o)
 
 
+def conv_taps_first(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Stride-1 'SAME' convolution as one matmul ``x @ [C, kh·kw·O]`` (every tap's
+    contribution at every pixel) followed by a sum of the kh·kw shifted tap maps. For few
+    output channels the tap maps are small, so this beats XLA:CPU's convolution (forward and
+    both gradients are matmuls and shifts); the same function as ``lax.conv``."""
+    kh, kw, c, o = kernel.shape
+    b, h, w, _ = x.shape
+    taps = (x @ kernel.transpose(2, 0, 1, 3).reshape(c, kh * kw * o)).reshape(b, h, w, kh, kw, o)
+    ph, pw = (kh - 1) // 2, (kw - 1) // 2
+    taps = jnp.pad(taps, ((0, 0), (ph, kh - 1 - ph), (pw, kw - 1 - pw), (0, 0), (0, 0), (0, 0)))
+    return sum(taps[:, i:i + h, j:j + w, i, j] for i in range(kh) for j in range(kw))
+
+
 class Conv(nn.Module):
     """Stride-1 'SAME' convolution; same params as ``nn.Conv``.
 
     Attributes:
       features: output channels.
       kernel_size: square kernel side.
-      impl: ``xla`` or ``im2col``.
+      impl: ``xla``, ``im2col`` or ``ffi`` (`conv_same`).
     """
 
     features: int

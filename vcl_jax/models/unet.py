@@ -107,7 +107,7 @@ class ContextUNet(nn.Module):
       n_tasks: number of per-task embeddings.
       channels: image channels (1 for MNIST, 3 for CIFAR-10).
       embed_dim: size of each task embedding vector.
-      impl: convolution implementation (``xla`` or ``im2col``).
+      impl: convolution implementation (``xla``, ``im2col`` or ``ffi``; `layers.conv_same`).
       context: ``shared`` context MLPs for all tasks, or ``per_task`` MLPs (one per
         task plus one for the null embedding, params ``task_context{1,2}`` with a
         leading ``n_tasks + 1`` axis, the last row the null model's).

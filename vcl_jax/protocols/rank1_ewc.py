@@ -41,6 +41,7 @@ from vcl_jax.diffusion.loss import draw_noise, example_loss_at, q_sample, timest
 from vcl_jax.diffusion.schedule import linear_schedule
 from vcl_jax.eval.classifier import EvalClassifier, get_classifier
 from vcl_jax.eval.metrics import frechet_distance, gaussian_stats
+from vcl_jax.models.layers import resolve_impl
 from vcl_jax.models.unet import ContextUNet, init_unet
 from vcl_jax.protocols.rank1_ewc_config import (
     ADDED_FIELDS,
@@ -159,7 +160,7 @@ def build(cfg: Rank1EWCConfig, data_shape: tuple[int, int, int]) -> Setup:
     if h > cfg.image_size:
         raise ConfigError(f"image_size {cfg.image_size} is smaller than the images ({h}×{h})")
     model = ContextUNet(n_feat=cfg.n_feat, n_tasks=len(cfg.classes), channels=c,
-                        embed_dim=cfg.embed_dim, impl=cfg.conv_impl)
+                        embed_dim=cfg.embed_dim, impl=resolve_impl(cfg.conv_impl, False))
     return Setup(cfg, model, linear_schedule(cfg.T, cfg.beta_1, cfg.beta_T),
                  (cfg.image_size, cfg.image_size, c), h)
 
