@@ -60,7 +60,7 @@ def conv_same(x: jax.Array, kernel: jax.Array, impl: str) -> jax.Array:
     """Stride-1 'SAME' convolution of ``x: [B, H, W, C]`` with ``kernel: [kh, kw, C, O]``."""
     kh, kw, c, o = kernel.shape
     if impl == "ffi":
-        if kh == kw == 3 and x.dtype == jnp.float32 and cpu_conv.supports(c, o):
+        if kh == kw == 3 and x.dtype == jnp.float32 and cpu_conv.supports(o):
             return cpu_conv.conv3x3(x, kernel)
         if o < c:  # few outputs (the U-Net's last conv, 64 → 1): one matmul, then 9 shifts
             return conv_taps_first(x, kernel)
