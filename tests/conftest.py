@@ -40,9 +40,10 @@ def write_mnist_like(folder: str, n_train: int = 40, n_test: int = 20, gz: bool 
 
 @pytest.fixture
 def isolated_data(monkeypatch):
-    """No environment data dirs and no system dirs: only what a test passes explicitly."""
+    """No environment, checkout or system data dirs: only what a test passes explicitly."""
     monkeypatch.delenv(sources.ENV_VAR, raising=False)
     monkeypatch.setattr(sources, "SYSTEM_ROOTS", ())
+    monkeypatch.setattr(sources, "CHECKOUT_ROOTS", ())
 
 
 @pytest.fixture

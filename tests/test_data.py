@@ -155,8 +155,8 @@ def test_cifar10_binary(tmp_path, isolated_data):
 
 
 def test_real_offline_mnist(shared_data, isolated_data):
-    train = load("mnist", "train", data_dir=shared_data)
-    test = load("mnist", "test", data_dir=shared_data)
+    train = load("mnist", "train", data_dir=shared_data, variant="5k")
+    test = load("mnist", "test", data_dir=shared_data, variant="5k")
     assert train.images.shape == (5000, 28, 28, 1) and len(test) == 10000
     assert np.bincount(train.labels).tolist() == [500] * 10
 
@@ -222,3 +222,66 @@ def test_gzip_not_gzip(tmp_path):
         f.write(b"\x00\x00")
     with pytest.raises(DataError, match="too short"):
         idx.read_idx(tmp_path / "ok.gz", expected_ndim=3)
+
+
+def _write_sized(folder, n_train):
+    """A tiny MNIST-shaped dataset whose training split has ``n_train`` images."""
+    write_mnist_like(str(folder), n_train=n_train, n_test=10)
+
+
+@pytest.fixture
+def small_variants(monkeypatch):
+    """MNIST's two variants with tiny training-set sizes (50 full, 20 subset)."""
+    monkeypatch.setitem(sources.VARIANTS, "mnist", {
+        "full": sources.Variant(("mnist", "MNIST", "mnist-full"), 50, "the full set"),
+        "5k": sources.Variant(("mnist-5k",), 20, "the subset")})
+
+
+def test_variants_search_their_own_folders_and_check_the_size(tmp_path, isolated_data,
+                                                               small_variants):
+    _write_sized(tmp_path / "mnist-full", 50)
+    _write_sized(tmp_path / "mnist-5k", 20)
+    full = load("mnist", "train", data_dir=str(tmp_path), variant="full")
+    small = load("mnist", "train", data_dir=str(tmp_path), variant="5k")
+    assert (len(full), full.source, full.variant) == (50, str(tmp_path / "mnist-full"), "full")
+    assert (len(small), small.source) == (20, str(tmp_path / "mnist-5k"))
+    assert sources.source_of("mnist", str(tmp_path), "5k") == str(tmp_path / "mnist-5k")
+    with pytest.raises(DataError, match="unknown variant 'half'"):
+        load("mnist", "train", data_dir=str(tmp_path), variant="half")
+
+
+def test_full_variant_finding_only_the_subset_names_both_folders(tmp_path, isolated_data,
+                                                                  small_variants):
+    _write_sized(tmp_path / "mnist-5k", 20)
+    # A root that holds only the subset: no download is attempted, both folders are named.
+    with pytest.raises(DataError) as e:
+        load("mnist", "train", data_dir=str(tmp_path), variant="full")
+    msg = str(e.value)
+    assert str(tmp_path / "mnist-5k") in msg and str(tmp_path / "mnist-full") in msg
+    assert "data_variant=5k" in msg
+    # The subset's folder given directly, or under the full set's name: refused by its size.
+    for folder in (tmp_path / "mnist-5k", tmp_path / "elsewhere"):
+        if not folder.exists():
+            _write_sized(folder / "mnist", 20)
+        with pytest.raises(DataError, match="holds 20 mnist training images.*the full set") as e:
+            load("mnist", "train", data_dir=str(folder), variant="full")
+        assert "mnist-full" in str(e.value) and "data_variant=5k" in str(e.value)
+
+
+def test_checkout_data_root_is_searched(tmp_path, isolated_data, monkeypatch):
+    write_mnist_like(str(tmp_path / "mnist-5k"))
+    monkeypatch.setattr(sources, "CHECKOUT_ROOTS", (str(tmp_path),))
+    assert load("mnist", "train").source == str(tmp_path / "mnist-5k")
+
+
+def test_real_full_mnist_and_subset_offline(shared_data, isolated_data):
+    if not os.path.isdir(os.path.join(shared_data, "mnist-full")):
+        pytest.skip("offline mnist-full not found")
+    full = load("mnist", "train", data_dir=shared_data, variant="full")
+    small = load("mnist", "train", data_dir=shared_data, variant="5k")
+    assert full.source.endswith("mnist-full") and len(full) == 60_000
+    assert small.source.endswith("mnist-5k") and len(small) == 5_000
+    np.testing.assert_array_equal(np.bincount(full.labels),
+                                  [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949])
+    # With no variant named, the full set is found first.
+    assert load("mnist", "train", data_dir=shared_data).source.endswith("mnist-full")

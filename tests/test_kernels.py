@@ -114,7 +114,8 @@ def test_conv3x3_rejects_what_it_cannot_compute():
 
 
 @needs_kernels
-@pytest.mark.parametrize("n_feat", [16, 8])  # 8: the 8-channel layers fall back to lax.conv
+# 8: the 8-channel layers fall back to lax.conv; 16 (every layer in our kernels) is slow: ~30 s
+@pytest.mark.parametrize("n_feat", [pytest.param(16, marks=pytest.mark.slow), 8])
 def test_unet_with_ffi_convs_equals_xla_convs(n_feat):
     b = 3
     args = (jax.random.normal(jax.random.key(0), (b, 28, 28, 1)), jnp.full((b,), 0.3),

@@ -95,6 +95,7 @@ def test_unet_parameter_count_scales_with_width():
     assert 3.5 < counts[16] / counts[8] < 4.1
 
 
+@pytest.mark.slow  # ~25 s; im2col is the fallback where our CPU kernels do not build
 def test_conv_impls_give_the_same_unet():
     args = _unet_io(28, 1)
     a = ContextUNet(n_feat=8, n_tasks=3, embed_dim=4, impl="xla")
@@ -143,6 +144,7 @@ def test_variational_mask_excludes_embeddings_and_norms():
     assert with_norms[("task_embeddings",)] is False
 
 
+@pytest.mark.slow  # ~25 s; the film context's test below covers the same property
 def test_per_task_context_mlps_belong_to_their_task():
     model = ContextUNet(n_feat=8, n_tasks=3, embed_dim=4, context="per_task")
     x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
@@ -210,3 +212,40 @@ def test_unknown_conv_impl_is_an_error():
     assert resolve_impl("xla", vmapped_kernels=True) == "xla"
     with pytest.raises(ValueError, match="unknown conv impl 'fft'"):
         resolve_impl("fft", vmapped_kernels=False)
+
+
+def test_film_context_gives_each_task_its_own_scales_and_a_random_null_pair():
+    from vcl_jax.models.unet import variational_mask
+
+    model = ContextUNet(n_feat=8, n_tasks=3, embed_dim=4, context="film", impl="xla")
+    x = jax.random.normal(jax.random.key(0), (4, 28, 28, 1))
+    t = jnp.full((4,), 0.3)
+    task, keep = jnp.array([0, 0, 2, 1]), jnp.array([True, True, True, False])
+    params = jax.jit(model.init)(jax.random.key(1), x, t, task, keep)["params"]
+    assert params["task_film1"].shape == (3, 16) and params["task_film2"].shape == (3, 8)
+    assert params["null_film1"].shape == (16,) and "task_embeddings" not in params
+    bound = 1 / np.sqrt(16)  # the author's kaiming_uniform(a=√5) of a [1, 2n] vector
+    assert np.abs(params["task_film1"]).max() <= bound
+    mask = variational_mask(params)
+    assert not mask["task_film1"] and not mask["task_film2"]  # deterministic per task
+    assert mask["null_film1"] and mask["null_film2"]  # the null pair is in the KL
+    g = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, x, t, task, keep))))(params)
+    # task 1's only example is unconditional: its scales get no gradient, task 0's and 2's do
+    rows = np.abs(np.asarray(g["task_film1"])).sum(1)
+    assert rows[1] == 0 and rows[0] > 0 and rows[2] > 0
+    assert np.abs(np.asarray(g["null_film1"])).sum() > 0
+
+
+def test_pytorch_init_is_uniform_within_one_over_root_fan_in():
+    from vcl_jax.models.layers import kernel_init
+
+    w = kernel_init("pytorch")(jax.random.key(0), (3, 3, 16, 32))
+    bound = 1 / np.sqrt(3 * 3 * 16)
+    assert np.abs(w).max() <= bound and np.abs(w).max() > 0.95 * bound
+    # PyTorch takes a transposed conv's fan-in from its output channels
+    wt = kernel_init("pytorch", transpose=True)(jax.random.key(0), (2, 2, 64, 8))
+    assert np.abs(wt).max() <= 1 / np.sqrt(2 * 2 * 8) and np.abs(wt).max() > 1 / np.sqrt(2 * 2 * 64)
+    paper = kernel_init("paper")(jax.random.key(0), (3, 3, 16, 32))
+    assert np.abs(paper).max() <= np.sqrt(15 / (3 * 3 * 16))
+    with pytest.raises(ValueError, match="unknown init"):
+        kernel_init("xavier")

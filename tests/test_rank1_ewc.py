@@ -24,7 +24,8 @@ from vcl_jax.protocols.rank1_ewc_config import PRESETS, parse_method
 @pytest.fixture(scope="module")
 def smoke_run(env, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("rank1"))
-    cfg = override(PRESETS["smoke"], ["dataset=mnist", "methods=naive,rank1+distill,diag+replay"])
+    cfg = override(PRESETS["smoke"], ["dataset=mnist", "data_variant=5k",
+                                      "methods=naive,rank1+distill,diag+replay"])
     metrics = rank1_ewc.run(cfg, run_dir, progress=False)
     return run_dir, cfg, metrics
 
@@ -110,7 +111,8 @@ def test_bad_settings_are_clear_errors(env, tmp_path):
                        ("eval_split=validation", "validation_per_class"),
                        ("validation_per_class=100000", "leaves no training image")):
         with pytest.raises(ConfigError, match=match):
-            rank1_ewc.run(override(PRESETS["smoke"], ["dataset=mnist", bad]), str(tmp_path),
+            rank1_ewc.run(override(PRESETS["smoke"], ["dataset=mnist", "data_variant=5k", bad]),
+                          str(tmp_path),
                           progress=False)
     assert not os.listdir(tmp_path)  # nothing written for a refused config
     assert parse_method("rank1_unit+replay").penalty == "rank1_unit"
@@ -132,7 +134,7 @@ def test_older_runs_without_eval_eta_read_as_deterministic_evaluation(smoke_run)
 
 
 def test_validation_split_is_held_out_of_training(env):
-    cfg = override(PRESETS["smoke"], ["dataset=mnist", "validation_per_class=5",
+    cfg = override(PRESETS["smoke"], ["dataset=mnist", "data_variant=5k", "validation_per_class=5",
                                       "eval_split=validation", "max_per_class=none"])
     tasks, shape = rank1_ewc.load_tasks(cfg)
     assert shape == (28, 28, 1)

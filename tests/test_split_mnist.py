@@ -15,6 +15,7 @@ import pytest
 
 from vcl_jax.config import ConfigError, override
 from vcl_jax.continual import vcl
+from vcl_jax.data import DataError
 from vcl_jax.models import bayes_mlp, mlp
 from vcl_jax.protocols import split_mnist
 from vcl_jax.protocols.split_mnist_config import PRESETS
@@ -153,9 +154,12 @@ def test_bad_settings_are_clear_errors(smoke, tmp_path):
     with pytest.raises(ConfigError, match="larger than task"):
         split_mnist.run(override(cfg, ["coreset_size=500"]), str(tmp_path / "b"),
                         progress=False)
-    with pytest.raises(ConfigError, match="full training set"):
-        split_mnist.run(override(cfg, ["min_train_images=60000"]), str(tmp_path / "c"),
+    # The smoke preset reads mnist-5k; asking for the full set there names both folders.
+    with pytest.raises(DataError, match="holds 5,000 mnist training images.*mnist-full"):
+        split_mnist.run(override(cfg, ["data_variant=full"]), str(tmp_path / "c"),
                         progress=False)
+    with pytest.raises(ConfigError, match="unknown data_variant 'half'"):
+        override(cfg, ["data_variant=half"]).validate()
     before = open(os.path.join(run_dir, "metrics.json")).read()
     with pytest.raises(ConfigError, match="different config"):
         split_mnist.run(override(cfg, ["epochs=7"]), run_dir, progress=False)

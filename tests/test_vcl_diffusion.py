@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import pytest
 
@@ -135,12 +136,17 @@ def test_checkpoint_reload_and_sample(smoke_run, tmp_path):
 
 def test_sample_entry_point(smoke_run, tmp_path, env):
     run_dir, _, _ = smoke_run
+    from experiments import rescore, sample
+
     out = str(tmp_path / "cli.npz")
-    proc = subprocess.run([sys.executable, "-m", "experiments.sample", "--run", run_dir, "--task",
-                           "2", "--digits", "1", "--n", "2", "--out", out], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    # In this process (a subprocess would import JAX and compile the sampler again).
+    assert sample.main(["--run", run_dir, "--task", "2", "--digits", "1", "--n", "2",
+                        "--out", out]) == out
     assert np.load(out)["images"].shape == (2, 28, 28)
+    got = rescore.main(["--run", run_dir, "--method", "mle_coreset0", "--n", "2", "--tasks", "0",
+                        "--guidance", "0"])
+    assert got["args"]["guidance"] == 0 and len(got["history"]) == 1
+    assert os.path.isfile(os.path.join(run_dir, "rescore_mle_coreset0_draws_ddpm_a0_n2_s1.json"))
 
 
 def test_bad_settings_are_clear_errors(env, tmp_path):
@@ -296,3 +302,43 @@ def test_diagnostics_on_a_smoke_run(smoke_run):
                                         method="mle_coreset0")
     assert [r["n"] for r in rows] == [2, 2, 1]
     assert all(r["uncertainty"] >= 0 and 0 <= r["accuracy"] <= 1 for r in rows)
+    # putting parameter groups back: nothing swapped = the checkpoint; "all" = the source
+    loaded = vcl_diagnostics.load_checkpoint(run_dir, task=0, method="vcl_coreset0")
+    pre = vcl_diagnostics.pretrained_params(run_dir, loaded)
+    post = loaded.restored["eval"].mean
+    assert jax.tree.structure(pre) == jax.tree.structure(post)
+    assert any(not np.array_equal(a, b)  # one task of VCL moved something
+               for a, b in zip(jax.tree.leaves(pre), jax.tree.leaves(post), strict=True))
+    rows = vcl_diagnostics.swap_effect(run_dir, 1, 0, [(), ("null", "norms"), ("all",)], n=2,
+                                       method="vcl_coreset0")
+    assert [r["weights"] for r in rows] == [
+        "checkpoint as it is", "null + norms from the MLE pre-training",
+        "the MLE pre-training alone"]
+    rows = vcl_diagnostics.swap_effect(run_dir, 2, 0, [("all",)], source=0, n=2,
+                                       method="mle_coreset0")
+    assert rows[0]["weights"] == "task 1's values alone"
+    with pytest.raises(ValueError, match="unknown parameter group"):
+        vcl_diagnostics.swap_effect(run_dir, 1, 0, [("bogus",)], n=2, method="vcl_coreset0")
+    with pytest.raises(FileNotFoundError, match="no saved MLE pre-training"):
+        vcl_diagnostics.swap_effect(run_dir, 1, 0, [()], n=2, method="mle_coreset0")
+
+
+def test_scores_carry_standard_errors_and_rescoring_writes_nothing_over(smoke_run):
+    from vcl_jax.protocols.sampling import rescore
+
+    run_dir, cfg, metrics = smoke_run
+    h = metrics["runs"]["vcl_coreset0"]["history"][-1]
+    assert h["samples_per_class"] == cfg.eval_per_class
+    assert sorted(h["per_class_stderr"]) == ["0", "1", "2"] and h["avg_stderr"] > 0
+    # the average's SE combines the digits' SEs as independent estimates
+    se = np.array(list(h["per_class_stderr"].values()))
+    np.testing.assert_allclose(h["avg_stderr"], np.sqrt(np.sum(se ** 2)) / 3, rtol=1e-6)
+    assert "±" in open(os.path.join(run_dir, "summary.md")).read()
+    before = open(os.path.join(run_dir, "metrics.json")).read()
+    out = rescore(run_dir, method="vcl_coreset0", n=2, tasks=[1], weights="mean")
+    assert [r["task"] for r in out["history"]] == [1]
+    assert sorted(out["history"][0]["per_class"]) == ["0", "1"]
+    assert out["history"][0]["samples_per_class"] == 2
+    assert open(os.path.join(run_dir, "metrics.json")).read() == before
+    with pytest.raises(ValueError, match="unknown weights"):
+        rescore(run_dir, weights="median")

@@ -211,16 +211,84 @@ def test_grouped_estimator_gives_each_slice_its_own_draw():
 
 
 @pytest.mark.parametrize("estimator", ["paper", "grouped"])
-def test_looped_draws_compute_the_vmapped_estimate(estimator):
+def test_both_draw_layouts_compute_the_estimate_and_vmap_traces_the_loss_once(estimator):
+    from vcl_jax.continual import vcl
+
     x = jnp.linspace(-2.0, 3.0, 8)
     batch = {"x": x, "y": 1.5 * x}
     q = mf.MeanField({"w": jnp.array(0.7)}, {"w": jnp.array(-1.0)})
-    methods = [_regression_vcl(estimator, 4, d) for d in ("vmap", "loop")]
-    _, state = methods[0].init({"w": jnp.array(0.0)})
-    state = methods[0].begin_task(q, state, 0, 8)[1]
-    grads = [jax.grad(lambda q, m=m: m.loss(q, state, batch, jax.random.key(3))[0])(q)
-             for m in methods]
-    np.testing.assert_allclose(grads[0].mean["w"], grads[1].mean["w"], rtol=1e-6)
-    np.testing.assert_allclose(grads[0].log_var["w"], grads[1].log_var["w"], rtol=1e-6)
+    key, k = jax.random.key(3), 4
+    traces = []
+
+    def loss(p, b, key):
+        del key
+        traces.append(1)  # one per trace: vmap traces the loss once, the loop K times
+        return jnp.mean((p["w"] * b["x"] - b["y"]) ** 2)
+
+    # An independent estimate: the documented draws (key split K ways, each split into a
+    # weight key and a loss key; draw i = sample(weight key i)) put through jax.vmap here.
+    pairs = jax.vmap(jax.random.split)(jax.random.split(key, k))
+
+    def expected(q):
+        ws = mf.sample_many(pairs[:, 0], q)
+        b = batch if estimator == "paper" else jax.tree.map(
+            lambda a: a.reshape(k, -1, *a.shape[1:]), batch)
+        per = None if estimator == "paper" else 0
+        return jnp.mean(jax.vmap(lambda w, bb: jnp.mean((w["w"] * bb["x"] - bb["y"]) ** 2),
+                                 (0, per))(ws, b))
+
+    want = jax.grad(expected)(q)
+    for layout, n_traces in (("vmap", 1), ("loop", k)):
+        traces.clear()
+        method = vcl(loss, n_samples=k, estimator=estimator, draws=layout)
+        _, state = method.init({"w": jnp.array(0.0)})
+        state = method.begin_task(q, state, 0, 8)[1]
+        state = state._replace(kl_weight=jnp.zeros(()))  # the likelihood part alone
+        got = jax.grad(lambda q, m=method, s=state: m.loss(q, s, batch, key)[0])(q)
+        assert len(traces) == n_traces, layout
+        np.testing.assert_allclose(got.mean["w"], want.mean["w"], rtol=1e-5)
+        np.testing.assert_allclose(got.log_var["w"], want.log_var["w"], rtol=1e-5)
     with pytest.raises(ValueError, match="draws layout"):
         _regression_vcl(estimator, 4, "scan")
+
+
+def test_vcl_without_weight_noise_uses_the_means_and_keeps_the_kl():
+    from vcl_jax.continual import vcl
+
+    x = jnp.linspace(-2.0, 3.0, 8)
+    batch = {"x": x, "y": 1.5 * x}
+    loss = lambda p, b, key: jnp.mean((p["w"] * b["x"] - b["y"]) ** 2)
+    method = vcl(loss, n_samples=4, weight_noise=False, log_var_init=-2.0)
+    q, state = method.init({"w": jnp.array(0.7)})
+    state = method.begin_task(q, state, 0, 8)[1]
+    total, m = method.loss(q, state, batch, jax.random.key(0))
+    np.testing.assert_allclose(m["loss"], loss(q.mean, batch, None), rtol=1e-6)
+    assert float(m["kl"]) > 0 and float(total) > float(m["loss"])
+    # the likelihood no longer depends on the log-variance: only the KL's gradient is left
+    g = jax.grad(lambda q: method.loss(q, state, batch, jax.random.key(0))[0])(q)
+    g_kl = jax.grad(lambda q: state.kl_weight * mf.kl(q, state.prior))(q)
+    np.testing.assert_allclose(g.log_var["w"], g_kl.log_var["w"], rtol=1e-6)
+
+
+def test_vcl_log_var_init_may_be_a_function_of_the_params():
+    from vcl_jax.continual import vcl
+
+    params = {"w": jnp.array([1.0, -2.0]), "b": jnp.array(0.5)}
+    method = vcl(lambda p, b, k: 0.0, log_var_init=lambda p: jax.tree.map(
+        lambda a: jnp.log(0.1 * jnp.abs(a)), p), pretrained_prior=True)
+    q, state = method.init(params)
+    np.testing.assert_allclose(q.log_var["w"], np.log([0.1, 0.2]), rtol=1e-6)
+    np.testing.assert_allclose(state.prior.log_var["b"], np.log(0.05), rtol=1e-6)
+
+
+def test_relative_log_var_follows_each_layers_weight_scale():
+    params = {"wide": {"kernel": jnp.full((4, 4), 0.5), "bias": jnp.zeros(4)},
+              "narrow": {"kernel": jnp.full((2, 2), -3.0), "bias": jnp.ones(2)},
+              "null": jnp.array([2.0, -2.0])}
+    lv = mf.relative_log_var(params, 0.1)
+    np.testing.assert_allclose(lv["wide"]["kernel"], 2 * np.log(0.05), rtol=1e-6)
+    np.testing.assert_allclose(lv["wide"]["bias"], 2 * np.log(0.05), rtol=1e-6)  # the kernel's
+    np.testing.assert_allclose(lv["narrow"]["bias"], 2 * np.log(0.3), rtol=1e-6)
+    np.testing.assert_allclose(lv["null"], 2 * np.log(0.2), rtol=1e-6)  # its own RMS
+    with pytest.raises(ValueError, match="> 0"):
+        mf.relative_log_var(params, 0.0)

@@ -27,7 +27,8 @@ def experiment_main(argv: list[str] | None, *, doc: str, name: str, presets: dic
     parser.add_argument("--data-dir", default=None, help="folder with local dataset files")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
-    args = parser.parse_args(argv)
+    # Intermixed: overrides may stand before, between or after the options.
+    args = parser.parse_intermixed_args(argv)
     cfg = override(preset(presets, args.preset), args.overrides)
     if args.data_dir:
         cfg = override(cfg, [f"data_dir={args.data_dir}"])

@@ -65,8 +65,9 @@ def vcl(
     draws: str = "vmap",
     kl_scale: float = 1.0,
     prior_sigma: float = 1.0,
-    log_var_init: float = -10.0,
+    log_var_init: float | Callable[[PyTree], PyTree] = -10.0,
     pretrained_prior: bool = False,
+    weight_noise: bool = True,
     expected_loss: ExpectedLoss | None = None,
 ) -> Method:
     """Builds the VCL method.
@@ -84,13 +85,18 @@ def vcl(
         The same estimate either way.
       kl_scale: multiplier of KL / N_d.
       prior_sigma: σ₀ of the first task's prior N(0, σ₀² I).
-      log_var_init: initial log-variance of the posterior.
+      log_var_init: initial log-variance of the posterior: one number for every leaf, or a
+        function ``params -> log-variance pytree`` (e.g. a width relative to each layer's
+        weights, :func:`relative_log_var`).
       pretrained_prior: the first task's prior is N(params, exp(log_var_init))
         around the params given to ``init`` (the authors' code: MLE pre-training on
         the first task gives the prior means) instead of N(0, prior_sigma² I).
       expected_loss: ``(q, batch, key) -> scalar``, an estimator of
         E_q[batch_loss] that replaces ``estimator``'s weight draws, e.g. local reparameterisation
         (``vcl_jax.models.bayes_mlp``). ``batch_loss`` is unused when given.
+      weight_noise: False trains the likelihood at the posterior means (no draws) while the
+        KL still acts: a diagnostic that separates the KL's pull from the weight noise (the
+        log-variances then follow the KL alone, to the prior's).
     """
     if n_samples < 1:
         raise ValueError(f"VCL needs n_samples ≥ 1, got {n_samples}")
@@ -99,12 +105,15 @@ def vcl(
     if draws not in DRAWS:
         raise ValueError(f"unknown VCL draws layout {draws!r}; accepted: {', '.join(DRAWS)}")
 
-    def init(params):
-        q = mf.init_from_params(params, log_var_init)
+    def init_fn(params):
+        if callable(log_var_init):
+            q = mf.MeanField(params, log_var_init(params))
+        else:
+            q = mf.init_from_params(params, log_var_init)
         p = jax.tree.map(jnp.copy, q) if pretrained_prior else mf.prior(params, prior_sigma)
         return q, VCLState(p, jnp.zeros((), jnp.float32))
 
-    def begin_task(q, state, task, n_data):
+    def begin_task_fn(q, state, task, n_data):
         del task
         if n_data < 1:
             raise ValueError(f"a task needs data, got n_data={n_data}")
@@ -115,6 +124,8 @@ def vcl(
         return batch_loss(mf.sample(kw, q, mask), batch, kd)
 
     def weight_draws(q, batch, key):
+        if not weight_noise:
+            return batch_loss(q.mean, batch, key)
         keys = jax.random.split(key, n_samples)
         # paper: every draw gets the whole batch; grouped: draw k gets the k-th of K equal
         # slices (so the mean of the slice means is the batch mean)
@@ -132,17 +143,19 @@ def vcl(
 
     estimate = expected_loss or weight_draws
 
-    def loss(q, state, batch, key):
+    def loss_fn(q, state, batch, key):
         nll = estimate(q, batch, key)
         kl = mf.kl(q, state.prior, mask)
         return nll + state.kl_weight * kl, {"loss": nll, "kl": kl}
 
-    def end_task(q, state, task, data=None):
+    def end_task_fn(q, state, task, data=None):
         del task, data
         return state._replace(prior=jax.tree.map(jnp.copy, q))
 
+    # Inner functions are named *_fn: a closure looks names up when it runs, so a `def draws`
+    # here would replace the `draws` argument inside `weight_draws`.
     @functools.partial(jax.jit, static_argnums=2)
-    def draws(q, key, n):
+    def draws_fn(q, key, n):
         return mf.sample_many(jax.random.split(key, n), q, mask)
 
-    return Method("vcl", init, begin_task, loss, end_task, draws)
+    return Method("vcl", init_fn, begin_task_fn, loss_fn, end_task_fn, draws_fn)

@@ -3,10 +3,21 @@
 from vcl_jax.data.coreset import complement, kcenter_coreset, random_coreset, select
 from vcl_jax.data.errors import DataError
 from vcl_jax.data.preprocess import pad_to, to_float, to_unit
-from vcl_jax.data.sources import ENV_VAR, Dataset, find_local, load
+from vcl_jax.data.sources import (
+    ENV_VAR,
+    VARIANTS,
+    Dataset,
+    describe,
+    find_local,
+    load,
+    record,
+    source_of,
+    variants,
+)
 from vcl_jax.data.tasks import Task, TaskStream
 
 __all__ = [
-    "ENV_VAR", "DataError", "Dataset", "Task", "TaskStream", "complement", "find_local",
-    "kcenter_coreset", "load", "pad_to", "random_coreset", "select", "to_float", "to_unit",
+    "ENV_VAR", "VARIANTS", "DataError", "Dataset", "Task", "TaskStream", "complement",
+    "describe", "find_local", "kcenter_coreset", "load", "pad_to", "random_coreset", "record",
+    "select", "source_of", "to_float", "to_unit", "variants",
 ]

@@ -3,14 +3,21 @@
 Search order for local files:
 
 1. ``data_dir`` given by argument (a folder holding the files, or a root with a
-   sub-folder per dataset such as ``mnist-5k/`` or ``fashion-mnist/``);
+   sub-folder per dataset such as ``mnist-full/`` or ``fashion-mnist/``);
 2. the folders listed in ``$VCL_JAX_DATA_DIR`` (``os.pathsep``-separated roots,
    each with a sub-folder per dataset);
-3. system folders (Debian's ``/usr/share/datasets``).
+3. ``shared/data`` beside the repository checkout (this project's offline data);
+4. system folders (Debian's ``/usr/share/datasets``).
 
-If none holds the dataset, ``tfds.data_source`` is tried (it needs no TensorFlow,
-but needs internet the first time). A folder that holds some of the files but
-not all, or a malformed file, is an error — never silently skipped.
+A dataset comes in named *variants* (``full``; for MNIST also ``5k``, the balanced
+500-per-digit subset), each with its own sub-folder names and training-set size.
+Asking for a variant searches only its sub-folders and checks the size, so a run
+never silently trains on another training set than its preset names.
+
+If no root holds the dataset, ``tfds.data_source`` is tried for the ``full``
+variant (it needs no TensorFlow, but needs internet the first time). A folder that
+holds some of the files but not all, or a malformed file, is an error — never
+silently skipped.
 """
 
 from __future__ import annotations
@@ -25,14 +32,44 @@ from vcl_jax.data.errors import DataError
 
 ENV_VAR = "VCL_JAX_DATA_DIR"
 SYSTEM_ROOTS = ("/usr/share/datasets",)
+# The project's offline data: ``shared/data`` beside the checkout holding this package.
+CHECKOUT_ROOTS = (os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "..", "shared", "data"),)
 SPLITS = ("train", "test")
 
-# Sub-folder names under a data root that may hold each dataset, in search order.
-SUBDIRS = {
-    "mnist": ("mnist", "MNIST", "mnist-5k"),
-    "fashion_mnist": ("fashion_mnist", "fashion-mnist", "FashionMNIST"),
-    "cifar10": ("cifar10", "cifar-10-batches-bin", "cifar-10"),
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One named training set of a dataset.
+
+    Attributes:
+      subdirs: sub-folder names under a data root that hold it, in search order.
+      n_train: the number of training images that identifies it.
+      about: a few words for messages.
+    """
+
+    subdirs: tuple[str, ...]
+    n_train: int
+    about: str
+
+
+VARIANTS = {
+    "mnist": {
+        "full": Variant(("mnist", "MNIST", "mnist-full"), 60_000, "the complete MNIST"),
+        "5k": Variant(("mnist-5k",), 5_000, "the balanced 500-per-digit MNIST subset"),
+    },
+    "fashion_mnist": {
+        "full": Variant(("fashion_mnist", "fashion-mnist", "FashionMNIST"), 60_000,
+                        "the complete Fashion-MNIST"),
+    },
+    "cifar10": {
+        "full": Variant(("cifar10", "cifar-10-batches-bin", "cifar-10"), 50_000,
+                        "the complete CIFAR-10"),
+    },
 }
+# Every sub-folder that may hold a dataset, whatever the variant (full first).
+SUBDIRS = {name: tuple(d for v in variants.values() for d in v.subdirs)
+           for name, variants in VARIANTS.items()}
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -51,6 +88,7 @@ class Dataset:
       name: dataset name (``mnist``, ``fashion_mnist``, ``cifar10``).
       split: ``train`` or ``test``.
       source: where it was read from (a folder, or ``tfds``).
+      variant: the variant asked for (``full``, ``5k``), or None if any was accepted.
     """
 
     images: np.ndarray
@@ -58,6 +96,7 @@ class Dataset:
     name: str
     split: str
     source: str
+    variant: str | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -94,20 +133,35 @@ def _roots(data_dir: str | os.PathLike | None) -> list[tuple[str, bool]]:
             raise DataError(f"${ENV_VAR} names {entry!r}, which does not exist; "
                             f"set it to a folder holding dataset sub-folders such as mnist-5k/")
         roots.append((entry, False))
+    roots.extend((os.path.normpath(r), False) for r in CHECKOUT_ROOTS if os.path.isdir(r))
     roots.extend((r, False) for r in SYSTEM_ROOTS if os.path.isdir(r))
     return roots
 
 
-def find_local(name: str,
-               data_dir: str | os.PathLike | None = None) -> tuple[str | None, list[str]]:
-    """Finds the local folder holding ``name``.
+def variants(name: str) -> tuple[str, ...]:
+    """The variant names of a dataset (``("full",)`` for an unknown one: its error comes later)."""
+    return tuple(VARIANTS.get(name, {"full": None}))
+
+
+def check_variant(name: str, variant: str | None) -> None:
+    """Raises a DataError unless ``variant`` is None or one of ``name``'s variants."""
+    if variant is not None and variant not in VARIANTS[name]:
+        raise DataError(f"unknown variant {variant!r} of {name}; accepted: "
+                        f"{', '.join(VARIANTS[name])}")
+
+
+def find_local(name: str, data_dir: str | os.PathLike | None = None,
+               variant: str | None = None) -> tuple[str | None, list[str]]:
+    """Finds the local folder holding ``name`` (of ``variant``'s sub-folders, if given).
 
     Returns:
       (folder or None, the folders looked in).
     """
+    check_variant(name, variant)
+    subdirs = VARIANTS[name][variant].subdirs if variant else SUBDIRS[name]
     looked = []
     for root, direct in _roots(data_dir):
-        candidates = [os.path.join(root, sub) for sub in SUBDIRS[name]]
+        candidates = [os.path.join(root, sub) for sub in subdirs]
         if direct:
             candidates.append(root)
         for folder in candidates:
@@ -115,6 +169,26 @@ def find_local(name: str,
             if os.path.isdir(folder) and _holds_dataset(folder, name):
                 return folder, looked
     return None, looked
+
+
+def source_of(name: str, data_dir: str | os.PathLike | None = None,
+              variant: str | None = None) -> str:
+    """Where :func:`load` reads ``name`` from: a folder, or ``tfds`` when none holds it."""
+    folder, _ = find_local(name, data_dir, variant)
+    return folder or "tfds"
+
+
+def record(name: str, data_dir: str | os.PathLike | None, variant: str | None,
+           train_per_task: list[int]) -> dict:
+    """What a run trained on, for its ``metrics.json``: dataset, variant, folder, sizes."""
+    return {"dataset": name, "variant": variant, "source": source_of(name, data_dir, variant),
+            "train_per_task": [int(n) for n in train_per_task]}
+
+
+def describe(rec: dict) -> str:
+    """One sentence of ``summary.md`` for a :func:`record`."""
+    return (f"Data: `{rec['dataset']}` (variant `{rec['variant']}`) read from "
+            f"`{rec['source']}`; training images per task {rec['train_per_task']}.")
 
 
 def _read_local(folder: str, name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -146,29 +220,74 @@ def _read_tfds(name: str, split: str) -> tuple[np.ndarray, np.ndarray]:
     return images, labels
 
 
-def load(name: str, split: str, *, data_dir: str | os.PathLike | None = None) -> Dataset:
+def _size_mismatch(name: str, variant: str, folder: str, n: int, looked: list[str]) -> DataError:
+    """The error for a folder found for ``variant`` whose training split has another size."""
+    want = VARIANTS[name][variant]
+    other = next((k for k, v in VARIANTS[name].items() if v.n_train == n), None)
+    held = f" ({VARIANTS[name][other].about}, variant {other!r})" if other else ""
+    fix = f", or choose data_variant={other}" if other else ""
+    return DataError(
+        f"{folder} holds {n:,} {name} training images{held}, but this run needs "
+        f"{want.about} (variant {variant!r}, {want.n_train:,}); its folders looked in: "
+        f"{', '.join(looked)}. Put the {variant} files in <root>/{want.subdirs[-1]}/ and "
+        f"pass --data-dir <root>{fix}.")
+
+
+def _wrong_variant(name: str, variant: str, looked: list[str], data_dir) -> DataError | None:
+    """The error for a missing ``variant`` when another variant of ``name`` is here, else None."""
+    for other in VARIANTS[name]:
+        if other == variant:
+            continue
+        folder, _ = find_local(name, data_dir, other)
+        if folder is not None:
+            want = VARIANTS[name][variant]
+            return DataError(
+                f"this run needs {want.about} ({name} variant {variant!r}, "
+                f"{want.n_train:,} training images), but no folder holds it; looked in: "
+                f"{', '.join(looked)}. Found only {VARIANTS[name][other].about} in {folder} "
+                f"(variant {other!r}). Put the {variant} files in <root>/{want.subdirs[-1]}/ "
+                f"beside {folder}, or choose data_variant={other}.")
+    return None
+
+
+def load(name: str, split: str, *, data_dir: str | os.PathLike | None = None,
+         variant: str | None = None) -> Dataset:
     """Loads a dataset split.
 
     Args:
       name: ``mnist``, ``fashion_mnist`` or ``cifar10``.
       split: ``train`` or ``test``.
       data_dir: optional folder searched before ``$VCL_JAX_DATA_DIR``.
+      variant: the training set wanted (``full``; ``5k`` for MNIST): only its sub-folders
+        are searched, and a training split of another size is refused. None accepts any
+        variant, the full one first.
 
     Returns:
       A :class:`Dataset` with uint8 images ``[N, H, W, C]`` and int32 labels ``[N]``.
 
     Raises:
-      DataError: unknown name or split, missing or malformed files, or no local
-        files and tfds could not provide the data.
+      DataError: unknown name, split or variant, missing or malformed files, a training
+        split of another size than the variant's, or no local files and tfds could not
+        provide the data.
     """
     if name not in SUBDIRS:
         raise DataError(f"unknown dataset {name!r}; accepted: {', '.join(SUBDIRS)}")
     if split not in SPLITS:
         raise DataError(f"unknown split {split!r}; accepted: {', '.join(SPLITS)}")
-    folder, looked = find_local(name, data_dir)
+    folder, looked = find_local(name, data_dir, variant)
     if folder is not None:
         images, labels = _read_local(folder, name, split)
-        return Dataset(images, labels, name, split, source=folder)
+        want = VARIANTS[name][variant] if variant else None
+        if want and split == "train" and len(labels) != want.n_train:
+            raise _size_mismatch(name, variant, folder, len(labels), looked)
+        return Dataset(images, labels, name, split, source=folder, variant=variant)
+    if variant not in (None, "full"):
+        raise DataError(f"no folder holds {VARIANTS[name][variant].about} ({name} variant "
+                        f"{variant!r}); looked in: {', '.join(looked) or '(none configured)'}")
+    if variant == "full":
+        wrong = _wrong_variant(name, variant, looked, data_dir)
+        if wrong is not None:
+            raise wrong
     try:
         images, labels = _read_tfds(name, split)
     except Exception as e:  # tfds raises many kinds; all mean "not available here".
@@ -179,4 +298,4 @@ def load(name: str, split: str, *, data_dir: str | os.PathLike | None = None) ->
             f"Offline machines need local files: put {files} in a folder such as "
             f"<root>/{SUBDIRS[name][0]}/ and pass --data-dir <root> or set "
             f"{ENV_VAR}=<root>.") from e
-    return Dataset(images, labels, name, split, source="tfds")
+    return Dataset(images, labels, name, split, source="tfds", variant=variant)

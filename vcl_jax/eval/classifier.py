@@ -22,6 +22,7 @@ import optax
 from vcl_jax import checkpoint
 from vcl_jax.data import Dataset, load, to_float
 from vcl_jax.models.classifier import Classifier
+from vcl_jax.models.layers import resolve_impl
 from vcl_jax.training.epoch import EpochRunner
 
 CACHE_ENV = "VCL_JAX_CACHE_DIR"
@@ -118,6 +119,19 @@ def _features_fn(model):
     return _FN_CACHE[key]
 
 
+def _model(num_classes: int, config: ClassifierConfig) -> Classifier:
+    """The classifier module; its convolutions in this backend's fastest form (same params)."""
+    return Classifier(num_classes=num_classes, width=config.width, features=config.features,
+                      impl=resolve_impl("auto", False))
+
+
+def describe(info: dict) -> str:
+    """One sentence of ``summary.md`` naming the evaluation classifier (its ``info``)."""
+    return (f"Evaluation classifier `{info['dataset']}-{info['fingerprint']}`: trained on "
+            f"{info['n_train']:,} images from `{info['train_source']}`, test accuracy "
+            f"{100 * info['test_accuracy']:.2f}%.")
+
+
 def train_classifier(train: Dataset, config: ClassifierConfig, *, progress: bool = True):
     """Trains the classifier on a whole training split.
 
@@ -125,7 +139,7 @@ def train_classifier(train: Dataset, config: ClassifierConfig, *, progress: bool
       (params, model, per-epoch training losses).
     """
     num_classes = int(train.labels.max()) + 1
-    model = Classifier(num_classes=num_classes, width=config.width, features=config.features)
+    model = _model(num_classes, config)
     key = jax.random.key(config.seed)
     init_key, data_key = jax.random.split(key)
     x = jnp.asarray(to_float(train.images))
@@ -165,6 +179,7 @@ def get_classifier(
     dataset: str,
     *,
     data_dir: str | None = None,
+    variant: str | None = None,
     config: ClassifierConfig | None = None,
     cache: str | None = None,
     epochs: int | None = None,
@@ -175,19 +190,20 @@ def get_classifier(
     Args:
       dataset: ``mnist``, ``fashion_mnist`` or ``cifar10``.
       data_dir: passed to :func:`vcl_jax.data.load`.
+      variant: the training set (``full``, ``5k``; None: any, the full one first), passed to
+        :func:`vcl_jax.data.load`.
       config: hyperparameters (default: :func:`default_config`).
       cache: cache root (default ``$VCL_JAX_CACHE_DIR`` or ``~/.cache/vcl_jax``).
       epochs: override the default number of epochs (a different cache entry).
       progress: show a progress bar while training.
     """
-    train = load(dataset, "train", data_dir=data_dir)
+    train = load(dataset, "train", data_dir=data_dir, variant=variant)
     config = config or default_config(dataset, len(train))
     if epochs is not None:
         config = dataclasses.replace(config, epochs=epochs)
     fp = _fingerprint(train, config)
     folder = os.path.join(cache or cache_dir(), "classifiers", f"{dataset}-{fp}")
-    model = Classifier(num_classes=int(train.labels.max()) + 1, width=config.width,
-                       features=config.features)
+    model = _model(int(train.labels.max()) + 1, config)
     ckpt = checkpoint.Checkpoints(folder, dataclasses.asdict(config))
     if ckpt.latest_step() is not None:
         like = jax.eval_shape(model.init, jax.random.key(0),
@@ -196,7 +212,7 @@ def get_classifier(
         ckpt.close()
         return EvalClassifier(params, model, meta["info"])
     params, model, losses = train_classifier(train, config, progress=progress)
-    test = load(dataset, "test", data_dir=data_dir)
+    test = load(dataset, "test", data_dir=data_dir, variant=variant)
     clf = EvalClassifier(params, model, {})
     acc = clf.accuracy(to_float(test.images), test.labels)
     info = {"dataset": dataset, "fingerprint": fp, "n_train": len(train), "train_source":

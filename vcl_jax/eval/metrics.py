@@ -23,6 +23,20 @@ def per_class_mean(values: np.ndarray, labels: np.ndarray) -> dict[int, float]:
     return {int(c): float(values[labels == c].mean()) for c in np.unique(labels)}
 
 
+def per_class_stderr(values: np.ndarray, labels: np.ndarray) -> dict[int, float]:
+    """Standard error of each label's mean (sample std / √n; 0 for a single value)."""
+    out = {}
+    for c in np.unique(labels):
+        v = values[labels == c]
+        out[int(c)] = float(v.std(ddof=1) / np.sqrt(v.size)) if v.size > 1 else 0.0
+    return out
+
+
+def mean_stderr(stderrs: list[float]) -> float:
+    """Standard error of the mean of independent estimates with these standard errors."""
+    return float(np.sqrt(np.sum(np.square(stderrs))) / max(len(stderrs), 1))
+
+
 def gaussian_stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean ``[D]`` and covariance ``[D, D]`` (float64) of ``features: [N, D]``, N ≥ 2."""
     f = np.asarray(features, np.float64)

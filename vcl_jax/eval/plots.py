@@ -59,11 +59,20 @@ def sample_grid(path: str, rows: list[dict[int, np.ndarray]], columns: list[int]
 
 
 def curves(path: str, series: dict[str, list[float]], *, xlabel: str, ylabel: str, title: str,
-           log: bool = False) -> None:
-    """One line per series against 1..len(series)."""
+           log: bool = False, errors: dict[str, list[float]] | None = None) -> None:
+    """One line per series against 1..len(series), with ±1 standard-error bars where
+    ``errors`` gives them; whole-number ticks on the x axis."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, ys in series.items():
-        ax.plot(np.arange(1, len(ys) + 1), ys, marker="o", label=name)
+        x = np.arange(1, len(ys) + 1)
+        err = (errors or {}).get(name)
+        if err is not None:
+            ax.errorbar(x, ys, yerr=err, marker="o", capsize=3, label=name)
+        else:
+            ax.plot(x, ys, marker="o", label=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if log:
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
@@ -79,12 +88,15 @@ def curves(path: str, series: dict[str, list[float]], *, xlabel: str, ylabel: st
 def per_class_curves(path: str, per_class: dict[str, dict[int, list[float]]], *, ylabel: str,
                      title: str) -> None:
     """One panel per run: each class's metric after each task from the one it was learned in."""
+    from matplotlib.ticker import MaxNLocator
+
     names = list(per_class)
     fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
     for ax, name in zip(axes[0], names, strict=True):
         for c, (first, ys) in per_class[name].items():
             ax.plot(np.arange(first + 1, first + 1 + len(ys)), ys, marker=".", label=str(c))
         ax.set_yscale("log")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("tasks seen")
         ax.set_ylabel(ylabel)
         ax.set_title(name)

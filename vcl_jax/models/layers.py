@@ -29,6 +29,22 @@ CONV_IMPLS = ("auto", *IMPLS)  # what a config may ask for; "auto" is resolved b
 
 # U(−√(15/fan_in), +√(15/fan_in)): the VCL-diffusion paper's weight (mean) init.
 paper_uniform = nn.initializers.variance_scaling(5.0, "fan_in", "uniform")
+# PyTorch's default for conv and linear weights (``kaiming_uniform_(a=√5)``): U(±1/√fan_in),
+# as in the VCL-diffusion author's code; PyTorch takes a transposed conv's fan-in from its
+# *output* channels (``torch_uniform_transpose``).
+torch_uniform = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
+torch_uniform_transpose = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform",
+                                                           in_axis=-1, out_axis=-2)
+INITS = ("paper", "pytorch")
+
+
+def kernel_init(init: str, *, transpose: bool = False) -> Callable:
+    """The weight initializer named by a config's ``init`` (``paper`` or ``pytorch``)."""
+    if init == "paper":
+        return paper_uniform
+    if init == "pytorch":
+        return torch_uniform_transpose if transpose else torch_uniform
+    raise ValueError(f"unknown init {init!r}; accepted: {', '.join(INITS)}")
 
 
 def resolve_impl(impl: str, vmapped_kernels: bool) -> str:

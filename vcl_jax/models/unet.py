@@ -10,14 +10,21 @@ Shape walk for 28×28 (32×32 works the same, bottleneck 8×8)::
 
 Differences from the PyTorch original, on purpose: GroupNorm instead of
 BatchNorm (no batch statistics, so the model is a pure function of its params,
-which mean-field VI and data parallelism need); the task label is a learned
-vector per task (``task_embeddings[d]``, ``null_embedding`` for the
-unconditional model) instead of a one-hot vector. By default it feeds the shared
-two-layer context MLPs; with ``context="per_task"`` every task (and the
-unconditional model) has its own context MLPs, so each task owns free channel
-scales in both decoder stages — the reading of the paper's "a separate set of
-trainable parameters for each task embedding" under which VCL, whose KL pins the
-shared weights, can still adapt every decoder channel to a new task.
+which mean-field VI and data parallelism need). The task conditioning (``context``):
+
+* ``shared``: a learned vector per task (``task_embeddings[d]``, ``null_embedding``
+  for the unconditional model) fed to two shared context MLPs;
+* ``per_task``: the same vectors, each task (and the unconditional model) with its
+  own context MLPs;
+* ``film``: the VCL-diffusion author's code (flag ``deterministic_embed``): each task
+  owns two free vectors that multiply the decoder stages directly (``task_film1[d]``
+  of size 2n, ``task_film2[d]`` of size n), and the unconditional model owns one such
+  pair (``null_film1``, ``null_film2``), which VCL treats as random, inside the KL,
+  while the per-task vectors stay deterministic.
+
+``weight_init`` picks the weight initialisation: ``paper`` (the paper's table,
+U(±√(15/fan_in))) or ``pytorch`` (PyTorch's default, U(±1/√fan_in), the author's
+code); biases start at zero either way.
 """
 
 from __future__ import annotations
@@ -28,15 +35,23 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from vcl_jax.models.layers import Conv, GroupNorm, PatchTranspose, max_pool2, paper_uniform
+from vcl_jax.models.layers import Conv, GroupNorm, PatchTranspose, kernel_init, max_pool2
 
 # Parameter names that are per-task / unconditional embeddings (deterministic in VCL).
-EMBEDDING_PARAMS = ("task_embeddings", "null_embedding", "task_context1", "task_context2")
-CONTEXTS = ("shared", "per_task")
+EMBEDDING_PARAMS = ("task_embeddings", "null_embedding", "task_context1", "task_context2",
+                    "task_film1", "task_film2")
+CONTEXTS = ("shared", "per_task", "film")
 
 
 def _groups(channels: int) -> int:
     return 8 if channels % 8 == 0 else 1
+
+
+def _film_init(key, shape):
+    """The author's per-task vectors: ``kaiming_uniform_(a=√5)`` of a [1, n] tensor,
+    U(±1/√n)."""
+    bound = 1.0 / jnp.sqrt(shape[-1])
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
 class ConvBlock(nn.Module):
@@ -44,10 +59,11 @@ class ConvBlock(nn.Module):
 
     features: int
     impl: str
+    weight_init: str = "paper"
 
     @nn.compact
     def __call__(self, x):
-        x = Conv(self.features, 3, impl=self.impl)(x)
+        x = Conv(self.features, 3, impl=self.impl, kernel_init=kernel_init(self.weight_init))(x)
         return nn.gelu(GroupNorm(_groups(self.features))(x))
 
 
@@ -57,11 +73,12 @@ class ResidualConvBlock(nn.Module):
     features: int
     impl: str
     residual: bool = False
+    weight_init: str = "paper"
 
     @nn.compact
     def __call__(self, x):
-        x1 = ConvBlock(self.features, self.impl)(x)
-        x2 = ConvBlock(self.features, self.impl)(x1)
+        x1 = ConvBlock(self.features, self.impl, self.weight_init)(x)
+        x2 = ConvBlock(self.features, self.impl, self.weight_init)(x1)
         if not self.residual:
             return x2
         skip = x if x.shape[-1] == self.features else x1
@@ -71,32 +88,38 @@ class ResidualConvBlock(nn.Module):
 class Down(nn.Module):
     features: int
     impl: str
+    weight_init: str = "paper"
 
     @nn.compact
     def __call__(self, x):
-        return max_pool2(ResidualConvBlock(self.features, self.impl)(x))
+        block = ResidualConvBlock(self.features, self.impl, weight_init=self.weight_init)
+        return max_pool2(block(x))
 
 
 class Up(nn.Module):
     features: int
     impl: str
+    weight_init: str = "paper"
 
     @nn.compact
     def __call__(self, x, skip):
-        x = PatchTranspose(self.features, 2)(jnp.concatenate([x, skip], axis=-1))
-        x = ResidualConvBlock(self.features, self.impl)(x)
-        return ResidualConvBlock(self.features, self.impl)(x)
+        up = PatchTranspose(self.features, 2,
+                            kernel_init=kernel_init(self.weight_init, transpose=True))
+        x = up(jnp.concatenate([x, skip], axis=-1))
+        x = ResidualConvBlock(self.features, self.impl, weight_init=self.weight_init)(x)
+        return ResidualConvBlock(self.features, self.impl, weight_init=self.weight_init)(x)
 
 
 class EmbedFC(nn.Module):
     """Linear → GELU → Linear."""
 
     features: int
+    weight_init: str = "paper"
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(self.features, kernel_init=paper_uniform)(x)
-        return nn.Dense(self.features, kernel_init=paper_uniform)(nn.gelu(x))
+        x = nn.Dense(self.features, kernel_init=kernel_init(self.weight_init))(x)
+        return nn.Dense(self.features, kernel_init=kernel_init(self.weight_init))(nn.gelu(x))
 
 
 class ContextUNet(nn.Module):
@@ -108,9 +131,11 @@ class ContextUNet(nn.Module):
       channels: image channels (1 for MNIST, 3 for CIFAR-10).
       embed_dim: size of each task embedding vector.
       impl: convolution implementation (``xla``, ``im2col`` or ``ffi``; `layers.conv_same`).
-      context: ``shared`` context MLPs for all tasks, or ``per_task`` MLPs (one per
+      context: ``shared`` context MLPs for all tasks, ``per_task`` MLPs (one per
         task plus one for the null embedding, params ``task_context{1,2}`` with a
-        leading ``n_tasks + 1`` axis, the last row the null model's).
+        leading ``n_tasks + 1`` axis, the last row the null model's), or ``film``
+        (free per-task vectors ``task_film{1,2}``, the null model's ``null_film{1,2}``).
+      weight_init: ``paper`` or ``pytorch`` (`layers.kernel_init`).
     """
 
     n_feat: int = 128
@@ -119,6 +144,7 @@ class ContextUNet(nn.Module):
     embed_dim: int = 32
     impl: str = "xla"
     context: str = "shared"
+    weight_init: str = "paper"
 
     @nn.compact
     def __call__(self, x: jax.Array, t: jax.Array, task: jax.Array, keep: jax.Array) -> jax.Array:
@@ -133,38 +159,61 @@ class ContextUNet(nn.Module):
         Returns:
           ``[B, H, W, C]`` predicted noise.
         """
+        n, init = self.n_feat, self.weight_init
+        if self.context == "film":
+            cemb1, cemb2 = self._film(task, keep)
+        else:
+            cemb1, cemb2 = self._embedded_context(task, keep)
+        t = t.astype(x.dtype)[:, None]  # [B, 1]
+        temb1 = EmbedFC(2 * n, init, name="timeembed1")(t)[:, None, None, :]
+        temb2 = EmbedFC(n, init, name="timeembed2")(t)[:, None, None, :]
+
+        conv_init = kernel_init(init)
+        x0 = ResidualConvBlock(n, self.impl, residual=True, weight_init=init, name="init_conv")(x)
+        down1 = Down(n, self.impl, init, name="down1")(x0)  # [B, H/2, W/2, n]
+        down2 = Down(2 * n, self.impl, init, name="down2")(down1)  # [B, H/4, W/4, 2n]
+        hidden = nn.gelu(jnp.mean(down2, axis=(1, 2), keepdims=True))  # [B, 1, 1, 2n]
+        up0 = PatchTranspose(2 * n, down2.shape[1], kernel_init=kernel_init(init, transpose=True),
+                             name="up0")(hidden)
+        up0 = nn.relu(GroupNorm(_groups(2 * n))(up0))
+        up1 = Up(n, self.impl, init, name="up1")(cemb1 * up0 + temb1, down2)  # [B, H/2, W/2, n]
+        up2 = Up(n, self.impl, init, name="up2")(cemb2 * up1 + temb2, down1)  # [B, H, W, n]
+        h = Conv(n, 3, impl=self.impl, kernel_init=conv_init, name="out_conv1")(
+            jnp.concatenate([up2, x0], -1))
+        h = nn.relu(GroupNorm(_groups(n), name="out_norm")(h))
+        return Conv(self.channels, 3, impl=self.impl, kernel_init=conv_init, name="out_conv2")(h)
+
+    def _embedded_context(self, task, keep):
+        """``shared``/``per_task``: an embedding vector per task through context MLPs;
+        returns the two decoder scales ``[B, 1, 1, 2n]``, ``[B, 1, 1, n]``."""
         n = self.n_feat
         task_emb = self.param("task_embeddings", nn.initializers.normal(1.0),
                               (self.n_tasks, self.embed_dim))
         null_emb = self.param("null_embedding", nn.initializers.zeros, (self.embed_dim,))
         if self.context == "shared":
             c = jnp.where(keep[:, None], task_emb[task], null_emb)  # [B, E]
-            cemb1 = EmbedFC(2 * n, name="contextembed1")(c)[:, None, None, :]
-            cemb2 = EmbedFC(n, name="contextembed2")(c)[:, None, None, :]
+            cemb1 = EmbedFC(2 * n, self.weight_init, name="contextembed1")(c)
+            cemb2 = EmbedFC(n, self.weight_init, name="contextembed2")(c)
         elif self.context == "per_task":
             table = jnp.concatenate([task_emb, null_emb[None]], 0)  # [n_tasks + 1, E]
             row = jnp.where(keep, task, self.n_tasks)  # [B]
             per_task = nn.vmap(EmbedFC, variable_axes={"params": 0},
                                split_rngs={"params": True})
-            cemb1 = per_task(2 * n, name="task_context1")(table)[row][:, None, None, :]
-            cemb2 = per_task(n, name="task_context2")(table)[row][:, None, None, :]
+            cemb1 = per_task(2 * n, self.weight_init, name="task_context1")(table)[row]
+            cemb2 = per_task(n, self.weight_init, name="task_context2")(table)[row]
         else:
             raise ValueError(f"unknown context {self.context!r}; accepted: {', '.join(CONTEXTS)}")
-        t = t.astype(x.dtype)[:, None]  # [B, 1]
-        temb1 = EmbedFC(2 * n, name="timeembed1")(t)[:, None, None, :]
-        temb2 = EmbedFC(n, name="timeembed2")(t)[:, None, None, :]
+        return cemb1[:, None, None, :], cemb2[:, None, None, :]
 
-        x0 = ResidualConvBlock(n, self.impl, residual=True, name="init_conv")(x)
-        down1 = Down(n, self.impl, name="down1")(x0)  # [B, H/2, W/2, n]
-        down2 = Down(2 * n, self.impl, name="down2")(down1)  # [B, H/4, W/4, 2n]
-        hidden = nn.gelu(jnp.mean(down2, axis=(1, 2), keepdims=True))  # [B, 1, 1, 2n]
-        up0 = PatchTranspose(2 * n, down2.shape[1], name="up0")(hidden)
-        up0 = nn.relu(GroupNorm(_groups(2 * n))(up0))
-        up1 = Up(n, self.impl, name="up1")(cemb1 * up0 + temb1, down2)  # [B, H/2, W/2, n]
-        up2 = Up(n, self.impl, name="up2")(cemb2 * up1 + temb2, down1)  # [B, H, W, n]
-        h = Conv(n, 3, impl=self.impl, name="out_conv1")(jnp.concatenate([up2, x0], -1))
-        h = nn.relu(GroupNorm(_groups(n), name="out_norm")(h))
-        return Conv(self.channels, 3, impl=self.impl, name="out_conv2")(h)
+    def _film(self, task, keep):
+        """``film``: free per-task decoder scales, and the null model's pair."""
+        n = self.n_feat
+        out = []
+        for i, size in ((1, 2 * n), (2, n)):
+            table = self.param(f"task_film{i}", _film_init, (self.n_tasks, size))
+            null = self.param(f"null_film{i}", _film_init, (size,))
+            out.append(jnp.where(keep[:, None], table[task], null)[:, None, None, :])
+        return tuple(out)
 
 
 def init_unet(model: ContextUNet, key: jax.Array, shape: tuple[int, int, int]) -> dict:

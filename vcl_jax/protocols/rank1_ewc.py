@@ -35,7 +35,7 @@ from vcl_jax import checkpoint
 from vcl_jax.config import ConfigError, to_dict
 from vcl_jax.continual import chain, distillation, ewc, mle
 from vcl_jax.continual.base import stack
-from vcl_jax.data import TaskStream, load, pad_to, to_float, to_unit
+from vcl_jax.data import TaskStream, load, pad_to, record, to_float, to_unit
 from vcl_jax.diffusion.generate import generate
 from vcl_jax.diffusion.loss import draw_noise, example_loss_at, q_sample, timestep_examples
 from vcl_jax.diffusion.schedule import linear_schedule
@@ -167,8 +167,8 @@ def build(cfg: Rank1EWCConfig, data_shape: tuple[int, int, int]) -> Setup:
 
 def load_tasks(cfg: Rank1EWCConfig) -> tuple[list[TaskData], tuple[int, int, int]]:
     """Training images per task (minus the validation hold-out) and FD references."""
-    train = load(cfg.dataset, "train", data_dir=cfg.data_dir)
-    test = load(cfg.dataset, "test", data_dir=cfg.data_dir)
+    train = load(cfg.dataset, "train", data_dir=cfg.data_dir, variant=cfg.data_variant)
+    test = load(cfg.dataset, "test", data_dir=cfg.data_dir, variant=cfg.data_variant)
     stream = TaskStream.pairs(cfg.classes)
     rng = np.random.default_rng(cfg.seed)
     tasks = []
@@ -364,8 +364,8 @@ def run(cfg: Rank1EWCConfig, run_dir: str, *, progress: bool = True) -> dict:
     check_run_dir(run_dir, cfg)
     tasks, data_shape = load_tasks(cfg)
     setup = build(cfg, data_shape)
-    classifier = get_classifier(cfg.dataset, data_dir=cfg.data_dir, epochs=cfg.classifier_epochs,
-                                progress=progress)
+    classifier = get_classifier(cfg.dataset, data_dir=cfg.data_dir, variant=cfg.data_variant,
+                                epochs=cfg.classifier_epochs, progress=progress)
     ref_stats = [gaussian_stats(classifier.features(t.reference)) for t in tasks]
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
@@ -373,9 +373,10 @@ def run(cfg: Rank1EWCConfig, run_dir: str, *, progress: bool = True) -> dict:
     results = {name: run_one(setup, name, tasks, classifier, ref_stats,
                              os.path.join(run_dir, method_dir(name)), progress=progress)
                for name in cfg.methods}
-    metrics = {"config": to_dict(cfg), "classifier": classifier.info,
+    data = record(cfg.dataset, cfg.data_dir, cfg.data_variant, [len(t.x) for t in tasks])
+    metrics = {"config": to_dict(cfg), "data": data, "classifier": classifier.info,
                "reference_images_per_task": [len(t.reference) for t in tasks], "runs": results}
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    report.write(run_dir, cfg, results)
+    report.write(run_dir, cfg, results, data, classifier.info)
     return metrics

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from vcl_jax.config import ConfigError, checks
+from vcl_jax.config import ConfigError, check_choice, checks
+from vcl_jax.data import variants
 
 PENALTIES = ("diag", "rank1", "rank1_unit")
 REPLAY_MODES = ("replay", "distill")  # distill = replay + distillation from the frozen teacher
@@ -50,6 +51,9 @@ class Rank1EWCConfig:
     # data and tasks
     dataset: str = "fashion_mnist"
     data_dir: str | None = None
+    # which training set: "full" (the complete dataset) or, for MNIST, "5k" (the balanced
+    # 500-per-digit subset); a folder holding another one is refused (vcl_jax.data.sources)
+    data_variant: str = "full"
     classes: tuple[int, ...] = tuple(range(10))  # consecutive pairs are the tasks
     max_per_class: int | None = None  # cap on training images per class (None: all)
     # hold out this many training images per class; with eval_split=validation the
@@ -93,6 +97,7 @@ class Rank1EWCConfig:
     def validate(self) -> Rank1EWCConfig:
         for m in self.methods:
             parse_method(m)
+        check_choice("data_variant", self.data_variant, variants(self.dataset))
         if self.eval_split not in EVAL_SPLITS:
             raise ConfigError(f"unknown eval_split {self.eval_split!r}; accepted: "
                               f"{', '.join(EVAL_SPLITS)}")
@@ -157,6 +162,8 @@ REPLAY_ONLY = ("replay_per_class", "replay_batch", "replay_guidance", "ddim_step
 DISTILL_ONLY = ("distill_weight",)
 # Fields added after run directories existed, with the value older runs implicitly had:
 # a checkpoint (or config.json) without the field matches a run with this value.
+# (`data_variant` is not here: older runs read whichever MNIST folder came first, so their
+# variant is unknown and their configs are refused.)
 ADDED_FIELDS = {"eval_eta": 0.0}
 
 

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 
+from vcl_jax.data import describe
 from vcl_jax.eval import plots
+from vcl_jax.eval.classifier import describe as describe_classifier
 from vcl_jax.protocols.rank1_ewc_config import Rank1EWCConfig
 
 
-def write(run_dir: str, cfg: Rank1EWCConfig, results: dict) -> None:
+def write(run_dir: str, cfg: Rank1EWCConfig, results: dict, data: dict,
+          classifier_info: dict) -> None:
     """Writes sample grids, the average-FD curve (the paper's Figure 4) and ``summary.md``."""
     from vcl_jax.protocols.rank1_ewc import method_dir
 
@@ -23,6 +26,7 @@ def write(run_dir: str, cfg: Rank1EWCConfig, results: dict) -> None:
     n = len(cfg.classes) // 2
     ref = "validation" if cfg.eval_split == "validation" else "test"
     lines = [f"# Rank-1 EWC — {cfg.dataset}", "",
+             describe(data) + " " + describe_classifier(classifier_info), "",
              f"FD-classifier: Fréchet distance in the evaluation classifier's feature space "
              f"(not FID) between {cfg.eval_per_class} DDIM-{cfg.ddim_steps} samples per class "
              f"(η = {cfg.eval_eta:g}, guidance {cfg.eval_guidance:g}) "

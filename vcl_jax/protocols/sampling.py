@@ -17,6 +17,7 @@ from vcl_jax.eval import plots
 from vcl_jax.protocols import vcl_diffusion
 from vcl_jax.protocols.vcl_diffusion_config import ADDED_FIELDS, VCLDiffusionConfig
 from vcl_jax.training.state import TrainState
+from vcl_jax.vi import mean_field as mf
 
 
 def load_config(run_dir: str) -> VCLDiffusionConfig:
@@ -96,7 +97,7 @@ def sample_from_run(run_dir: str, *, task: int | None = None, digits: list[int] 
     draws = m.draws(restored["eval"], jax.random.fold_in(key, 0), setup.eval_draws(base))
     x = generate(setup.model, draws, setup.sched, jax.random.fold_in(key, 1), task_ids,
                  setup.shape, sampler=cfg.sampler, guidance=cfg.guidance,
-                 ddim_steps=cfg.ddim_steps,
+                 ddim_steps=cfg.ddim_steps, eta=cfg.eval_eta,
                  average=setup.average_draws(base, average_draws))
     images = to_unit(x, cfg.pixel_range)[..., 0]
     labels = np.asarray(cfg.classes)[task_ids]
@@ -110,3 +111,64 @@ def sample_from_run(run_dir: str, *, task: int | None = None, digits: list[int] 
                           row_labels=[f"digit {d}" for d in digits])
     return out
 
+
+
+WEIGHTS = ("draws", "mean", "average")
+
+
+def rescore(run_dir: str, *, method: str | None = None, n: int = 50, seed: int = 1,
+            tasks: list[int] | None = None, weights: str = "draws", sampler: str | None = None,
+            ddim_steps: int | None = None, eta: float | None = None,
+            guidance: float | None = None, classifier=None) -> dict:
+    """Re-samples and re-scores the checkpoints of one sub-run (nothing is overwritten).
+
+    Args:
+      run_dir: a VCL-diffusion run directory.
+      method: the sub-run (default: the first).
+      n: samples per seen digit.
+      seed: sampling seed.
+      tasks: 0-based checkpoints to score (default: every one).
+      weights: ``draws`` (the run's evaluation: one posterior draw per image), ``mean``
+        (the posterior mean; for MLE the params either way) or ``average`` (ε averaged
+        over the ``eval_samples`` draws at every step, the authors' sampler).
+      sampler, ddim_steps, eta, guidance: default: the run's (``eta`` is DDIM's η,
+        ``guidance`` the classifier-free guidance weight α).
+      classifier: the evaluation classifier (default: the run's dataset and variant).
+
+    Returns:
+      ``{"args": …, "history": [score per task, as in metrics.json]}``.
+    """
+    from vcl_jax.eval.classifier import get_classifier
+
+    if weights not in WEIGHTS:
+        raise ValueError(f"unknown weights {weights!r}; accepted: {', '.join(WEIGHTS)}")
+    first = load_checkpoint(run_dir, method=method)
+    cfg = first.cfg
+    classifier = classifier or get_classifier(
+        cfg.dataset, data_dir=cfg.data_dir, variant=cfg.data_variant,
+        epochs=cfg.classifier_epochs, progress=False)
+    sampler = sampler or cfg.sampler
+    ddim_steps = ddim_steps or cfg.ddim_steps
+    eta = cfg.eval_eta if eta is None else eta
+    guidance = cfg.guidance if guidance is None else guidance
+    tasks = list(range(first.task + 1)) if tasks is None else tasks
+    history = []
+    for d in tasks:
+        loaded = first if d == first.task else load_checkpoint(run_dir, task=d,
+                                                                method=first.run)
+        setup, m, trainable = loaded.setup, loaded.method, loaded.restored["eval"]
+        key = jax.random.fold_in(jax.random.key(seed), d)
+        if weights == "mean" and isinstance(trainable, mf.MeanField):
+            draws = jax.tree.map(lambda a: a[None], trainable.mean)
+        else:
+            draws = m.draws(trainable, jax.random.fold_in(key, 0), setup.eval_draws(m.name))
+        seen = np.repeat(np.arange(d + 1), n)
+        x = generate(setup.model, draws, setup.sched, jax.random.fold_in(key, 1), seen,
+                     setup.shape, sampler=sampler, guidance=guidance, ddim_steps=ddim_steps,
+                     eta=eta, average=weights == "average" and setup.eval_draws(m.name) > 1)
+        images = to_unit(x, cfg.pixel_range)
+        history.append(vcl_diffusion.score(images, np.asarray(cfg.classes)[seen], d,
+                                           classifier))
+    args = {"method": first.run, "n": n, "seed": seed, "weights": weights, "sampler": sampler,
+            "ddim_steps": ddim_steps, "eta": eta, "guidance": guidance}
+    return {"args": args, "history": history}

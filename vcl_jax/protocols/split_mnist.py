@@ -27,7 +27,7 @@ import optax
 from vcl_jax.checkpoint import config_diff
 from vcl_jax.config import ConfigError, to_dict
 from vcl_jax.continual import Method, VCLState, ewc, mle, vcl
-from vcl_jax.data import TaskStream, complement, load, select, to_float
+from vcl_jax.data import TaskStream, complement, load, record, select, to_float
 from vcl_jax.models import bayes_mlp, mlp
 from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig
 from vcl_jax.training.epoch import epoch_indices, scan_steps
@@ -52,14 +52,9 @@ def _flat(images: np.ndarray) -> np.ndarray:
 
 
 def load_tasks(cfg: SplitMNISTConfig) -> list[TaskData]:
-    """The task stream's train/test subsets, capped or tiled as the config says."""
-    train = load(cfg.dataset, "train", data_dir=cfg.data_dir)
-    if len(train) < cfg.min_train_images:
-        raise ConfigError(
-            f"this preset needs the full training set (≥ {cfg.min_train_images} images) but "
-            f"{train.source} holds {len(train)}; give it internet access (tfds) or a folder "
-            f"with the full dataset (--data-dir), or use --preset cpu for offline mnist-5k")
-    test = load(cfg.dataset, "test", data_dir=cfg.data_dir)
+    """The task stream's train/test subsets, capped as the config says."""
+    train = load(cfg.dataset, "train", data_dir=cfg.data_dir, variant=cfg.data_variant)
+    test = load(cfg.dataset, "test", data_dir=cfg.data_dir, variant=cfg.data_variant)
     stream = TaskStream.from_groups(cfg.groups)
     rng = np.random.default_rng(cfg.seed)  # caps take a random subset (mnist-5k is sorted)
     tasks = []
@@ -73,9 +68,6 @@ def load_tasks(cfg: SplitMNISTConfig) -> list[TaskData]:
             n_val = max(1, int(round(cfg.validation_fraction * len(y))))
             val, fit = np.sort(perm[:n_val]), np.sort(perm[n_val:])
             x, y, xt, yt = x[fit], y[fit], x[val], y[val]
-        if cfg.tile_to and cfg.tile_to > len(x):  # after the split: no validation image is tiled
-            reps = -(-cfg.tile_to // len(x))
-            x, y = np.tile(x, (reps, 1))[:cfg.tile_to], np.tile(y, reps)[:cfg.tile_to]
         tasks.append(TaskData(x, y, xt, yt))
     return tasks
 
@@ -292,6 +284,8 @@ def run(cfg: SplitMNISTConfig, run_dir: str, *, progress: bool = True) -> dict:
     runner = Runner(cfg)
     results = {name: run_one(runner, name, tasks, progress=progress) for name in cfg.runs}
     metrics = {"config": to_dict(cfg), "devices": [str(d) for d in jax.devices()],
+               "data": record(cfg.dataset, cfg.data_dir, cfg.data_variant,
+                              [len(t.y) for t in tasks]),
                "train_sizes": [len(t.y) for t in tasks],
                "test_sizes": [len(t.y_test) for t in tasks],
                "runs": results}

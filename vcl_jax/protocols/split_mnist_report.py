@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from vcl_jax.data import describe
 from vcl_jax.eval.plots import curves  # noqa: E402
 from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig  # noqa: E402
 
@@ -48,8 +49,8 @@ def heatmaps(path: str, runs: dict[str, dict], task_names: list[str]) -> None:
 def summary(cfg: SplitMNISTConfig, metrics: dict) -> str:
     task_names = ["/".join(map(str, g)) for g in cfg.groups]
     lines = ["# Split-MNIST VCL", "",
-             f"Dataset `{cfg.dataset}`, training images per task {metrics['train_sizes']}, "
-             f"test images per task {metrics['test_sizes']}; {cfg.epochs} epochs per task, "
+             describe(metrics["data"]) + f" Test images per task {metrics['test_sizes']}; "
+             f"{cfg.epochs} epochs per task, "
              f"batch {cfg.batch_size or 'full'}, Adam {cfg.learning_rate:g}; VCL: K = "
              f"{cfg.train_samples} ({cfg.estimator} estimator), {cfg.test_samples} test draws, "
              f"log-variance init {cfg.log_var_init:g}; coresets {cfg.coreset_size} per task.", "",

@@ -8,6 +8,10 @@ weight noise does to the samples.
   checkpoint's point estimate (MLE params or VCL posterior mean), at draws of
   ``N(mean, exp(log_var))`` (one draw per image, or ε averaged over the draws),
   for chosen log-variances.
+* :func:`swap_effect` — which parameters carry a change: one digit scored at the
+  checkpoint's point estimate with chosen parameter groups (null context, norms,
+  per-task conditioning, the KL-held weights) put back to their values at an earlier
+  point (an earlier checkpoint, or the first prior's means: the MLE pre-training).
 """
 
 from __future__ import annotations
@@ -84,14 +88,14 @@ def noise_effect(run_dir: str, task: int, digit: int, log_vars: list[float], *, 
         raise ValueError(f"digit {digit} not learned by task {loaded.task}; seen: {seen}")
     point = _point(loaded)
     mask = setup.mask(point)
-    clf = get_classifier(cfg.dataset, data_dir=cfg.data_dir, epochs=cfg.classifier_epochs,
-                         progress=False)
+    clf = get_classifier(cfg.dataset, data_dir=cfg.data_dir, variant=cfg.data_variant,
+                         epochs=cfg.classifier_epochs, progress=False)
     key = jax.random.key(seed)
 
     def score(name, stack, m, avg=False):
         x = generate(setup.model, stack, setup.sched, key, np.full(m, seen.index(digit)),
                      setup.shape, sampler=cfg.sampler, guidance=cfg.guidance,
-                     ddim_steps=cfg.ddim_steps, average=avg)
+                     ddim_steps=cfg.ddim_steps, eta=cfg.eval_eta, average=avg)
         lp = clf.log_probs(to_unit(x, cfg.pixel_range))
         u = classifier_uncertainty(lp, np.full(m, digit))
         return {"weights": name, "uncertainty": float(u.mean()),
@@ -107,4 +111,92 @@ def noise_effect(run_dir: str, task: int, digit: int, log_vars: list[float], *, 
         if average:
             rows.append(score(f"{draws} draws, log-var {lv:g}, ε averaged", stack,
                               max(n // 2, 1), avg=True))
+    return rows
+
+
+# Parameter groups of the U-Net that `swap_effect` can put back.
+GROUPS = ("null", "norms", "tasks", "random", "deterministic")
+
+
+def _group_of(path: tuple[str, ...], random: bool) -> set[str]:
+    """The `GROUPS` a parameter belongs to."""
+    out = {"random" if random else "deterministic"}
+    if path[0] in ("null_embedding", "null_film1", "null_film2"):
+        out.add("null")
+    elif path[0] in PER_TASK:
+        out.add("tasks")
+    elif any(p.startswith("GroupNorm") or p == "out_norm" for p in path):
+        out.add("norms")
+    return out
+
+
+def pretrained_params(run_dir: str, loaded) -> dict:
+    """The weights a VCL sub-run's MLE pre-training ended with (``<run>/pretrained``)."""
+    import os
+
+    from vcl_jax.protocols import vcl_diffusion
+
+    cfg = loaded.cfg
+    folder = os.path.join(run_dir, loaded.run, "pretrained")
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{folder} does not exist: {loaded.run} has no saved MLE "
+                                f"pre-training (runs before it was kept, or no pre-training); "
+                                f"give an earlier checkpoint as the source instead")
+    runs = {vcl_diffusion.run_name(m, s): (m, s) for m, s in vcl_diffusion.sub_runs(cfg)}
+    ckpt = vcl_diffusion.open_checkpoints(folder, cfg, *runs[loaded.run])
+    like = jax.eval_shape(loaded.setup.init_params, jax.random.key(0))
+    params, _ = ckpt.restore(0, like)
+    ckpt.close()
+    return params
+
+
+def swap_effect(run_dir: str, task: int, digit: int, swaps: list[tuple[str, ...]], *,
+                source: int | None = None, n: int = 60, method: str | None = None,
+                seed: int = 1) -> list[dict]:
+    """Uncertainty of ``digit`` at the point estimate after ``task`` with parameter groups
+    put back to their values at ``source``.
+
+    Args:
+      swaps: each a tuple of `GROUPS` to put back together; ``()`` scores the checkpoint
+        as it is and ``("all",)`` scores the source alone.
+      source: a 0-based earlier checkpoint (its point estimate), or None for the weights of
+        VCL's MLE pre-training (its first prior's means).
+
+    Returns:
+      Rows ``{"weights", "uncertainty", "stderr", "accuracy", "n"}``.
+    """
+    loaded = load_checkpoint(run_dir, task=task, method=method)
+    cfg, setup = loaded.cfg, loaded.setup
+    seen = list(cfg.classes[: loaded.task + 1])
+    if digit not in seen:
+        raise ValueError(f"digit {digit} not learned by task {loaded.task}; seen: {seen}")
+    bad = [g for sw in swaps for g in sw if g not in (*GROUPS, "all")]
+    if bad:
+        raise ValueError(f"unknown parameter group(s) {bad}; accepted: {', '.join(GROUPS)}, all")
+    if source is None:
+        ref, ref_name = pretrained_params(run_dir, loaded), "the MLE pre-training"
+    else:
+        ref, ref_name = _point(load_checkpoint(run_dir, task=source, method=loaded.run)), \
+            f"task {source + 1}'s values"
+    point = _point(loaded)
+    flat_p, flat_r = traverse_util.flatten_dict(point), traverse_util.flatten_dict(ref)
+    mask = traverse_util.flatten_dict(setup.mask(point))
+    clf = get_classifier(cfg.dataset, data_dir=cfg.data_dir, variant=cfg.data_variant,
+                         epochs=cfg.classifier_epochs, progress=False)
+    key = jax.random.key(seed)
+    rows = []
+    for sw in swaps:
+        mixed = {k: flat_r[k] if "all" in sw or _group_of(k, bool(mask[k])) & set(sw) else v
+                 for k, v in flat_p.items()}
+        params = traverse_util.unflatten_dict(mixed)
+        x = generate(setup.model, jax.tree.map(lambda a: a[None], params), setup.sched, key,
+                     np.full(n, seen.index(digit)), setup.shape, sampler=cfg.sampler,
+                     guidance=cfg.guidance, ddim_steps=cfg.ddim_steps, eta=cfg.eval_eta)
+        lp = clf.log_probs(to_unit(x, cfg.pixel_range))
+        u = classifier_uncertainty(lp, np.full(n, digit))
+        name = ("checkpoint as it is" if not sw else
+                f"{ref_name} alone" if "all" in sw else f"{' + '.join(sw)} from {ref_name}")
+        rows.append({"weights": name, "uncertainty": float(u.mean()),
+                     "stderr": float(u.std(ddof=1) / np.sqrt(n)),
+                     "accuracy": float(np.mean(lp.argmax(-1) == digit)), "n": n})
     return rows

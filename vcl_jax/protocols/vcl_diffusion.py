@@ -23,12 +23,17 @@ import optax
 from vcl_jax import checkpoint
 from vcl_jax.config import ConfigError, to_dict
 from vcl_jax.continual import mle, vcl
-from vcl_jax.data import TaskStream, complement, load, select, to_float, to_unit
+from vcl_jax.data import TaskStream, complement, load, record, select, to_float, to_unit
 from vcl_jax.diffusion.generate import generate
 from vcl_jax.diffusion.loss import batch_loss
 from vcl_jax.diffusion.schedule import linear_schedule
 from vcl_jax.eval.classifier import EvalClassifier, get_classifier
-from vcl_jax.eval.metrics import classifier_uncertainty, per_class_mean
+from vcl_jax.eval.metrics import (
+    classifier_uncertainty,
+    mean_stderr,
+    per_class_mean,
+    per_class_stderr,
+)
 from vcl_jax.models.layers import resolve_impl
 from vcl_jax.models.unet import ContextUNet, init_unet, variational_mask
 from vcl_jax.protocols.vcl_diffusion_config import (
@@ -69,10 +74,12 @@ class Setup:
             return mle(self.batch_loss)
         if name == "vcl":
             draws_loss = functools.partial(self.batch_loss, model=self.draws_model)
+            log_var = cfg.log_var_init if cfg.prior_rel_std is None else functools.partial(
+                mf.relative_log_var, fraction=cfg.prior_rel_std)
             return vcl(draws_loss, mask=self.mask(params), n_samples=cfg.train_samples,
                        estimator=cfg.estimator, draws=cfg.weight_draws_layout(),
                        kl_scale=cfg.kl_scale, prior_sigma=cfg.prior_sigma,
-                       log_var_init=cfg.log_var_init,
+                       log_var_init=log_var, weight_noise=cfg.weight_noise,
                        pretrained_prior=cfg.vcl_pretrain_epochs > 0)
         raise ConfigError(f"unknown method {name!r}")
 
@@ -116,7 +123,7 @@ def build(cfg: VCLDiffusionConfig, shape: tuple[int, int, int] = (28, 28, 1)) ->
     cfg.validate()
     model = ContextUNet(n_feat=cfg.n_feat, n_tasks=len(cfg.classes), channels=shape[-1],
                         embed_dim=cfg.embed_dim, impl=resolve_impl(cfg.conv_impl, False),
-                        context=cfg.context)
+                        context=cfg.context, weight_init=cfg.weight_init)
     vmapped = cfg.train_samples > 1 and cfg.weight_draws_layout() == "vmap"
     draws_model = model.clone(impl=resolve_impl(cfg.conv_impl, vmapped))
     return Setup(cfg, model, linear_schedule(cfg.T, cfg.beta_1, cfg.beta_T), shape, draws_model)
@@ -124,7 +131,7 @@ def build(cfg: VCLDiffusionConfig, shape: tuple[int, int, int] = (28, 28, 1)) ->
 
 def load_tasks(cfg: VCLDiffusionConfig) -> list[np.ndarray]:
     """Training images of each task, float ``[N_d, H, W, C]`` in [0, 1]."""
-    train = load(cfg.dataset, "train", data_dir=cfg.data_dir)
+    train = load(cfg.dataset, "train", data_dir=cfg.data_dir, variant=cfg.data_variant)
     stream = TaskStream.one_class_per_task(cfg.classes)
     out = []
     for task in stream.split(train):
@@ -191,7 +198,7 @@ def evaluate(setup: Setup, method, trainable, task: int, key: jax.Array,
     draws = method.draws(trainable, k_draw, setup.eval_draws(method.name))
     x = generate(setup.model, draws, setup.sched, k_sample, seen, setup.shape,
                  sampler=cfg.sampler, guidance=cfg.guidance, ddim_steps=cfg.ddim_steps,
-                 average=setup.average_draws(method.name))
+                 eta=cfg.eval_eta, average=setup.average_draws(method.name))
     images = to_unit(x, cfg.pixel_range)
     labels = np.asarray(cfg.classes)[seen]
     return score(images, labels, task, classifier), _squeeze(images), labels
@@ -205,9 +212,13 @@ def score(images: np.ndarray, labels: np.ndarray, task: int,
           classifier: EvalClassifier) -> dict:
     """Classifier uncertainty of samples ``images`` of classes ``labels`` (after ``task``)."""
     log_probs = classifier.log_probs(images if images.ndim == 4 else images[..., None])
-    per_class = per_class_mean(classifier_uncertainty(log_probs, labels), labels)
+    u = classifier_uncertainty(log_probs, labels)
+    per_class, se = per_class_mean(u, labels), per_class_stderr(u, labels)
     return {"task": task, "avg_uncertainty": float(np.mean(list(per_class.values()))),
+            "avg_stderr": mean_stderr(list(se.values())),
             "per_class": {str(k): v for k, v in per_class.items()},
+            "per_class_stderr": {str(k): v for k, v in se.items()},
+            "samples_per_class": int(len(labels) // max(len(per_class), 1)),
             "sample_accuracy": float(np.mean(log_probs.argmax(-1) == labels))}
 
 
@@ -246,6 +257,11 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
                                  len(tasks[0]))]
         pretrained = pretrain_mle(setup, params, x0, jax.random.fold_in(k_train, 100_000),
                                   progress=progress)
+        # Kept for diagnostics (`vcl_diagnostics.swap_effect`): the first prior's means.
+        pre = open_checkpoints(os.path.join(out_dir, "pretrained"), cfg, method_name,
+                               coreset_size)
+        pre.save(0, pretrained, {"what": "MLE pre-training: VCL's first prior means"})
+        pre.close()
         trainable, mstate = method.init(pretrained)
         state = TrainState(trainable, opt.init(trainable), mstate)
         record["train_seconds"] += time.perf_counter() - t0
@@ -377,8 +393,8 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
     setup = build(cfg)
     check_run_dir(run_dir, cfg)
     tasks = load_tasks(cfg)
-    classifier = get_classifier(cfg.dataset, data_dir=cfg.data_dir, epochs=cfg.classifier_epochs,
-                                progress=progress)
+    classifier = get_classifier(cfg.dataset, data_dir=cfg.data_dir, variant=cfg.data_variant,
+                                epochs=cfg.classifier_epochs, progress=progress)
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump(to_dict(cfg), f, indent=2)
@@ -391,8 +407,10 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
         else:
             results[rn] = run_one(setup, name, size, tasks, classifier, out_dir,
                                   progress=progress)
-    metrics = {"config": to_dict(cfg), "classifier": classifier.info, "runs": results}
+    data = record(cfg.dataset, cfg.data_dir, cfg.data_variant, [len(x) for x in tasks])
+    metrics = {"config": to_dict(cfg), "data": data, "classifier": classifier.info,
+               "runs": results}
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    report.write(run_dir, cfg, results)
+    report.write(run_dir, cfg, results, data, classifier.info)
     return metrics

@@ -6,7 +6,8 @@ import dataclasses
 
 from vcl_jax.config import check_choice, checks
 from vcl_jax.continual.vcl import DRAWS, ESTIMATORS
-from vcl_jax.models.layers import CONV_IMPLS
+from vcl_jax.data import variants
+from vcl_jax.models.layers import CONV_IMPLS, INITS
 from vcl_jax.models.unet import CONTEXTS
 
 # "joint": the paper's Figure 7 reference, one MLE model trained on every task's data at
@@ -25,6 +26,9 @@ class VCLDiffusionConfig:
     # data and tasks
     dataset: str = "mnist"
     data_dir: str | None = None
+    # which training set: "full" (the complete dataset) or, for MNIST, "5k" (the balanced
+    # 500-per-digit subset); a folder holding another one is refused (vcl_jax.data.sources)
+    data_variant: str = "full"
     classes: tuple[int, ...] = tuple(range(10))  # one class (digit) per task, in this order
     max_per_task: int | None = None  # cap on training images per task (None: all)
     pixel_range: str = "unit"  # "unit" [0, 1] as in the paper's code, or "symmetric" [−1, 1]
@@ -33,8 +37,13 @@ class VCLDiffusionConfig:
     embed_dim: int = 32
     # "shared": one pair of context MLPs for every task's embedding vector (inside the KL
     # under VCL); "per_task": each task and the null model own their context MLPs
-    # (deterministic, outside the KL). Measured in BENCHMARKS.md: per_task is not better.
+    # (deterministic, outside the KL; measured in BENCHMARKS.md: not better); "film": the
+    # author's code, free per-task decoder scales (deterministic) and a null pair inside
+    # the KL (vcl_jax.models.unet)
     context: str = "shared"
+    # "paper": weights ~ U(±√(15/fan_in)) (the paper's table); "pytorch": U(±1/√fan_in)
+    # (PyTorch's default, the author's code)
+    weight_init: str = "paper"
     # "auto": XLA's convolution, except the patches form (a batched matmul) for VCL's
     # vmapped weight draws on CPU, where XLA's grouped convolution is ~40× slower;
     # "xla" / "im2col" force one form everywhere. Same math: checkpoints ignore it.
@@ -66,11 +75,18 @@ class VCLDiffusionConfig:
     # (loop on a CPU backend when K > 1, else vmap).
     weight_draws: str = "auto"
     eval_samples: int = 10
-    # False: the evaluation's samples are spread over the eval_samples weight draws (one
-    # draw per image); True: every image uses ε averaged over all draws at every step
-    # (the authors' code; eval_samples× the sampling cost).
-    eval_average_draws: bool = False
+    # True: every image uses ε averaged over all eval_samples draws, fresh at every step
+    # (the author's code; eval_samples× the sampling cost); False: the samples are spread
+    # over the draws, one draw per image
+    eval_average_draws: bool = True
     log_var_init: float = -10.0
+    # > 0: instead of log_var_init, every layer's initial σ is this fraction of the RMS of
+    # its weights (so the first prior, around the pre-trained weights, holds a narrow model
+    # as loosely, relative to its weights, as a wide one)
+    prior_rel_std: float | None = None
+    # False: the likelihood is trained at the posterior means (no weight draws) while the
+    # KL still acts — a diagnostic separating the KL's pull from the weight noise
+    weight_noise: bool = True
     prior_sigma: float = 1.0
     kl_scale: float = 1.0
     # Learning-rate multiplier for the posterior's means and log-variances (the KL-governed
@@ -90,6 +106,7 @@ class VCLDiffusionConfig:
     guidance: float = 2.0
     sampler: str = "ddpm"
     ddim_steps: int = 100
+    eval_eta: float = 0.0  # DDIM's η (1: stochastic, DDPM-like steps; 0: deterministic)
     # reproducibility
     seed: int = 0
 
@@ -103,8 +120,10 @@ class VCLDiffusionConfig:
 
     def validate(self) -> VCLDiffusionConfig:
         check_choice("method(s)", self.methods, METHODS)
+        check_choice("data_variant", self.data_variant, variants(self.dataset))
         check_choice("coreset_mode", self.coreset_mode, CORESET_MODES)
         check_choice("context", self.context, CONTEXTS)
+        check_choice("weight_init", self.weight_init, INITS)
         check_choice("estimator", self.estimator, ESTIMATORS)
         check_choice("conv_impl", self.conv_impl, CONV_IMPLS)
         check_choice("weight_draws", self.weight_draws, ("auto", *DRAWS))
@@ -119,11 +138,14 @@ class VCLDiffusionConfig:
              f"weight draws: batch_size={self.batch_size} must be a multiple of it"),
             (self.eval_samples >= 1, f"eval_samples must be ≥ 1, got {self.eval_samples}"),
             (self.eval_per_class >= 1, f"eval_per_class must be ≥ 1, got {self.eval_per_class}"),
+            (0.0 <= self.eval_eta <= 1.0, f"eval_eta must be in [0, 1], got {self.eval_eta}"),
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (self.kl_scale >= 0, f"kl_scale must be ≥ 0, got {self.kl_scale}"),
             (self.variational_lr_scale > 0,
              f"variational_lr_scale must be > 0, got {self.variational_lr_scale}"),
             (self.prior_sigma > 0, f"prior_sigma must be > 0, got {self.prior_sigma}"),
+            (self.prior_rel_std is None or self.prior_rel_std > 0,
+             f"prior_rel_std must be > 0 or none, got {self.prior_rel_std}"),
             (0 <= self.p_uncond < 1, f"p_uncond must be in [0, 1), got {self.p_uncond}"),
             (len(self.classes) >= 1, "classes must name at least one class"),
             (self.unroll >= 0, f"unroll must be ≥ 0, got {self.unroll}"),
@@ -134,20 +156,25 @@ class VCLDiffusionConfig:
 
 
 PRESETS = {
-    # The paper's Table 2; full MNIST through tfds (needs internet the first time).
-    "paper": VCLDiffusionConfig(coreset_sizes=(0, 200, 500), vcl_pretrain_epochs=20),
+    # The paper's Table 2 on the complete MNIST (offline: shared/data/mnist-full/).
+    # Where the text is silent, the author's code: its conditioning (free per-task decoder
+    # scales, the null pair inside the KL), 20 MLE pre-training epochs for the first prior,
+    # ε averaged over the 10 draws when sampling.
+    "paper": VCLDiffusionConfig(coreset_sizes=(0, 200, 500), vcl_pretrain_epochs=20,
+                                context="film", eval_per_class=50),
     # Offline mnist-5k (500 digits per task) on a 2-core CPU: a narrower U-Net,
     # more passes at a higher learning rate, K = 1 weight draw per step, and
     # 10 guided ancestral samples per digit for evaluation.
     "cpu": VCLDiffusionConfig(
-        n_feat=16, embed_dim=32, epochs=40, batch_size=64, learning_rate=2e-3,
-        unroll=8, train_samples=1, eval_per_class=10, vcl_pretrain_epochs=40),
+        data_variant="5k", n_feat=16, embed_dim=32, epochs=40, batch_size=64, learning_rate=2e-3,
+        unroll=8, train_samples=1, eval_per_class=10, vcl_pretrain_epochs=40,
+        eval_average_draws=False),
     # Seconds: three tasks, tiny model, few samples.
     "smoke": VCLDiffusionConfig(
-        classes=(0, 1, 2), max_per_task=32, n_feat=8, embed_dim=8, T=20, epochs=2,
-        batch_size=16, learning_rate=1e-3, unroll=1, train_samples=2, eval_samples=2,
+        data_variant="5k", classes=(0, 1, 2), max_per_task=32, n_feat=8, embed_dim=8, T=20,
+        epochs=2, batch_size=16, learning_rate=1e-3, unroll=1, train_samples=2, eval_samples=2,
         eval_per_class=4, coreset_epochs=1, sampler="ddpm", classifier_epochs=1,
-        vcl_pretrain_epochs=1),
+        vcl_pretrain_epochs=1, eval_average_draws=False),
 }
 
 
@@ -155,11 +182,13 @@ PRESETS = {
 # one coreset size). A sub-run's checkpoints are keyed on the remaining fields.
 VCL_ONLY = ("train_samples", "eval_samples", "log_var_init", "prior_sigma", "kl_scale",
             "vcl_pretrain_epochs", "variational_norms", "eval_average_draws",
-            "variational_lr_scale", "estimator")
+            "variational_lr_scale", "estimator", "prior_rel_std", "weight_noise")
 # Fields added after run directories existed, with the value older runs implicitly had:
 # a checkpoint without the field matches a run with this value.
-ADDED_FIELDS = {"variational_norms": False, "eval_average_draws": False, "context": "shared",
-                "variational_lr_scale": 1.0, "estimator": "paper"}
+ADDED_FIELDS = {"data_variant": "5k", "variational_norms": False, "eval_average_draws": False,
+                "context": "shared", "variational_lr_scale": 1.0, "estimator": "paper",
+                "weight_init": "paper", "prior_rel_std": None, "weight_noise": True,
+                "eval_eta": 0.0}
 # Fields that change speed, not results (tested: both convolution forms agree); a
 # checkpoint written with another value is still this run's.
 SPEED_ONLY = ("conv_impl", "weight_draws")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import os
 
+from vcl_jax.data import describe
 from vcl_jax.eval import plots
+from vcl_jax.eval.classifier import describe as describe_classifier
 from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig
 
 
@@ -20,7 +22,8 @@ def no_forgetting_bound(history: list[dict], classes) -> list[float]:
     return [sum(fresh[:d + 1]) / (d + 1) for d in range(len(fresh))]
 
 
-def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict) -> None:
+def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict, data: dict,
+          classifier_info: dict) -> None:
     """Writes grids, uncertainty plots (linear, log, per class) and ``summary.md``."""
     n_tasks = len(cfg.classes)
     for name, rec in results.items():
@@ -28,11 +31,13 @@ def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict) -> None:
         plots.sample_grid(os.path.join(run_dir, f"grid_{name}.png"), rows, list(cfg.classes),
                           f"{name}: row i = after task i, column j = digit j")
     avg = {name: [h["avg_uncertainty"] for h in rec["history"]] for name, rec in results.items()}
+    se = {name: [h.get("avg_stderr", 0.0) for h in rec["history"]]
+          for name, rec in results.items()}
     for log in (False, True):
         plots.curves(os.path.join(run_dir, f"uncertainty{'_log' if log else ''}.png"), avg,
-                     xlabel="tasks seen", ylabel="avg classifier uncertainty (nats)",
+                     xlabel="tasks seen", ylabel="avg classifier uncertainty (nats, ± SE)",
                      title="Average classifier uncertainty over seen digits (lower is better)",
-                     log=log)
+                     log=log, errors=se)
     per_class = {}
     for name, rec in results.items():
         series: dict[int, tuple[int, list[float]]] = {}
@@ -45,12 +50,14 @@ def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict) -> None:
                            ylabel="classifier uncertainty (nats)",
                            title="Per-digit classifier uncertainty after each task")
     lines = ["# VCL for diffusion models — summary", "",
+             describe(data) + " " + describe_classifier(classifier_info), "",
              "Average classifier uncertainty (nats, lower is better) over the digits seen so far, "
-             "after each task.", "",
+             "after each task, ± its standard error (over the samples of each digit).", "",
              "| run | " + " | ".join(str(i + 1) for i in range(n_tasks)) + " | train s | eval s |",
              "|---|" + "---|" * (n_tasks + 2)]
     for name, rec in results.items():
-        vals = [f"{v:.3g}" for v in avg[name]] + ["–"] * (n_tasks - len(avg[name]))
+        vals = [f"{v:.3g} ± {e:.2g}" for v, e in zip(avg[name], se[name], strict=True)]
+        vals += ["–"] * (n_tasks - len(avg[name]))
         lines.append(f"| {name} | " + " | ".join(vals)
                      + f" | {rec['train_seconds']:.0f} | {rec['eval_seconds']:.0f} |")
     lines += ["", "No-forgetting bound (mean over seen digits of each digit's uncertainty right "

@@ -32,6 +32,32 @@ def init_from_params(params: PyTree, log_var: float = -10.0) -> MeanField:
     return MeanField(params, jax.tree.map(lambda p: jnp.full_like(p, log_var), params))
 
 
+def relative_log_var(params: dict, fraction: float) -> dict:
+    """Log-variances that make each layer's σ ``fraction`` × the RMS of its weights.
+
+    A layer is a dict of leaves (Flax's ``{"kernel", "bias"}``): all its leaves take the
+    RMS of its ``kernel`` (biases start at zero, so their own RMS says nothing of the
+    layer's scale); a leaf without a ``kernel`` sibling takes its own RMS. The same
+    log-variance means a much tighter hold, relative to the weights, on a narrow layer
+    (large weights at a small fan-in) than on a wide one.
+    """
+    if fraction <= 0:
+        raise ValueError(f"the relative prior width must be > 0, got {fraction}")
+
+    def log_var(a, scale):
+        rms = jnp.sqrt(jnp.mean(jnp.square(scale)))
+        return jnp.full_like(a, 2.0 * jnp.log(fraction * jnp.maximum(rms, 1e-8)))
+
+    def walk(node):
+        if not isinstance(node, dict):
+            return log_var(node, node)
+        kernel = node.get("kernel")
+        return {k: walk(v) if isinstance(v, dict) or kernel is None else log_var(v, kernel)
+                for k, v in node.items()}
+
+    return walk(params)
+
+
 def prior(params: PyTree, sigma: float = 1.0) -> MeanField:
     """The first task's prior ``N(0, σ²I)``, shaped like ``params``."""
     lv = 2.0 * jnp.log(sigma)
