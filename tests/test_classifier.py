@@ -17,14 +17,14 @@ from vcl_jax.eval.classifier import get_classifier
 
 @pytest.mark.classifier
 def test_mnist_classifier_trained_on_mnist_5k(shared_data, isolated_data):
-    clf = get_classifier("mnist", data_dir=shared_data, progress=False)
-    test = load("mnist", "test", data_dir=shared_data)
+    clf = get_classifier("mnist", data_dir=shared_data, variant="5k", progress=False)
+    test = load("mnist", "test", data_dir=shared_data, variant="5k")
     assert len(test) == 10_000 and clf.info["n_train"] == 5_000
     acc = clf.accuracy(to_float(test.images), test.labels)
     print(f"MNIST test accuracy (trained on mnist-5k): {acc:.4f}")
     assert acc >= 0.980
     # Reloaded from the cache: same predictions, features of the configured size.
-    again = get_classifier("mnist", data_dir=shared_data, progress=False)
+    again = get_classifier("mnist", data_dir=shared_data, variant="5k", progress=False)
     x = to_float(test.images[:64])
     np.testing.assert_allclose(again.log_probs(x), clf.log_probs(x), rtol=1e-5, atol=1e-5)
     assert again.features(x).shape == (64, 128)
