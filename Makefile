@@ -9,7 +9,7 @@ ifeq ($(strip $(VCL_JAX_DATA_DIR)),)
 export VCL_JAX_DATA_DIR := $(abspath ../shared/data)
 endif
 
-.PHONY: help install test test-classifiers test-all lint experiment bench clean-cache
+.PHONY: help install test test-classifiers test-all lint experiment bench gpu-check gpu-data clean-cache
 
 help:
 	@echo "make install                  venv in .venv with vcl_jax and dev tools"
@@ -19,6 +19,8 @@ help:
 	@echo "make lint                     ruff"
 	@echo "make experiment EXP=vcl_diffusion PRESET=cpu [ARGS='key=value ...']"
 	@echo "make bench                    benchmarks (prints figures, writes benchmarks/results.json)"
+	@echo "make gpu-data                 copy the full MNIST into .gpudata/ (git-ignored) for a GPU machine"
+	@echo "make gpu-check [DATA=.gpudata] the prepared GPU check (benchmarks/gpu_check.py, <= 9 min)"
 
 install:
 	python3 -m venv .venv
@@ -41,6 +43,15 @@ lint:
 
 experiment:
 	$(PY) -m experiments.$(EXP) --preset $(PRESET) $(ARGS)
+
+DATA ?= .gpudata
+# The GPU machine has no ../shared: the data travels inside the checkout, in a git-ignored
+# folder named in the run's `carry`.
+gpu-data:
+	mkdir -p $(DATA)/mnist-full && cp ../shared/data/mnist-full/*.gz $(DATA)/mnist-full/
+
+gpu-check:
+	$(PY) -m benchmarks.gpu_check --data $(DATA)
 
 bench:
 	$(PY) -m benchmarks.run

@@ -43,12 +43,15 @@ def _best(fn, repeats: int) -> float:
 
 
 def make_epoch(n_feat: int, method: str, batch: int, steps: int, unroll: int,
-               train_samples: int = 1, conv_impl: str = "auto"):
-    """A no-argument callable that runs ``steps`` train steps of the `cpu` preset's U-Net at
-    width ``n_feat`` (one epoch of the `EpochRunner`, ``unroll`` steps per jitted call) on
-    fixed random images, and blocks until they are done."""
-    cfg = override(PRESETS["cpu"], [f"n_feat={n_feat}", f"train_samples={train_samples}",
-                                    f"conv_impl={conv_impl}"])
+               train_samples: int = 1, conv_impl: str = "auto", preset: str = "cpu",
+               overrides: tuple[str, ...] = ()):
+    """A no-argument callable that runs ``steps`` train steps of ``preset``'s U-Net at
+    width ``n_feat`` (one epoch of the `EpochRunner`, ``unroll`` steps per jitted call; 0:
+    one scan) on fixed random images, and blocks until they are done. ``overrides``:
+    further ``key=value`` settings (e.g. ``estimator=grouped``)."""
+    cfg = override(PRESETS[preset], [f"n_feat={n_feat}", f"train_samples={train_samples}",
+                                     f"conv_impl={conv_impl}", f"batch_size={batch}",
+                                     *overrides])
     setup = vcl_diffusion.build(cfg)
     params = setup.init_params(jax.random.key(0))
     m = setup.method(method, params)

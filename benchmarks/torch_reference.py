@@ -95,40 +95,42 @@ class Diffusion:
     """The ε-loss with a linear schedule (T, β₁, β_T as in the paper)."""
 
     def __init__(self, T: int = 400, beta_1: float = 1e-4, beta_T: float = 0.02,  # noqa: N803
-                 p_uncond: float = 0.1):
-        self.T, self.p_uncond = T, p_uncond
-        beta = torch.linspace(beta_1, beta_T, T)
+                 p_uncond: float = 0.1, device: str = "cpu"):
+        self.T, self.p_uncond, self.device = T, p_uncond, device
+        beta = torch.linspace(beta_1, beta_T, T, device=device)
         self.alpha_bar = torch.cumprod(1 - beta, 0)
 
     def loss(self, eps_fn, x0, task):
         b = x0.shape[0]
-        t = torch.randint(1, self.T + 1, (b,))
+        t = torch.randint(1, self.T + 1, (b,), device=self.device)
         noise = torch.randn_like(x0)
         ab = self.alpha_bar[t - 1][:, None, None, None]
         xt = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
-        keep = torch.rand(b) >= self.p_uncond
+        keep = torch.rand(b, device=self.device) >= self.p_uncond
         return ((eps_fn(xt, t.float() / self.T, task, keep) - noise) ** 2).mean()
 
 
 class MLEStep:
-    def __init__(self, model: TorchContextUNet, lr: float = 1e-3):
-        self.model, self.diff = model, Diffusion()
+    def __init__(self, model: TorchContextUNet, lr: float = 1e-3, device: str = "cpu",
+                 compile: bool = False):
+        self.model, self.diff = model, Diffusion(device=device)
         self.opt = torch.optim.Adam(model.parameters(), lr=lr)
+        self.eps_fn = torch.compile(model) if compile else model
 
     def __call__(self, x0, task) -> float:
         self.opt.zero_grad(set_to_none=True)
-        loss = self.diff.loss(self.model, x0, task)
+        loss = self.diff.loss(self.eps_fn, x0, task)
         loss.backward()
         self.opt.step()
-        return float(loss.detach())
+        return float(loss.detach())  # waits for the step, as JAX's timing blocks on it
 
 
 class VCLStep:
     """One weight draw per step; KL to a fixed prior divided by the dataset size."""
 
     def __init__(self, model: TorchContextUNet, n_data: int, lr: float = 1e-3,
-                 log_var_init: float = -10.0):
-        self.model, self.diff, self.n_data = model, Diffusion(), n_data
+                 log_var_init: float = -10.0, device: str = "cpu", compile: bool = False):
+        self.model, self.diff, self.n_data = model, Diffusion(device=device), n_data
         norms = {n for n, m in model.named_modules() if isinstance(m, nn.GroupNorm)}
         self.random = {n: not ("embedding" in n or n.rsplit(".", 1)[0] in norms)
                        for n, _ in model.named_parameters()}
@@ -138,6 +140,8 @@ class VCLStep:
         self.prior = ({n: m.detach().clone() for n, m in self.mean.items() if self.random[n]},
                       {n: v.detach().clone() for n, v in self.log_var.items()})
         self.opt = torch.optim.Adam([*self.mean.values(), *self.log_var.values()], lr=lr)
+        call = lambda w, x, t, d, k: functional_call(self.model, w, (x, t, d, k))
+        self.call = torch.compile(call) if compile else call
 
     def kl(self):
         total = 0.0
@@ -151,21 +155,24 @@ class VCLStep:
         self.opt.zero_grad(set_to_none=True)
         w = {n: m + torch.exp(0.5 * self.log_var[n]) * torch.randn_like(m) if self.random[n]
              else m for n, m in self.mean.items()}
-        eps_fn = lambda x, t, d, k: functional_call(self.model, w, (x, t, d, k))
+        eps_fn = lambda x, t, d, k: self.call(w, x, t, d, k)
         loss = self.diff.loss(eps_fn, x0, task) + self.kl() / self.n_data
         loss.backward()
         self.opt.step()
         return float(loss.detach())
 
 
-def make_step(n_feat: int, method: str, batch: int = 128, seed: int = 0):
+def make_step(n_feat: int, method: str, batch: int = 128, seed: int = 0, device: str = "cpu",
+              compile: bool = False):
     """A no-argument callable that runs one PyTorch train step (MLE or VCL, K = 1) on a fixed
-    random batch of ``batch`` images."""
+    random batch of ``batch`` images, on ``device``; ``compile``: the U-Net through
+    ``torch.compile`` (the first calls compile)."""
     torch.manual_seed(seed)
-    model = TorchContextUNet(n_feat)
-    step = MLEStep(model) if method == "mle" else VCLStep(model, n_data=6000)
-    x0 = torch.rand(batch, 1, 28, 28)
-    task = torch.randint(0, 10, (batch,))
+    model = TorchContextUNet(n_feat).to(device)
+    kw = dict(device=device, compile=compile)
+    step = MLEStep(model, **kw) if method == "mle" else VCLStep(model, n_data=6000, **kw)
+    x0 = torch.rand(batch, 1, 28, 28, device=device)
+    task = torch.randint(0, 10, (batch,), device=device)
     return lambda: step(x0, task)
 
 

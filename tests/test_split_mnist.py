@@ -81,6 +81,58 @@ def test_grouped_estimator_pads_a_batch_that_does_not_divide():
         np.testing.assert_allclose(got, exact, rtol=1e-4)
 
 
+def test_weight_zero_rows_do_not_change_any_estimate():
+    p = _params(d=6, hidden=(5,), heads=2)
+    q = mf.init_from_params(p, -30.0)  # ~deterministic: every estimator equals the plain NLL
+    x = jax.random.normal(jax.random.PRNGKey(2), (9, 6))
+    y = jnp.arange(9) % 2
+    batch = split_mnist.task_batch(np.asarray(x), np.asarray(y), 1, size=16)
+    assert batch["x"].shape == (16, 6) and float(batch["w"].sum()) == 9
+    exact = jnp.mean(mlp.nll(mlp.apply(p, x, 1), y))
+    for est in ("paper", "local", "grouped"):
+        got = bayes_mlp.expected_nll(q, batch["x"], batch["y"], batch["head"],
+                                     jax.random.PRNGKey(0), estimator=est, n_samples=3,
+                                     weight=batch["w"])
+        np.testing.assert_allclose(got, exact, rtol=1e-4)
+    with pytest.raises(ValueError, match="cannot pad 9 examples to 4"):
+        split_mnist.task_batch(np.asarray(x), np.asarray(y), 1, size=4)
+
+
+def test_closed_form_mlp_fisher_is_the_per_example_gradient_fisher():
+    from vcl_jax.continual.fisher import fisher_stats
+
+    p = _params(d=6, hidden=(5, 4), heads=3)
+    x = jax.random.normal(jax.random.PRNGKey(2), (23, 6))
+    y = jnp.arange(23) % 2
+    head = jnp.arange(23) % 2  # heads 0 and 1 used, head 2 not: its Fisher is 0
+    data = {"x": x, "y": y, "head": head}
+    example = lambda q, e: mlp.nll(mlp.apply(q, e["x"][None], e["head"][None]), e["y"][None])[0]
+    want = fisher_stats(example, p, data, chunk=5, rank1=False).diag
+    got = mlp.diag_fisher(p, x, y, head)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-9), got, want)
+    assert float(jnp.abs(got["heads"]["w"][2]).max()) == 0.0
+    assert float(jnp.abs(got["heads"]["w"][1]).max()) > 0.0
+
+
+def test_tasks_of_different_sizes_share_one_compiled_trainer():
+    cfg = override(PRESETS["smoke"], ["hidden=8", "epochs=3"])
+    runner = split_mnist.Runner(cfg)
+    rng = np.random.default_rng(0)
+    tasks = [split_mnist.TaskData(rng.random((n, 12), np.float32), rng.integers(0, 2, n),
+                                  rng.random((5, 12), np.float32), rng.integers(0, 2, 5))
+             for n in (20, 17)]
+    split_mnist.run_one(runner, "mle", tasks, progress=False)
+    assert runner.fit_mle._train._cache_size() == 1
+    # Padding trains on the real examples only: the padded fit is the unpadded one.
+    params = mlp.init_mlp(jax.random.PRNGKey(1), 12, cfg.hidden, 2, 2)
+    task = tasks[1]
+    key = jax.random.PRNGKey(2)
+    plain, _ = runner.fit_mle(params, (), split_mnist.task_batch(task.x, task.y, 0), key)
+    padded, _ = runner.fit_mle(params, (), split_mnist.task_batch(task.x, task.y, 0, 20), key)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 plain, padded)
+
+
 def test_elbo_decreases_on_a_tiny_problem():
     key = jax.random.PRNGKey(0)
     x = jax.random.normal(key, (64, 6))

@@ -16,6 +16,7 @@ after another method (e.g. generative distillation).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -69,7 +70,8 @@ def _put(slots: PyTree, new: PyTree, task: int | jax.Array) -> PyTree:
 
 
 def ewc(batch_loss: BatchLoss | None, example_loss: ExampleLoss, *, n_tasks: int, lam: float,
-        fisher: str = "diag", chunk: int = 256) -> Method:
+        fisher: str = "diag", chunk: int = 256,
+        diag_fn: Callable[[PyTree, PyTree], PyTree] | None = None) -> Method:
     """Builds EWC.
 
     Args:
@@ -80,12 +82,17 @@ def ewc(batch_loss: BatchLoss | None, example_loss: ExampleLoss, *, n_tasks: int
       lam: λ, the penalty weight.
       fisher: ``diag``, ``rank1`` or ``rank1_unit``.
       chunk: examples per vmapped gradient call when computing the Fisher.
+      diag_fn: optional ``(params, data) -> diag F``, a closed form of the diagonal Fisher
+        for models that have one (e.g. :func:`vcl_jax.models.mlp.diag_fisher`), used
+        instead of per-example gradients; ``fisher="diag"`` only.
     """
     if lam < 0:
         raise ValueError(f"EWC needs λ ≥ 0, got {lam}")
     if fisher not in FISHERS:
         raise ValueError(f"unknown Fisher {fisher!r}; accepted: {', '.join(FISHERS)}")
     rank1 = fisher != "diag"
+    if diag_fn is not None and rank1:
+        raise ValueError(f"diag_fn gives a diagonal Fisher; fisher={fisher!r} needs gradients")
 
     def init(params):
         # Separate buffers for anchors and curvature: a train step may donate both.
@@ -107,8 +114,11 @@ def ewc(batch_loss: BatchLoss | None, example_loss: ExampleLoss, *, n_tasks: int
     def end_task(params, state, task, data=None):
         if data is None:
             raise ValueError("EWC's end_task needs the finished task's data for its Fisher")
-        stats = fisher_stats(example_loss, params, data, chunk=chunk, rank1=rank1)
         put = lambda slots, new: _put(slots, new, task)
+        if diag_fn is not None:
+            return EWCState(put(state.anchors, params), put(state.curvature, diag_fn(params, data)),
+                            state.active.at[task].set(True))
+        stats = fisher_stats(example_loss, params, data, chunk=chunk, rank1=rank1)
         if rank1:
             c = stats.rank1_scale(unit=fisher == "rank1_unit")
             curvature = Rank1(put(state.curvature.mu, stats.mean),

@@ -86,7 +86,8 @@ def sample_outputs_weights(q: mf.MeanField, x: jax.Array, key: jax.Array,
 
 
 def expected_nll(q: mf.MeanField, x: jax.Array, y: jax.Array, head: jax.Array | int,
-                 key: jax.Array, *, estimator: str = "local", n_samples: int = 10) -> jax.Array:
+                 key: jax.Array, *, estimator: str = "local", n_samples: int = 10,
+                 weight: jax.Array | None = None) -> jax.Array:
     """Estimate of E_q[mean over the batch of −log p(y | x, w)].
 
     Args:
@@ -97,26 +98,30 @@ def expected_nll(q: mf.MeanField, x: jax.Array, y: jax.Array, head: jax.Array | 
       key: PRNG key.
       estimator: ``paper``, ``local`` or ``grouped`` (module docstring).
       n_samples: K.
+      weight: optional ``[B]`` example weights (0 marks padding); the mean is then
+        weighted, ``Σ w·nll / Σ w``, so a batch padded to a fixed size gives the loss of its
+        real examples.
     """
     n_heads = _n_heads(q)
     head = jnp.broadcast_to(jnp.asarray(head, jnp.int32), y.shape)
+    weight = jnp.ones(y.shape, jnp.float32) if weight is None else weight
     if estimator == "paper":
         out = sample_outputs_weights(q, x, key, n_samples)
     elif estimator == "local":
         out = sample_outputs_local(q, x, key, n_samples)
     elif estimator == "grouped":
-        return _grouped_nll(q, x, y, head, key, n_samples)
+        return _grouped_nll(q, x, y, head, weight, key, n_samples)
     else:
         raise ValueError(f"unknown estimator {estimator!r}; accepted: {', '.join(ESTIMATORS)}")
-    return jnp.mean(mlp.nll(mlp.select_head(out, head, n_heads), y))
+    per_example = jnp.mean(mlp.nll(mlp.select_head(out, head, n_heads), y), axis=0)
+    return jnp.sum(per_example * weight) / jnp.sum(weight)
 
 
-def _grouped_nll(q, x, y, head, key, n_samples):
+def _grouped_nll(q, x, y, head, weight, key, n_samples):
     b = x.shape[0]
     k = min(n_samples, b)
     g = -(-b // k)
     pad = g * k - b
-    weight = jnp.concatenate([jnp.ones((b,)), jnp.zeros((pad,))]).reshape(k, g)
     split = lambda a: jnp.concatenate([a, jnp.zeros((pad, *a.shape[1:]), a.dtype)]).reshape(
         k, g, *a.shape[1:])
 
@@ -126,7 +131,7 @@ def _grouped_nll(q, x, y, head, key, n_samples):
 
     draws = mf.sample_many(jax.random.split(key, k), q)
     losses = jax.vmap(one)(draws, split(x), split(y), split(head))
-    return jnp.sum(losses * weight) / b
+    return jnp.sum(losses * split(weight)) / jnp.sum(weight)
 
 
 def predict_proba(q: mf.MeanField, x: jax.Array, head: jax.Array | int, key: jax.Array,
