@@ -77,14 +77,14 @@ class Sizes:
     def __init__(self, smoke: bool):
         self.smoke = smoke
         self.n_feat, self.batch = (8, 8) if smoke else (128, 128)
-        self.steps = 2 if smoke else 20  # timed steps per call
+        self.steps = 1 if smoke else 20  # timed steps per call
         self.draws = 2 if smoke else 10  # VCL's K
         # one rolled lax.scan per call on a GPU; unrolled on CPU, where XLA's convolutions
         # inside a rolled loop are many times slower (README, "Notes on speed")
         self.unroll = self.steps if smoke else 0
-        self.rounds = 2 if smoke else 5
-        self.samples = 4 if smoke else 512
-        self.precision_steps = 4 if smoke else 100
+        self.rounds = 1 if smoke else 5
+        self.samples = 2 if smoke else 512
+        self.precision_steps = 2 if smoke else 100
         self.diffusion_preset = "smoke" if smoke else "paper"
         self.split_preset = "smoke" if smoke else "paper"
 
@@ -183,7 +183,8 @@ def paper_two_task_config(s: Sizes, data: str):
     backend = [] if s.smoke else ["conv_impl=xla", "weight_draws=vmap"]
     return override(PRESETS[s.diffusion_preset], [
         f"data_dir={data}", "classes=0,1", "methods=mle,vcl", "coreset_sizes=0",
-        "eval_per_class=" + ("2" if s.smoke else "10"), *backend]).validate()
+        *(["eval_per_class=1", "epochs=1"] if s.smoke else ["eval_per_class=10"]),
+        *backend]).validate()
 
 
 def expected_two_task_s(s: Sizes, data: str, steps: dict) -> float:
