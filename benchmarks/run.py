@@ -29,6 +29,7 @@ from vcl_jax.models.unet import unet_flops
 from vcl_jax.protocols import vcl_diffusion
 from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 from vcl_jax.training.epoch import EpochRunner, scan_steps
+from vcl_jax.training.guard import check_finite
 from vcl_jax.training.state import TrainState, adam, make_train_step
 
 
@@ -44,11 +45,12 @@ def _best(fn, repeats: int) -> float:
 
 def make_epoch(n_feat: int, method: str, batch: int, steps: int, unroll: int,
                train_samples: int = 1, conv_impl: str = "auto", preset: str = "cpu",
-               overrides: tuple[str, ...] = ()):
+               overrides: tuple[str, ...] = (), check: bool = False):
     """A no-argument callable that runs ``steps`` train steps of ``preset``'s U-Net at
     width ``n_feat`` (one epoch of the `EpochRunner`, ``unroll`` steps per jitted call; 0:
-    one scan) on fixed random images, and blocks until they are done. ``overrides``:
-    further ``key=value`` settings (e.g. ``estimator=grouped``)."""
+    one scan) on fixed random images, and waits for its metrics as ``train_epochs`` does.
+    ``overrides``: further ``key=value`` settings (e.g. ``estimator=grouped``). ``check``:
+    also run ``train_epochs``' per-epoch divergence check."""
     cfg = override(PRESETS[preset], [f"n_feat={n_feat}", f"train_samples={train_samples}",
                                      f"conv_impl={conv_impl}", f"batch_size={batch}",
                                      *overrides])
@@ -65,7 +67,9 @@ def make_epoch(n_feat: int, method: str, batch: int, steps: int, unroll: int,
 
     def epoch():
         state[0], metrics = runner(state[0], data, jax.random.key(2))
-        jax.block_until_ready(metrics)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        if check:
+            check_finite(metrics, state[0].trainable, "benchmark")
 
     return epoch
 

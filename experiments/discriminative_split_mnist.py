@@ -10,7 +10,7 @@ tasks 0/1, 2/3, 4/5, 6/7, 8/9 and writes the accuracy matrix (``metrics.json``,
 
 from __future__ import annotations
 
-from vcl_jax.cli import experiment_main
+from vcl_jax.cli import command, experiment_main
 from vcl_jax.protocols import split_mnist
 from vcl_jax.protocols.split_mnist_config import PRESETS
 
@@ -21,4 +21,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(command(main))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from vcl_jax.cli import command
 from vcl_jax.protocols import fisher_analysis as fa
 from vcl_jax.protocols.rank1_ewc import method_dir
 
@@ -49,4 +50,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(command(main))

@@ -9,7 +9,7 @@ after the last finished task of each method.
 
 from __future__ import annotations
 
-from vcl_jax.cli import experiment_main
+from vcl_jax.cli import command, experiment_main
 from vcl_jax.protocols import rank1_ewc
 from vcl_jax.protocols.rank1_ewc_config import PRESETS
 
@@ -20,4 +20,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(command(main))

@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 
+from vcl_jax.cli import command
 from vcl_jax.protocols.sampling import WEIGHTS, rescore
 
 
@@ -52,4 +53,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(command(main))

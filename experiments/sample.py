@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from vcl_jax.cli import command
 from vcl_jax.protocols.sampling import sample_from_run
 
 
@@ -39,4 +40,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(command(main))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from vcl_jax.cli import command
 from vcl_jax.eval.classifier import get_classifier
 
 
@@ -24,4 +25,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(command(main))

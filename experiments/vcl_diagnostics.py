@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 
+from vcl_jax.cli import command
 from vcl_jax.protocols import vcl_diagnostics
 
 
@@ -62,4 +63,4 @@ def main(argv=None) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(command(main))

@@ -8,7 +8,7 @@ finished task. Overrides are config fields, e.g. ``coreset_sizes=0,50``.
 
 from __future__ import annotations
 
-from vcl_jax.cli import experiment_main
+from vcl_jax.cli import command, experiment_main
 from vcl_jax.protocols import vcl_diffusion
 from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 
@@ -19,4 +19,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(command(main))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from vcl_jax.continual import diag_fisher, ewc, per_example_grads
-from vcl_jax.continual.ewc import penalty
+from vcl_jax.continual.consolidation import penalty
 
 
 def _problem():

@@ -17,7 +17,7 @@ from vcl_jax.continual import (
     mle,
     per_example_grads,
 )
-from vcl_jax.continual.ewc import penalty
+from vcl_jax.continual.consolidation import penalty
 from vcl_jax.eval.metrics import frechet_distance, gaussian_stats
 
 

@@ -187,3 +187,13 @@ def test_metrics_json_round_trips(smoke_run):
     saved = json.load(open(os.path.join(run_dir, "metrics.json")))
     assert saved["config"]["methods"] == list(cfg.methods)
     assert saved["runs"]["naive"]["avg_forgetting"] == metrics["runs"]["naive"]["avg_forgetting"]
+
+
+def test_smoke_metrics_match_the_golden_file(smoke_run):
+    from tests import golden
+
+    _, _, metrics = smoke_run
+    golden.check("rank1_ewc_smoke", {
+        name: [{"fd": h["fd"], "accuracy": h["accuracy"], "loss": h["train_final"]["loss"]}
+               for h in r["history"]]
+        for name, r in metrics["runs"].items()})

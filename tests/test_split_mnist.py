@@ -216,3 +216,13 @@ def test_bad_settings_are_clear_errors(smoke, tmp_path):
     with pytest.raises(ConfigError, match="different config"):
         split_mnist.run(override(cfg, ["epochs=7"]), run_dir, progress=False)
     assert open(os.path.join(run_dir, "metrics.json")).read() == before
+
+
+def test_smoke_metrics_match_the_golden_file(smoke):
+    from tests import golden
+
+    _, _, metrics = smoke
+    golden.check("split_mnist_smoke", {
+        name: {"accuracy": r["accuracy"],
+               "final_losses": [{k: v for k, v in sorted(d.items())} for d in r["final_losses"]]}
+        for name, r in metrics["runs"].items()})

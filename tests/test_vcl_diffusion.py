@@ -342,3 +342,13 @@ def test_scores_carry_standard_errors_and_rescoring_writes_nothing_over(smoke_ru
     assert open(os.path.join(run_dir, "metrics.json")).read() == before
     with pytest.raises(ValueError, match="unknown weights"):
         rescore(run_dir, weights="median")
+
+
+def test_smoke_metrics_match_the_golden_file(smoke_run):
+    from tests import golden
+
+    _, _, metrics = smoke_run
+    golden.check("vcl_diffusion_smoke", {
+        name: [{"per_class": h["per_class"], "loss": h["train_final"]["loss"]}
+               for h in r["history"]]
+        for name, r in metrics["runs"].items()})

@@ -9,16 +9,29 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+from vcl_jax import interrupt
 
 PyTree = Any
 
 
 class ConfigMismatchError(ValueError):
     """A checkpoint directory belongs to a run with another config."""
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be read, or writing one failed."""
+
+
+def _reason(e: BaseException) -> str:
+    """The first line of an exception (TensorStore's messages run to many lines)."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
 def config_diff(saved: dict, current: dict, ignore: tuple[str, ...] = (),
@@ -74,21 +87,66 @@ class Checkpoints:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state: PyTree, meta: dict) -> None:
-        """Saves ``state`` and ``meta`` (plus the config) as ``step``; waits until written."""
+        """Saves ``state`` and ``meta`` (plus the config) as ``step``; waits until written.
+
+        Orbax writes into a temporary folder and renames it when complete, so a write that
+        fails or is killed half way leaves the earlier steps as they were. A failed write
+        (e.g. a full disk) removes its own partial folder and raises :class:`CheckpointError`.
+        """
         meta = dict(meta, config=self.config)
-        self._manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-        self._manager.wait_until_finished()
+        try:
+            with interrupt.deferred():  # SIGTERM / Ctrl-C stop the run after this write
+                self._manager.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+                self._manager.wait_until_finished()
+        except OSError as e:
+            for name in os.listdir(self.directory):
+                if name.startswith(f"{step}.orbax-checkpoint-tmp"):
+                    shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+            earlier = [s for s in self.all_steps() if s < step]
+            kept = f"steps {earlier[0]}..{earlier[-1]} are intact" if earlier else "no earlier step"
+            raise CheckpointError(
+                f"writing checkpoint step {step} to {self.directory} failed ({_reason(e)}); "
+                f"{kept}. Fix the cause (e.g. free disk space) and re-run the same command: "
+                f"it resumes after the last written step.") from e
+
+    def _unreadable(self, step: int, e: BaseException) -> CheckpointError:
+        path = os.path.join(self.directory, str(step))
+        aside = os.path.join(os.path.dirname(self.directory), f"damaged-step{step}")
+        good = None
+        for s in reversed([s for s in self.all_steps() if s < step]):
+            try:
+                self._manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+                good = s
+                break
+            except Exception:  # noqa: BLE001 - any failure means "not readable"
+                continue
+        then = (f"resume from the previous good checkpoint (step {good})" if good is not None
+                else "start this run over (no earlier checkpoint is readable)")
+        return CheckpointError(
+            f"checkpoint step {step} at {path} cannot be read ({_reason(e)}); it is damaged "
+            f"(e.g. truncated by a full disk or an interrupted copy). Nothing was deleted. To "
+            f"{then}, move it aside and re-run the same command:\n  mv {path} {aside}")
 
     def restore_meta(self, step: int) -> dict:
-        out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-        return dict(out.meta)
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            return dict(out.meta)
+        except Exception as e:  # noqa: BLE001 - TensorStore/JSON/OS errors alike
+            raise self._unreadable(step, e) from e
 
     def restore(self, step: int, like: PyTree) -> tuple[PyTree, dict]:
-        """Restores ``step`` into the structure, shapes and dtypes of ``like``."""
+        """Restores ``step`` into the structure, shapes and dtypes of ``like``.
+
+        Raises:
+          CheckpointError: the step's files cannot be read (naming it and the way out).
+        """
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        out = self._manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        try:
+            out = self._manager.restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except Exception as e:  # noqa: BLE001
+            raise self._unreadable(step, e) from e
         return out.state, dict(out.meta)
 
     def close(self) -> None:

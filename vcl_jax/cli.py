@@ -1,12 +1,50 @@
-"""The command line every experiment shares: a preset, overrides, a run directory."""
+"""The command line every experiment shares: a preset, overrides, a run directory.
+
+:func:`command` runs an entry point as a program: the errors a user can fix (a bad
+setting, missing data, a damaged checkpoint, a locked run directory, a diverged run)
+print as one ``error:`` line and exit 2, and SIGTERM or Ctrl-C stops the run between
+its writes' atomic steps with a non-zero exit (143 / 130), leaving every finished
+checkpoint loadable for the re-run that resumes.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import sys
 from collections.abc import Callable
 
-from vcl_jax.config import override, preset
+from vcl_jax.checkpoint import CheckpointError, ConfigMismatchError
+from vcl_jax.config import ConfigError, override, preset
+from vcl_jax.data.errors import DataError
+from vcl_jax.interrupt import Terminated, on_signal, stop_if_requested
+from vcl_jax.run_lock import RunLockedError
+from vcl_jax.training.guard import DivergenceError
+
+# Errors whose message says what to change; anything else is a bug and keeps its traceback.
+USER_ERRORS = (ConfigError, ConfigMismatchError, CheckpointError, DataError, DivergenceError,
+               RunLockedError)
+
+
+def command(main: Callable[[], object]) -> int:
+    """Runs ``main()`` as a program and returns its exit status (see the module doc)."""
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        main()
+        stop_if_requested()  # a SIGTERM during the last evaluation: the run is complete
+        return 0
+    except USER_ERRORS as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        what = "SIGTERM" if isinstance(e, Terminated) else "interrupted (Ctrl-C)"
+        print(f"{what}: stopped. Every finished task's checkpoint is intact; re-run the same "
+              f"command to resume after the last one.", file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def experiment_main(argv: list[str] | None, *, doc: str, name: str, presets: dict,

@@ -34,6 +34,9 @@ def from_dict(cls: type[C], raw: dict, added: dict | None = None) -> C:
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
 
 
+_ELEMENT = object()  # the `current` of a tuple's element: "none" is not an element
+
+
 def _parse(raw: str, current: Any, hint: Any, key: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
@@ -42,7 +45,7 @@ def _parse(raw: str, current: Any, hint: Any, key: str) -> Any:
     if origin is tuple or isinstance(current, tuple):
         elem = args[0] if args else (type(current[0]) if current else str)
         items = [s for s in raw.split(",") if s.strip()]
-        return tuple(_parse(s.strip(), None, elem, key) for s in items)
+        return tuple(_parse(s.strip(), _ELEMENT, elem, key) for s in items)
     if type(None) in args:  # Optional[X]
         hint = next(a for a in args if a is not type(None))
     target = hint if isinstance(hint, type) else type(current)
@@ -104,3 +107,21 @@ def preset(presets: dict[str, C], name: str) -> C:
     if name not in presets:
         raise ConfigError(f"unknown preset {name!r}; accepted: {', '.join(presets)}")
     return presets[name]
+
+
+def diffusion_checks(cfg: Any) -> list[tuple[bool, str]]:
+    """The checks both diffusion experiments' configs share: the U-Net's widths, the noise
+    schedule, the guidance and the sampler's steps (fields of the same names)."""
+    finite = lambda v: v == v and abs(v) != float("inf")  # noqa: E731 - NaN ≠ NaN
+    return [
+        (cfg.n_feat >= 1, f"n_feat must be ≥ 1, got {cfg.n_feat}"),
+        (cfg.embed_dim >= 1, f"embed_dim must be ≥ 1, got {cfg.embed_dim}"),
+        (cfg.T >= 1, f"T must be ≥ 1, got {cfg.T}"),
+        (0 < cfg.beta_1 <= cfg.beta_T < 1,
+         f"need 0 < beta_1 ≤ beta_T < 1, got beta_1={cfg.beta_1}, beta_T={cfg.beta_T}"),
+        (getattr(cfg, "sampler", "ddim") != "ddim" or 1 <= cfg.ddim_steps <= cfg.T,
+         f"ddim_steps must be in 1..T={cfg.T}, got {cfg.ddim_steps}"),
+        (all(finite(getattr(cfg, g)) for g in ("guidance", "eval_guidance", "replay_guidance")
+             if hasattr(cfg, g)), "guidance weights must be finite numbers"),
+        (cfg.seed >= 0, f"seed must be ≥ 0, got {cfg.seed}"),
+    ]

@@ -1,8 +1,8 @@
 """Continual-learning methods as small sets of pure functions (optax style)."""
 
 from vcl_jax.continual.base import Method, chain
+from vcl_jax.continual.consolidation import FISHERS, EWCState, Rank1, ewc
 from vcl_jax.continual.distill import distillation
-from vcl_jax.continual.ewc import FISHERS, EWCState, Rank1, ewc
 from vcl_jax.continual.fisher import (
                                       FisherStats,
                                       diag_fisher,
@@ -11,8 +11,8 @@ from vcl_jax.continual.fisher import (
                                       gram_matrix,
                                       per_example_grads,
 )
-from vcl_jax.continual.mle import mle
-from vcl_jax.continual.vcl import VCLState, vcl
+from vcl_jax.continual.sequential import mle
+from vcl_jax.continual.variational import VCLState, vcl
 
 __all__ = ["FISHERS", "EWCState", "FisherStats", "Method", "Rank1", "VCLState", "chain",
            "diag_fisher", "distillation", "ewc", "fisher_stats", "gram_analysis", "gram_matrix",

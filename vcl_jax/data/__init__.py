@@ -9,6 +9,8 @@ from vcl_jax.data.sources import (
     Dataset,
     describe,
     find_local,
+    fingerprint,
+    identity,
     load,
     record,
     source_of,
@@ -18,6 +20,7 @@ from vcl_jax.data.tasks import Task, TaskStream
 
 __all__ = [
     "ENV_VAR", "VARIANTS", "DataError", "Dataset", "Task", "TaskStream", "complement",
-    "describe", "find_local", "kcenter_coreset", "load", "pad_to", "random_coreset", "record",
+    "describe", "find_local", "fingerprint", "identity", "kcenter_coreset", "load", "pad_to",
+    "random_coreset", "record",
     "select", "source_of", "to_float", "to_unit", "variants",
 ]

@@ -23,6 +23,7 @@ silently skipped.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 
 import numpy as np
@@ -178,11 +179,29 @@ def source_of(name: str, data_dir: str | os.PathLike | None = None,
     return folder or "tfds"
 
 
+def fingerprint(arrays: list[np.ndarray]) -> str:
+    """A checksum of a run's training arrays (dtype, shape and bytes of each, in order)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    return h.hexdigest()[:16]
+
+
 def record(name: str, data_dir: str | os.PathLike | None, variant: str | None,
-           train_per_task: list[int]) -> dict:
-    """What a run trained on, for its ``metrics.json``: dataset, variant, folder, sizes."""
-    return {"dataset": name, "variant": variant, "source": source_of(name, data_dir, variant),
-            "train_per_task": [int(n) for n in train_per_task]}
+           train_per_task: list[int], arrays: list[np.ndarray] | None = None) -> dict:
+    """What a run trained on, for its ``metrics.json``: dataset, variant, folder, sizes, and
+    with ``arrays`` (the tasks' training images) their :func:`fingerprint`."""
+    out = {"dataset": name, "variant": variant, "source": source_of(name, data_dir, variant),
+           "train_per_task": [int(n) for n in train_per_task]}
+    return out if arrays is None else dict(out, sha256=fingerprint(arrays))
+
+
+def identity(rec: dict) -> dict:
+    """What the data of a :func:`record` is, without where it was read from: a resumed run
+    may read the same data from another folder, but not other data under the same name."""
+    return {k: v for k, v in rec.items() if k != "source"}
 
 
 def describe(rec: dict) -> str:

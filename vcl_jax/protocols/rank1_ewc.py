@@ -4,12 +4,12 @@ Class-incremental generation: tasks are consecutive class pairs, images are padd
 ``image_size`` and scaled to [−1, 1], and one class-conditional U-Net (one embedding per
 class) learns them in order. Every method is a composition of the library's methods:
 
-* ``naive``: sequential fine-tuning (:func:`~vcl_jax.continual.mle`);
+* ``naive``: sequential fine-tuning (:func:`~vcl_jax.continual.sequential`);
 * ``replay``: each batch adds ``replay_batch`` images of old classes, drawn from a pool
   the model at the end of the previous task generated with DDIM (η = 0);
 * ``distill``: replay plus ``distill_weight`` · MSE between the student's and the frozen
   teacher's ε-predictions on the noised replay images (:func:`~vcl_jax.continual.distillation`);
-* ``diag`` / ``rank1`` / ``rank1_unit``: an EWC penalty (:func:`~vcl_jax.continual.ewc`
+* ``diag`` / ``rank1`` / ``rank1_unit``: an EWC penalty (:func:`~vcl_jax.continual.consolidation`
   without a batch loss) :func:`~vcl_jax.continual.chain`-ed after any of the above.
 
 After every task the run samples every seen task's classes and records each task's
@@ -35,7 +35,7 @@ from vcl_jax import checkpoint
 from vcl_jax.config import ConfigError, to_dict
 from vcl_jax.continual import chain, distillation, ewc, mle
 from vcl_jax.continual.base import stack
-from vcl_jax.data import TaskStream, load, pad_to, record, to_float, to_unit
+from vcl_jax.data import TaskStream, identity, load, pad_to, record, to_float, to_unit
 from vcl_jax.diffusion.generate import generate
 from vcl_jax.diffusion.loss import draw_noise, example_loss_at, q_sample, timestep_examples
 from vcl_jax.diffusion.schedule import linear_schedule
@@ -49,6 +49,7 @@ from vcl_jax.protocols.rank1_ewc_config import (
     parse_method,
     sub_run_config,
 )
+from vcl_jax.run_lock import RunLock
 from vcl_jax.training.epoch import EpochRunner
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step, train_epochs
 
@@ -275,7 +276,8 @@ def forgetting(history: list[dict]) -> list[float]:
 
 
 def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClassifier,
-            ref_stats: list, out_dir: str, *, progress: bool = True) -> dict:
+            ref_stats: list, out_dir: str, *, progress: bool = True,
+            data_id: dict | None = None) -> dict:
     """Trains one method over the whole stream, resuming from its last checkpoint."""
     cfg = setup.cfg
     os.makedirs(out_dir, exist_ok=True)
@@ -288,7 +290,7 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClas
     state = TrainState(trainable, opt.init(trainable), mstate)
     runner = EpochRunner(make_train_step(method, opt, data_sharding()), cfg.batch_size, cfg.unroll)
 
-    ckpt = method_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, name)
+    ckpt = method_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, name, data=data_id)
     record = {"history": [], "seconds": {"train": 0.0, "replay": 0.0, "fisher": 0.0,
                                          "eval": 0.0}}
     start = 0
@@ -311,7 +313,8 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClas
         state, hist = train_epochs(runner, state, data, jax.random.fold_in(k_train, d),
                                    epochs=cfg.epochs, learning_rate=cfg.learning_rate,
                                    decay=cfg.lr_decay, desc=f"{name} task {d + 1}/{len(tasks)}",
-                                   progress=progress, shared=shared)
+                                   progress=progress, shared=shared,
+                                   where=f"rank1_ewc {name} task {d + 1}/{len(tasks)}")
         jax.block_until_ready(state.trainable)
         t2 = time.perf_counter()
         fdata = fisher_data(setup, task, jax.random.fold_in(k_fisher, d)) if spec.penalty else None
@@ -341,19 +344,23 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClas
 
 
 def method_checkpoints(folder: str, cfg: Rank1EWCConfig, name: str,
-                       ignore: tuple[str, ...] = ()) -> checkpoint.Checkpoints:
+                       ignore: tuple[str, ...] = (), data: dict | None = None
+                       ) -> checkpoint.Checkpoints:
     """Method ``name``'s checkpoints, keyed on the config fields that determine its training
-    (checkpoints written before a field existed match its ``ADDED_FIELDS`` value)."""
-    return checkpoint.Checkpoints(folder, sub_run_config(cfg, name), ignore=ignore,
-                                  added=ADDED_FIELDS)
+    (checkpoints written before a field existed match its ``ADDED_FIELDS`` value) and, when
+    given, on what the data is (``data``: :func:`vcl_jax.data.identity`, not its folder)."""
+    key, added = sub_run_config(cfg, name), dict(ADDED_FIELDS)
+    if data is not None:
+        key["data"] = added["data"] = data
+    return checkpoint.Checkpoints(folder, key, ignore=ignore, added=added)
 
 
-def check_run_dir(run_dir: str, cfg: Rank1EWCConfig) -> None:
-    """Refuses, before anything is written, checkpoints from another config."""
+def check_run_dir(run_dir: str, cfg: Rank1EWCConfig, data_id: dict | None = None) -> None:
+    """Refuses, before anything is written, checkpoints from another config or data."""
     for name in cfg.methods:
         folder = os.path.join(run_dir, method_dir(name), "checkpoints")
         if os.path.isdir(folder):
-            method_checkpoints(folder, cfg, name).close()
+            method_checkpoints(folder, cfg, name, data=data_id).close()
 
 
 def run(cfg: Rank1EWCConfig, run_dir: str, *, progress: bool = True) -> dict:
@@ -361,22 +368,26 @@ def run(cfg: Rank1EWCConfig, run_dir: str, *, progress: bool = True) -> dict:
     from vcl_jax.protocols import rank1_ewc_report as report
 
     cfg.validate()
-    check_run_dir(run_dir, cfg)
     tasks, data_shape = load_tasks(cfg)
+    data = record(cfg.dataset, cfg.data_dir, cfg.data_variant, [len(t.x) for t in tasks],
+                  [a for t in tasks for a in (t.x, t.c)])
+    check_run_dir(run_dir, cfg, identity(data))
     setup = build(cfg, data_shape)
-    classifier = get_classifier(cfg.dataset, data_dir=cfg.data_dir, variant=cfg.data_variant,
-                                epochs=cfg.classifier_epochs, progress=progress)
-    ref_stats = [gaussian_stats(classifier.features(t.reference)) for t in tasks]
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(to_dict(cfg), f, indent=2)
-    results = {name: run_one(setup, name, tasks, classifier, ref_stats,
-                             os.path.join(run_dir, method_dir(name)), progress=progress)
-               for name in cfg.methods}
-    data = record(cfg.dataset, cfg.data_dir, cfg.data_variant, [len(t.x) for t in tasks])
-    metrics = {"config": to_dict(cfg), "data": data, "classifier": classifier.info,
-               "reference_images_per_task": [len(t.reference) for t in tasks], "runs": results}
-    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    report.write(run_dir, cfg, results, data, classifier.info)
+    with RunLock(run_dir):
+        classifier = get_classifier(cfg.dataset, data_dir=cfg.data_dir,
+                                    variant=cfg.data_variant, epochs=cfg.classifier_epochs,
+                                    progress=progress)
+        ref_stats = [gaussian_stats(classifier.features(t.reference)) for t in tasks]
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=2)
+        results = {name: run_one(setup, name, tasks, classifier, ref_stats,
+                                 os.path.join(run_dir, method_dir(name)), progress=progress,
+                                 data_id=identity(data))
+                   for name in cfg.methods}
+        metrics = {"config": to_dict(cfg), "data": data, "classifier": classifier.info,
+                   "reference_images_per_task": [len(t.reference) for t in tasks],
+                   "runs": results}
+        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        report.write(run_dir, cfg, results, data, classifier.info)
     return metrics

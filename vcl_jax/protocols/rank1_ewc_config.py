@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 
-from vcl_jax.config import ConfigError, check_choice, checks
+from vcl_jax.config import ConfigError, check_choice, checks, diffusion_checks
 from vcl_jax.data import variants
+from vcl_jax.models.layers import CONV_IMPLS
 
 PENALTIES = ("diag", "rank1", "rank1_unit")
 REPLAY_MODES = ("replay", "distill")  # distill = replay + distillation from the frozen teacher
@@ -98,11 +99,12 @@ class Rank1EWCConfig:
         for m in self.methods:
             parse_method(m)
         check_choice("data_variant", self.data_variant, variants(self.dataset))
+        check_choice("conv_impl", self.conv_impl, CONV_IMPLS)
         if self.eval_split not in EVAL_SPLITS:
             raise ConfigError(f"unknown eval_split {self.eval_split!r}; accepted: "
                               f"{', '.join(EVAL_SPLITS)}")
         t_max = self.T if self.fisher_t_max is None else self.fisher_t_max
-        checks([
+        checks(diffusion_checks(self) + [
             (len(self.methods) >= 1, "methods must name at least one method"),
             (len(self.classes) >= 2 and len(self.classes) % 2 == 0,
              f"classes must be an even number ≥ 2 (consecutive pairs are tasks), "
@@ -120,7 +122,6 @@ class Rank1EWCConfig:
              f"{self.fisher_t_min}..{t_max}"),
             (self.replay_per_class >= 1,
              f"replay_per_class must be ≥ 1, got {self.replay_per_class}"),
-            (1 <= self.ddim_steps <= self.T, f"ddim_steps must be in 1..T, got {self.ddim_steps}"),
             (0 <= self.eval_eta <= 1, f"eval_eta must be in [0, 1], got {self.eval_eta}"),
             (self.distill_weight >= 0, f"distill_weight must be ≥ 0, got {self.distill_weight}"),
             (self.eval_per_class >= 2, f"eval_per_class must be ≥ 2 (a covariance), got "
@@ -172,7 +173,7 @@ def sub_run_config(cfg: Rank1EWCConfig, method: str) -> dict:
     from vcl_jax.config import to_dict
 
     spec = parse_method(method)
-    drop = {"methods"}
+    drop = {"methods", "data_dir"}  # where the data lives is not its identity (its checksum is)
     drop |= set(EWC_ONLY) if spec.penalty is None else set()
     drop |= set(REPLAY_ONLY) if spec.replay is None else set()
     drop |= set(DISTILL_ONLY) if spec.replay != "distill" else set()

@@ -30,7 +30,9 @@ from vcl_jax.continual import Method, VCLState, ewc, mle, vcl
 from vcl_jax.data import TaskStream, complement, load, record, select, to_float
 from vcl_jax.models import bayes_mlp, mlp
 from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig
+from vcl_jax.run_lock import RunLock
 from vcl_jax.training.epoch import epoch_indices, scan_steps
+from vcl_jax.training.guard import check_finite, first_bad_epoch
 from vcl_jax.training.state import TrainState, make_train_step
 from vcl_jax.vi import mean_field as mf
 
@@ -138,10 +140,10 @@ class Runner:
             nll = mlp.nll(mlp.apply(params, batch["x"], batch["head"]), batch["y"])
             return jnp.sum(nll * batch["w"]) / jnp.sum(batch["w"])
 
-        def expected_loss(q, batch, key):
-            return bayes_mlp.expected_nll(q, batch["x"], batch["y"], batch["head"], key,
-                                          estimator=cfg.estimator, n_samples=cfg.train_samples,
-                                          weight=batch["w"])
+        def expected_loss(estimator):
+            return lambda q, batch, key: bayes_mlp.expected_nll(
+                q, batch["x"], batch["y"], batch["head"], key, estimator=estimator,
+                n_samples=cfg.train_samples, weight=batch["w"])
 
         def example_loss(params, ex):
             return mlp.nll(mlp.apply(params, ex["x"][None], ex["head"][None]), ex["y"][None])[0]
@@ -153,12 +155,14 @@ class Runner:
         fisher = jax.jit(lambda p, d: mlp.diag_fisher(p, d["x"], d["y"], d["head"]))
         self.ewc = ewc(mle_loss, example_loss, n_tasks=len(cfg.groups), lam=cfg.ewc_lambda,
                        diag_fn=fisher)
-        self.vcl = vcl(None, n_samples=cfg.train_samples, kl_scale=cfg.kl_scale,
-                       prior_sigma=cfg.prior_sigma, log_var_init=cfg.log_var_init,
-                       expected_loss=expected_loss)
+        vcl_kw = dict(n_samples=cfg.train_samples, kl_scale=cfg.kl_scale,
+                      prior_sigma=cfg.prior_sigma, log_var_init=cfg.log_var_init)
+        self.vcl = vcl(None, **vcl_kw, expected_loss=expected_loss(cfg.estimator))
         kw = dict(learning_rate=cfg.learning_rate, epochs=cfg.epochs, batch_size=cfg.batch_size)
         self.fit_mle = Trainer(self.mle, **kw)
         self.fit_vcl = Trainer(self.vcl, **kw)
+        self.fit_tune = self.fit_vcl if cfg.tune_estimator == cfg.estimator else Trainer(
+            vcl(None, **vcl_kw, expected_loss=expected_loss(cfg.tune_estimator)), **kw)
         self.fit_ewc = Trainer(self.ewc, **kw)
         self.predict = jax.jit(bayes_mlp.predict_proba, static_argnames=("n_samples",))
         self.predict_mle = jax.jit(lambda p, x, head: jax.nn.softmax(mlp.apply(p, x, head)))
@@ -185,7 +189,7 @@ class Runner:
         if n == 0:
             return q
         state = VCLState(q, jnp.asarray(self.cfg.kl_scale / n, jnp.float32))
-        tuned, _ = self.fit_vcl(jax.tree.map(jnp.copy, q), state, coreset, key)
+        tuned, _ = self.fit_tune(jax.tree.map(jnp.copy, q), state, coreset, key)
         return tuned
 
 
@@ -250,6 +254,10 @@ def run_one(runner: Runner, name: str, tasks: list[TaskData], *,
             state = runner.vcl.end_task(q, state, t)
         jax.block_until_ready(metrics)
         times["train_s"] += time.perf_counter() - t0
+        bad = first_bad_epoch(metrics)
+        check_finite(metrics, params if q is None else q,
+                     f"split_mnist {name} task {t + 1}/{len(tasks)}"
+                     + ("" if bad is None else f", epoch {bad + 1}/{cfg.epochs}"))
         losses.append({k: float(v[-1]) for k, v in metrics.items()})
 
         row = []
@@ -283,7 +291,7 @@ def check_run_dir(run_dir: str, cfg: SplitMNISTConfig) -> None:
             saved = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path} is unreadable ({e}); choose another --run-dir") from e
-    diff = config_diff(saved, to_dict(cfg))
+    diff = config_diff(saved, to_dict(cfg), ignore=("data_dir",))  # a folder, not the data
     if diff:
         raise ConfigError(f"{run_dir} holds the results of a different config; nothing was "
                           f"overwritten. Differences:\n  " + "\n  ".join(diff) +
@@ -301,18 +309,18 @@ def run(cfg: SplitMNISTConfig, run_dir: str, *, progress: bool = True) -> dict:
         if any(cfg.coreset_method(r) for r in cfg.runs) and cfg.coreset_size > len(task.y):
             raise ConfigError(f"coreset_size {cfg.coreset_size} is larger than task {i} "
                               f"({len(task.y)} training images); use ≤ {len(task.y)}")
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(to_dict(cfg), f, indent=2)
-    runner = Runner(cfg)
-    results = {name: run_one(runner, name, tasks, progress=progress) for name in cfg.runs}
-    metrics = {"config": to_dict(cfg), "devices": [str(d) for d in jax.devices()],
-               "data": record(cfg.dataset, cfg.data_dir, cfg.data_variant,
-                              [len(t.y) for t in tasks]),
-               "train_sizes": [len(t.y) for t in tasks],
-               "test_sizes": [len(t.y_test) for t in tasks],
-               "runs": results}
-    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    report.write(run_dir, cfg, metrics)
+    with RunLock(run_dir):
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=2)
+        runner = Runner(cfg)
+        results = {name: run_one(runner, name, tasks, progress=progress) for name in cfg.runs}
+        metrics = {"config": to_dict(cfg), "devices": [str(d) for d in jax.devices()],
+                   "data": record(cfg.dataset, cfg.data_dir, cfg.data_variant,
+                                  [len(t.y) for t in tasks], [t.x for t in tasks]),
+                   "train_sizes": [len(t.y) for t in tasks],
+                   "test_sizes": [len(t.y_test) for t in tasks],
+                   "runs": results}
+        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        report.write(run_dir, cfg, metrics)
     return metrics

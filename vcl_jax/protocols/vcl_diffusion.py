@@ -23,7 +23,7 @@ import optax
 from vcl_jax import checkpoint
 from vcl_jax.config import ConfigError, to_dict
 from vcl_jax.continual import mle, vcl
-from vcl_jax.data import TaskStream, complement, load, record, select, to_float, to_unit
+from vcl_jax.data import TaskStream, complement, identity, load, record, select, to_float, to_unit
 from vcl_jax.diffusion.generate import generate
 from vcl_jax.diffusion.loss import batch_loss
 from vcl_jax.diffusion.schedule import linear_schedule
@@ -42,6 +42,7 @@ from vcl_jax.protocols.vcl_diffusion_config import (
     VCLDiffusionConfig,
     sub_run_config,
 )
+from vcl_jax.run_lock import RunLock
 from vcl_jax.training.epoch import EpochRunner
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step, train_epochs
 from vcl_jax.vi import mean_field as mf
@@ -150,10 +151,18 @@ def run_name(method: str, coreset: int) -> str:
 
 
 def open_checkpoints(folder: str, cfg: VCLDiffusionConfig, method: str,
-                     coreset_size: int) -> checkpoint.Checkpoints:
-    """The checkpoints of one sub-run, refusing a folder written with another config."""
-    return checkpoint.Checkpoints(folder, sub_run_config(cfg, method, coreset_size),
-                                  ignore=SPEED_ONLY, added=ADDED_FIELDS)
+                     coreset_size: int, data: dict | None = None) -> checkpoint.Checkpoints:
+    """The checkpoints of one sub-run, refusing a folder written with another config.
+
+    ``data``: what the run trains on (:func:`vcl_jax.data.identity`), part of the key
+    when given, so the same data read from another folder resumes and other data is
+    refused; read-only tools leave it out. Checkpoints older than the key take it as is.
+    """
+    key = sub_run_config(cfg, method, coreset_size)
+    added = dict(ADDED_FIELDS)
+    if data is not None:
+        key["data"] = added["data"] = data
+    return checkpoint.Checkpoints(folder, key, ignore=SPEED_ONLY, added=added)
 
 
 def _task_data(xs: list[np.ndarray], task_ids: list[int]) -> dict:
@@ -181,7 +190,8 @@ def pretrain_mle(setup: Setup, params: dict, x: np.ndarray, key: jax.Array, *,
     runner = EpochRunner(make_train_step(method, opt, data_sharding()), cfg.batch_size, cfg.unroll)
     state, _ = train_epochs(runner, state, _task_data([x], [0]), key,
                             epochs=cfg.vcl_pretrain_epochs, learning_rate=cfg.learning_rate,
-                            decay=cfg.lr_decay, desc="vcl MLE pre-training", progress=progress)
+                            decay=cfg.lr_decay, desc="vcl MLE pre-training", progress=progress,
+                            where="vcl_diffusion vcl, MLE pre-training on task 1")
     return state.trainable
 
 
@@ -223,7 +233,8 @@ def score(images: np.ndarray, labels: np.ndarray, task: int,
 
 
 def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.ndarray],
-            classifier: EvalClassifier, out_dir: str, *, progress: bool = True) -> dict:
+            classifier: EvalClassifier, out_dir: str, *, progress: bool = True,
+            data_id: dict | None = None) -> dict:
     """Trains one method with one coreset size over the whole stream (resuming if possible).
 
     Returns:
@@ -241,7 +252,8 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
     runner = EpochRunner(step, cfg.batch_size, setup.steps_per_call(method_name),
                          multiple=max(cfg.unroll, 1))
 
-    ckpt = open_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, method_name, coreset_size)
+    ckpt = open_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, method_name, coreset_size,
+                            data_id)
     like = {"train": state, "eval": state.trainable}
     coresets: list[list[int]] = []
     # Seconds per task (training, coreset tuning included) and of the MLE pre-training: the
@@ -262,7 +274,7 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
                                   progress=progress)
         # Kept for diagnostics (`vcl_diagnostics.swap_effect`): the first prior's means.
         pre = open_checkpoints(os.path.join(out_dir, "pretrained"), cfg, method_name,
-                               coreset_size)
+                               coreset_size, data_id)
         pre.save(0, pretrained, {"what": "MLE pre-training: VCL's first prior means"})
         pre.close()
         trainable, mstate = method.init(pretrained)
@@ -288,7 +300,8 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
         desc = f"{run_name(method_name, coreset_size)} task {d + 1}/{len(tasks)}"
         state, hist = train_epochs(runner, state, data, jax.random.fold_in(k_train, d),
                                    epochs=cfg.epochs, learning_rate=cfg.learning_rate,
-                                   decay=cfg.lr_decay, desc=desc, progress=progress)
+                                   decay=cfg.lr_decay, desc=desc, progress=progress,
+                                   where=f"vcl_diffusion {desc}")
         state = state._replace(method_state=method.end_task(state.trainable,
                                                             state.method_state, d))
         eval_trainable = state.trainable
@@ -302,7 +315,8 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
             tuned, _ = train_epochs(runner, tuned, core_data,
                                     jax.random.fold_in(jax.random.fold_in(k_train, d), 10_000),
                                     epochs=cfg.coreset_epochs, learning_rate=cfg.learning_rate,
-                                    decay=cfg.lr_decay, desc=desc + " coreset", progress=progress)
+                                    decay=cfg.lr_decay, desc=desc + " coreset", progress=progress,
+                                    where=f"vcl_diffusion {desc}, coreset fine-tuning")
             eval_trainable = tuned.trainable
         jax.block_until_ready(eval_trainable)
         t1 = time.perf_counter()
@@ -326,7 +340,7 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
 
 
 def run_joint(setup: Setup, tasks: list[np.ndarray], classifier: EvalClassifier,
-              out_dir: str, *, progress: bool = True) -> dict:
+              out_dir: str, *, progress: bool = True, data_id: dict | None = None) -> dict:
     """The paper's Figure 7 reference: one MLE model trained on every task's data at once
     (``epochs`` epochs over the union: as many steps as MLE takes over the whole stream),
     evaluated once on every class. Its entry "after task d" is that evaluation restricted to
@@ -335,7 +349,7 @@ def run_joint(setup: Setup, tasks: list[np.ndarray], classifier: EvalClassifier,
     """
     cfg, n = setup.cfg, len(tasks)
     os.makedirs(out_dir, exist_ok=True)
-    ckpt = open_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, "joint", 0)
+    ckpt = open_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, "joint", 0, data_id)
     if ckpt.latest_step() is not None:
         record = ckpt.restore_meta(ckpt.latest_step())["record"]
         ckpt.close()
@@ -351,7 +365,7 @@ def run_joint(setup: Setup, tasks: list[np.ndarray], classifier: EvalClassifier,
     state, hist = train_epochs(runner, state, _task_data(tasks, list(range(n))), k_train,
                                epochs=cfg.epochs, learning_rate=cfg.learning_rate,
                                decay=cfg.lr_decay, desc=f"joint, {n} tasks at once",
-                               progress=progress)
+                               progress=progress, where=f"vcl_diffusion joint, {n} tasks at once")
     jax.block_until_ready(state.trainable)
     t1 = time.perf_counter()
     _, images, labels = evaluate(setup, method, state.trainable, n - 1, k_eval, classifier)
@@ -380,15 +394,15 @@ def sub_runs(cfg: VCLDiffusionConfig) -> list[tuple[str, int]]:
     return out + ([("joint", 0)] if "joint" in cfg.methods else [])
 
 
-def check_run_dir(run_dir: str, cfg: VCLDiffusionConfig) -> None:
+def check_run_dir(run_dir: str, cfg: VCLDiffusionConfig, data_id: dict | None = None) -> None:
     """Refuses, before anything is written, a run directory whose checkpoints were
-    written with settings that matter to them. Sub-runs are keyed on their own fields
-    (:func:`sub_run_config`), so adding coreset sizes or changing a VCL-only setting
+    written with settings (or data) that matter to them. Sub-runs are keyed on their own
+    fields (:func:`sub_run_config`), so adding coreset sizes or changing a VCL-only setting
     reuses the finished MLE runs."""
     for name, size in sub_runs(cfg):
         folder = os.path.join(run_dir, run_name(name, size), "checkpoints")
         if os.path.isdir(folder):
-            open_checkpoints(folder, cfg, name, size).close()
+            open_checkpoints(folder, cfg, name, size, data_id).close()
 
 
 def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict:
@@ -396,26 +410,27 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
     from vcl_jax.protocols import vcl_diffusion_report as report
 
     setup = build(cfg)
-    check_run_dir(run_dir, cfg)
     tasks = load_tasks(cfg)
-    classifier = get_classifier(cfg.dataset, data_dir=cfg.data_dir, variant=cfg.data_variant,
-                                epochs=cfg.classifier_epochs, progress=progress)
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, "config.json"), "w") as f:
-        json.dump(to_dict(cfg), f, indent=2)
-    results = {}
-    for name, size in sub_runs(cfg):
-        rn = run_name(name, size)
-        out_dir = os.path.join(run_dir, rn)
-        if name == "joint":
-            results[rn] = run_joint(setup, tasks, classifier, out_dir, progress=progress)
-        else:
-            results[rn] = run_one(setup, name, size, tasks, classifier, out_dir,
-                                  progress=progress)
-    data = record(cfg.dataset, cfg.data_dir, cfg.data_variant, [len(x) for x in tasks])
-    metrics = {"config": to_dict(cfg), "data": data, "classifier": classifier.info,
-               "runs": results}
-    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    report.write(run_dir, cfg, results, data, classifier.info)
+    data = record(cfg.dataset, cfg.data_dir, cfg.data_variant, [len(x) for x in tasks], tasks)
+    check_run_dir(run_dir, cfg, identity(data))
+    with RunLock(run_dir):
+        classifier = get_classifier(cfg.dataset, data_dir=cfg.data_dir,
+                                    variant=cfg.data_variant, epochs=cfg.classifier_epochs,
+                                    progress=progress)
+        with open(os.path.join(run_dir, "config.json"), "w") as f:
+            json.dump(to_dict(cfg), f, indent=2)
+        results = {}
+        for name, size in sub_runs(cfg):
+            rn = run_name(name, size)
+            out_dir = os.path.join(run_dir, rn)
+            kw = dict(progress=progress, data_id=identity(data))
+            if name == "joint":
+                results[rn] = run_joint(setup, tasks, classifier, out_dir, **kw)
+            else:
+                results[rn] = run_one(setup, name, size, tasks, classifier, out_dir, **kw)
+        metrics = {"config": to_dict(cfg), "data": data, "classifier": classifier.info,
+                   "runs": results}
+        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        report.write(run_dir, cfg, results, data, classifier.info)
     return metrics

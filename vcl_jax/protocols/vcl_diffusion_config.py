@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
-from vcl_jax.config import check_choice, checks
-from vcl_jax.continual.vcl import DRAWS, ESTIMATORS
+from vcl_jax.config import check_choice, checks, diffusion_checks
+from vcl_jax.continual.variational import DRAWS, ESTIMATORS
 from vcl_jax.data import variants
+from vcl_jax.data.coreset import METHODS as CORESET_METHODS
+from vcl_jax.data.preprocess import RANGES
+from vcl_jax.diffusion.generate import SAMPLERS
 from vcl_jax.models.layers import CONV_IMPLS, INITS
 from vcl_jax.models.unet import CONTEXTS
 
@@ -127,7 +130,10 @@ class VCLDiffusionConfig:
         check_choice("estimator", self.estimator, ESTIMATORS)
         check_choice("conv_impl", self.conv_impl, CONV_IMPLS)
         check_choice("weight_draws", self.weight_draws, ("auto", *DRAWS))
-        checks([
+        check_choice("sampler", self.sampler, SAMPLERS)
+        check_choice("coreset_method", self.coreset_method, CORESET_METHODS)
+        check_choice("pixel_range", self.pixel_range, RANGES)
+        checks(diffusion_checks(self) + [
             (all(s >= 0 for s in self.coreset_sizes),
              f"coreset sizes must be ≥ 0, got {self.coreset_sizes}"),
             (self.epochs >= 1, f"epochs must be ≥ 1, got {self.epochs}"),
@@ -200,7 +206,8 @@ def sub_run_config(cfg: VCLDiffusionConfig, method: str, coreset_size: int) -> d
     """The config fields that determine one (method, coreset size) sub-run."""
     from vcl_jax.config import to_dict
 
-    drop = set(SWEEP) | (set(VCL_ONLY) if method != "vcl" else set())
+    # where the data was read from is not part of a run's identity (its checksum is)
+    drop = {"data_dir"} | set(SWEEP) | (set(VCL_ONLY) if method != "vcl" else set())
     drop |= set(CORESET_ONLY) if coreset_size == 0 else set()
     out = {k: v for k, v in to_dict(cfg).items() if k not in drop}
     return dict(out, method=method, coreset_size=coreset_size)

@@ -10,7 +10,9 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from vcl_jax.continual.base import Method
+from vcl_jax.interrupt import stop_if_requested
 from vcl_jax.training.epoch import EpochRunner, pad_rows, row_bucket
+from vcl_jax.training.guard import check_finite
 
 PyTree = Any
 
@@ -76,10 +78,13 @@ def make_train_step(method: Method, opt: optax.GradientTransformation,
 
 def train_epochs(runner: EpochRunner, state: TrainState, data: PyTree, key: jax.Array, *,
                  epochs: int, learning_rate: float, decay: bool, desc: str = "",
-                 progress: bool = True, shared: dict | None = None
+                 progress: bool = True, shared: dict | None = None, where: str = ""
                  ) -> tuple[TrainState, list[dict]]:
     """Runs ``epochs`` epochs; lr decays linearly to 0 over them when ``decay``.
     ``shared``: arrays every step receives whole (:func:`~vcl_jax.training.epoch.scan_steps`).
+    After every epoch the loss terms and the trainable variables are checked for
+    non-finite values (:func:`~vcl_jax.training.guard.check_finite`; ``where`` names the
+    run in the error, default ``desc``).
 
     Returns:
       The new state and one metrics dict (floats) per epoch.
@@ -91,10 +96,12 @@ def train_epochs(runner: EpochRunner, state: TrainState, data: PyTree, key: jax.
     history = []
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
     for e in bar:
+        stop_if_requested()
         lr = learning_rate * (1.0 - e / epochs) if decay else learning_rate
         state = set_learning_rate(state, lr)
         state, metrics = runner(state, data, jax.random.fold_in(key, e), shared, n=n)
         metrics = {k: float(v) for k, v in metrics.items()}
+        check_finite(metrics, state.trainable, f"{where or desc}, epoch {e + 1}/{epochs}")
         history.append(metrics)
         bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
     return state, history
