@@ -3,8 +3,9 @@ can show that the same seed still gives the same results.
 
 ``check(name, values)`` compares ``values`` (a JSON tree of numbers) with
 ``tests/golden/<name>.json``. On the host that recorded the file, training losses must match
-to float rounding (rtol 1e-5: not bit for bit across processes — one MLE loss measured 1 ulp
-apart between two sessions, a VCL loss 1.7e-6 apart under `make test`'s two workers), and
+to rtol 1e-4: not bit for bit across processes (one MLE loss measured 1 ulp apart between two
+sessions, a VCL loss 1.7e-6 apart under `make test`'s two workers, an MLE loss 1.5e-5 apart
+from a clean clone, whose programs are compiled afresh), and
 scores of samples to rtol 1e-2: they pass through a sampler and the evaluation classifier,
 which each test session trains afresh (measured: 4e-6 apart with a warm compilation cache,
 1.1e-3 from a clean clone). On another host (another CPU, flags or JAX version, where XLA may
@@ -66,6 +67,6 @@ def check(name: str, values: dict) -> None:
     assert sorted(got) == sorted(want), f"{name}: other entries than the golden file"
     for key, w in want.items():
         loss = key.rsplit("/", 1)[-1] in ("loss", "kl")
-        rtol = (1e-5 if loss else 1e-2) if same_host else (1e-3 if loss else 2e-2)
+        rtol = (1e-4 if loss else 1e-2) if same_host else (1e-3 if loss else 2e-2)
         np.testing.assert_allclose(got[key], w, rtol=rtol, atol=1e-6,
                                    err_msg=f"{name}{key} (golden host: {golden['host']})")

@@ -17,6 +17,23 @@ def test_peak_table_matches_device_kinds():
     assert gpu_check.peak_tflops("cpu") is None
 
 
+def test_smoke_step_sections_run_and_report(env, tmp_path, capsys):
+    # The default suite's share: the sections whose code is the check's own (timed steps, the
+    # utilisation table, precisions); the protocol sections reuse code tested elsewhere and
+    # run whole in the slow test below.
+    results = gpu_check.main(["--data", env["VCL_JAX_DATA_DIR"], "--smoke", "--only",
+                              "device,steps,precision", "--out", str(tmp_path / "gpu.json")])
+    sec = results["sections"]
+    assert not {k: v["error"] for k, v in sec.items() if "error" in v}
+    assert {"device", "steps", "precision"} <= set(sec)
+    for name in gpu_check.STEP_VARIANTS:
+        assert sec["steps"][name]["step_ms"] > 0
+    for name in ("float32", "tf32", "bfloat16"):
+        assert len(sec["precision"][name]["losses"]) == sec["precision"]["steps"]
+    assert "| train step mle" in capsys.readouterr().out
+
+
+@pytest.mark.slow
 def test_smoke_check_runs_every_section(env, tmp_path, capsys):
     out = tmp_path / "gpu.json"
     results = gpu_check.main(["--data", env["VCL_JAX_DATA_DIR"], "--smoke", "--out", str(out)])
