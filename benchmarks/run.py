@@ -20,7 +20,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks import legacy_draws
 from benchmarks.timing import interleaved_times
 from vcl_jax.config import override
 from vcl_jax.diffusion.generate import generate
@@ -98,9 +97,8 @@ def sampling_throughput(n_feat: int, n: int, repeats: int = 1) -> dict:
 
 
 def compile_times(n_feat: int = 16) -> dict:
-    """Seconds to compile one posterior draw of the `cpu` U-Net (n_feat 16): one threefry
-    computation per leaf (``jax.random.normal`` per leaf, the code before 2026-12-01) vs
-    ``mean_field.sample`` (one per power-of-two size class; the same numbers), and the
+    """Seconds to compile one posterior draw of the `cpu` U-Net (n_feat 16,
+    ``mean_field.sample``: one threefry computation per power-of-two size class) and the
     `cpu` preset's jitted call of 8 unrolled MLE and VCL (K = 1) train steps."""
     from vcl_jax.vi import mean_field as mf
 
@@ -117,8 +115,6 @@ def compile_times(n_feat: int = 16) -> dict:
 
     key = jax.random.key(1)
     out = {"n_feat": n_feat, "random_leaves": sum(jax.tree.leaves(mask)),
-           "draw_per_leaf_s": seconds(
-               lambda k, q: legacy_draws.per_leaf_sample(k, q, mask), key, q),
            "draw_grouped_s": seconds(lambda k, q: mf.sample(k, q, mask), key, q)}
     batch, steps = cfg.batch_size, cfg.unroll
     data = {"x": jnp.zeros((batch * steps, 28, 28, 1)), "task": jnp.zeros(batch * steps, jnp.int32)}
@@ -232,16 +228,13 @@ def main(argv=None) -> dict:
               f"{r['samples']} samples in {r['seconds']:.1f} s)", flush=True)
     results["compile"] = compile_times()
     c = results["compile"]
-    print(f"compile, cpu U-Net: posterior draw {c['draw_per_leaf_s']:.1f} s per leaf -> "
-          f"{c['draw_grouped_s']:.1f} s grouped; 8 unrolled steps: MLE {c['mle_8_steps_s']:.0f} s, "
-          f"VCL {c['vcl_8_steps_s']:.0f} s", flush=True)
+    print(f"compile, cpu U-Net: posterior draw {c['draw_grouped_s']:.1f} s; 8 unrolled steps: "
+          f"MLE {c['mle_8_steps_s']:.0f} s, VCL {c['vcl_8_steps_s']:.0f} s", flush=True)
     results["vs_torch"] = compare_torch([int(w) for w in args.torch.split(",") if w])
     mle = {r["n_feat"]: r for r in results["train"] if r["method"] == "mle"}
     results["ratios"] = {
         f"vcl_K{r['K']}_over_mle_n{r['n_feat']}": r["step_ms"] / mle[r["n_feat"]]["step_ms"]
         for r in results["train"] if r["method"] == "vcl"}
-    results["ratios"]["draw_compile_per_leaf_over_grouped"] = (
-        results["compile"]["draw_per_leaf_s"] / results["compile"]["draw_grouped_s"])
     rolled, unrolled = results["scan"][1]["step_ms"], results["scan"][0]["step_ms"]
     results["ratios"]["rolled_over_unrolled_n16"] = rolled / unrolled
     for r in results["vs_torch"]:

@@ -24,7 +24,6 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks import legacy_draws
 from benchmarks.run import gemm_gflops
 from benchmarks.timing import interleaved_times
 from vcl_jax.config import override
@@ -99,9 +98,9 @@ def gradient_variance(estimators: list[str], draws: int = 64) -> dict:
 
 def step_comparison(n_images: int = 12_000, repeats: int = 11) -> dict:
     """Gradient of the grouped VCL loss (K = 10, full batch of ``n_images``) with the
-    library's draws (:func:`vcl_jax.vi.mean_field.sample_many`, ``standard_normal``) vs the
-    earlier per-leaf vmapped draws, and an MLE gradient, timed interleaved (best and median
-    of ``repeats``), so that their ratios come from the same run."""
+    library's draws (:func:`vcl_jax.vi.mean_field.sample_many`, ``standard_normal``) and an
+    MLE gradient, timed interleaved (best and median of ``repeats``), so that their ratio
+    comes from the same run."""
     from vcl_jax.models import mlp
     from vcl_jax.vi import mean_field as mf
 
@@ -121,8 +120,7 @@ def step_comparison(n_images: int = 12_000, repeats: int = 11) -> dict:
 
     fns = {"mle": (jax.jit(jax.grad(lambda p: jnp.mean(mlp.nll(mlp.apply(p, x, 0), y)))),
                    (params,)),
-           "vcl": (vcl_grad(mf.sample_many), (q, key)),
-           "vcl, earlier draws": (vcl_grad(legacy_draws.vmapped_per_leaf_draws), (q, key))}
+           "vcl": (vcl_grad(mf.sample_many), (q, key))}
     times = interleaved_times({name: functools.partial(_blocking, fn, args)
                                for name, (fn, args) in fns.items()}, repeats)
     return {name: {"best_ms": 1e3 * min(t), "median_ms": 1e3 * sorted(t)[len(t) // 2]}
@@ -141,7 +139,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--grad-var", default="paper,grouped,local",
                         help="estimators whose gradient variance is measured ('' to skip)")
     parser.add_argument("--step-comparison", action="store_true",
-                        help="also time the grouped VCL gradient vs MLE and the earlier draws")
+                        help="also time the grouped VCL gradient vs MLE")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__),
                                                       "split_mnist_results.json"))
     args = parser.parse_args(argv)

@@ -3,14 +3,14 @@ can show that the same seed still gives the same results.
 
 ``check(name, values)`` compares ``values`` (a JSON tree of numbers) with
 ``tests/golden/<name>.json``. On the host that recorded the file, training losses must match
-to rtol 1e-4: not bit for bit across processes (one MLE loss measured 1 ulp apart between two
-sessions, a VCL loss 1.7e-6 apart under `make test`'s two workers, an MLE loss 1.5e-5 apart
-from a clean clone, whose programs are compiled afresh), and
-scores of samples to rtol 1e-2: they pass through a sampler and the evaluation classifier,
-which each test session trains afresh (measured: 4e-6 apart with a warm compilation cache,
-1.1e-3 from a clean clone). On another host (another CPU, flags or JAX version, where XLA may
-pick other kernels) losses to rtol 1e-3 and scores to 2e-2. A change of the algorithm or of
-its random numbers moves these numbers by far more (tens of percent). ``VCL_JAX_UPDATE_GOLDEN=1`` rewrites the file instead (only on purpose).
+to rtol 1e-4 and scores of samples to rtol 1e-2; on another host (another CPU, flags or JAX
+version, where XLA may pick other kernels) to 1e-3 and 2e-2. Not bit for bit, because the
+numbers are not bit-reproducible across processes even on one host (measured: an MLE loss 1
+ulp apart between two sessions and 1.5e-5 apart from a clean clone, whose programs are
+compiled afresh; a VCL loss 1.7e-6 apart under `make test`'s two workers; scores, which pass
+through a sampler and a freshly trained classifier, 1.1e-3 apart from a clean clone). A change
+of the algorithm or of its random numbers moves them by tens of percent.
+``VCL_JAX_UPDATE_GOLDEN=1`` rewrites the file instead (only on purpose).
 """
 
 from __future__ import annotations

@@ -279,12 +279,18 @@ def test_sampling_tools_read_an_older_run_config_with_its_old_values(tmp_path):
 
     from vcl_jax.config import to_dict
     from vcl_jax.protocols.sampling import load_config
-    from vcl_jax.protocols.vcl_diffusion_config import ADDED_FIELDS
+    from vcl_jax.protocols.vcl_diffusion_config import ADDED_FIELDS, RETIRED
 
     raw = {k: v for k, v in to_dict(PRESETS["smoke"]).items() if k not in ADDED_FIELDS}
     (tmp_path / "config.json").write_text(json.dumps(raw))
     cfg = load_config(str(tmp_path))
-    assert all(getattr(cfg, k) == v for k, v in ADDED_FIELDS.items())
+    assert all(getattr(cfg, k) == v for k, v in ADDED_FIELDS.items() if k not in RETIRED)
+    # a run written with a retired option at another value than today's is refused by name
+    (tmp_path / "config.json").write_text(json.dumps(dict(raw, variational_lr_scale=0.05)))
+    with pytest.raises(ConfigError, match="variational_lr_scale=0.05, an option since retired"):
+        load_config(str(tmp_path))
+    (tmp_path / "config.json").write_text(json.dumps(dict(raw, variational_lr_scale=1.0)))
+    assert load_config(str(tmp_path)) == cfg
 
 
 @pytest.mark.slow  # ~1 min; `make test-all`

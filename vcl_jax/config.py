@@ -24,13 +24,21 @@ def to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def from_dict(cls: type[C], raw: dict, added: dict | None = None) -> C:
+def from_dict(cls: type[C], raw: dict, added: dict | None = None,
+              retired: dict | None = None) -> C:
     """The inverse of :func:`to_dict`: a config from a saved dict (lists become tuples).
 
     ``added`` maps fields introduced after ``raw`` was written to the value such runs
-    implicitly had, which a missing field takes instead of today's default.
+    implicitly had, which a missing field takes instead of today's default. ``retired``
+    maps removed fields to the one value today's code implements: they are dropped, and a
+    run saved with another value is a ConfigError.
     """
     merged = {**(added or {}), **raw}
+    for key, value in (retired or {}).items():
+        saved = merged.pop(key, value)
+        if saved != value:
+            raise ConfigError(f"this run was written with {key}={saved!r}, an option since "
+                              f"retired (only {value!r} is implemented now)")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
 
 

@@ -15,7 +15,7 @@ from vcl_jax.data import to_unit
 from vcl_jax.diffusion.generate import generate
 from vcl_jax.eval import plots
 from vcl_jax.protocols import vcl_diffusion
-from vcl_jax.protocols.vcl_diffusion_config import ADDED_FIELDS, VCLDiffusionConfig
+from vcl_jax.protocols.vcl_diffusion_config import ADDED_FIELDS, RETIRED, VCLDiffusionConfig
 from vcl_jax.training.state import TrainState
 from vcl_jax.vi import mean_field as mf
 
@@ -26,7 +26,7 @@ def load_config(run_dir: str) -> VCLDiffusionConfig:
         raise FileNotFoundError(f"{run_dir} is not a VCL-diffusion run directory (no config.json)")
     with open(path) as f:
         raw = json.load(f)
-    return from_dict(VCLDiffusionConfig, raw, ADDED_FIELDS)
+    return from_dict(VCLDiffusionConfig, raw, ADDED_FIELDS, RETIRED)
 
 
 class Loaded(NamedTuple):

@@ -85,12 +85,9 @@ class Setup:
         raise ConfigError(f"unknown method {name!r}")
 
     def optimizer(self, name: str, params: dict) -> optax.GradientTransformation:
-        """Adam for method ``name``; VCL's random leaves at ``variational_lr_scale`` × the rate."""
-        scale = self.cfg.variational_lr_scale
-        if name != "vcl" or scale == 1.0:
-            return adam(self.cfg.learning_rate)
-        per_leaf = jax.tree.map(lambda r: scale if r else 1.0, self.mask(params))
-        return adam(self.cfg.learning_rate, scales=mf.MeanField(per_leaf, per_leaf))
+        """Adam for method ``name`` (the same for every method; its rate is set per epoch)."""
+        del name, params
+        return adam(self.cfg.learning_rate)
 
     def mask(self, params: dict) -> dict:
         """Which leaves VCL treats as random (in the posterior and the KL)."""

@@ -92,11 +92,6 @@ class VCLDiffusionConfig:
     weight_noise: bool = True
     prior_sigma: float = 1.0
     kl_scale: float = 1.0
-    # Learning-rate multiplier for the posterior's means and log-variances (the KL-governed
-    # U-Net weights); embeddings and other deterministic leaves keep the full rate. < 1 lets
-    # a CPU preset's high rate train the embeddings without Adam's ±lr steps jittering
-    # weights that the KL holds stiffly in place (the paper trains everything at 1e-4).
-    variational_lr_scale: float = 1.0
     # GroupNorm scales/offsets inside the posterior and the KL (True) or deterministic
     # and unregularised like the per-task embeddings (False, the paper's code).
     variational_norms: bool = False
@@ -147,8 +142,6 @@ class VCLDiffusionConfig:
             (0.0 <= self.eval_eta <= 1.0, f"eval_eta must be in [0, 1], got {self.eval_eta}"),
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (self.kl_scale >= 0, f"kl_scale must be ≥ 0, got {self.kl_scale}"),
-            (self.variational_lr_scale > 0,
-             f"variational_lr_scale must be > 0, got {self.variational_lr_scale}"),
             (self.prior_sigma > 0, f"prior_sigma must be > 0, got {self.prior_sigma}"),
             (self.prior_rel_std is None or self.prior_rel_std > 0,
              f"prior_rel_std must be > 0 or none, got {self.prior_rel_std}"),
@@ -188,13 +181,17 @@ PRESETS = {
 # one coreset size). A sub-run's checkpoints are keyed on the remaining fields.
 VCL_ONLY = ("train_samples", "eval_samples", "log_var_init", "prior_sigma", "kl_scale",
             "vcl_pretrain_epochs", "variational_norms", "eval_average_draws",
-            "variational_lr_scale", "estimator", "prior_rel_std", "weight_noise")
+            "estimator", "prior_rel_std", "weight_noise")
 # Fields added after run directories existed, with the value older runs implicitly had:
 # a checkpoint without the field matches a run with this value.
 ADDED_FIELDS = {"data_variant": "5k", "variational_norms": False, "eval_average_draws": False,
                 "context": "shared", "variational_lr_scale": 1.0, "estimator": "paper",
                 "weight_init": "paper", "prior_rel_std": None, "weight_noise": True,
                 "eval_eta": 0.0}
+# Fields retired after measuring no better (BENCHMARKS.md), with the one value runs now
+# have: part of a VCL sub-run's checkpoint key, so a run written with another value is
+# refused rather than continued without it.
+RETIRED = {"variational_lr_scale": 1.0}
 # Fields that change speed, not results (tested: both convolution forms agree); a
 # checkpoint written with another value is still this run's.
 SPEED_ONLY = ("conv_impl", "weight_draws")
@@ -210,4 +207,5 @@ def sub_run_config(cfg: VCLDiffusionConfig, method: str, coreset_size: int) -> d
     drop = {"data_dir"} | set(SWEEP) | (set(VCL_ONLY) if method != "vcl" else set())
     drop |= set(CORESET_ONLY) if coreset_size == 0 else set()
     out = {k: v for k, v in to_dict(cfg).items() if k not in drop}
-    return dict(out, method=method, coreset_size=coreset_size)
+    return dict(out, **(RETIRED if method == "vcl" else {}), method=method,
+                coreset_size=coreset_size)

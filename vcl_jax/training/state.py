@@ -25,22 +25,9 @@ class TrainState(NamedTuple):
     method_state: PyTree
 
 
-def adam(learning_rate: float, scales: PyTree | None = None) -> optax.GradientTransformation:
-    """Adam whose learning rate lives in the optimizer state (set per epoch, no retrace).
-
-    ``scales``: optional per-leaf learning-rate multipliers, a pytree of floats shaped like
-    the trainable variables (e.g. a slower rate for a posterior's means and log-variances
-    than for deterministic embeddings). None keeps plain Adam and its state layout.
-    """
-
-    if scales is None:  # this state layout is in every existing checkpoint: keep it
-        return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
-
-    def scaled_adam(learning_rate):
-        return optax.chain(optax.adam(learning_rate), optax.stateless(
-            lambda updates, params: jax.tree.map(lambda u, s: u * s, updates, scales)))
-
-    return optax.inject_hyperparams(scaled_adam)(learning_rate=learning_rate)
+def adam(learning_rate: float) -> optax.GradientTransformation:
+    """Adam whose learning rate lives in the optimizer state (set per epoch, no retrace)."""
+    return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
 
 
 def set_learning_rate(state: TrainState, lr: float) -> TrainState:
