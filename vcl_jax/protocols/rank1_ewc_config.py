@@ -141,7 +141,7 @@ PRESETS = {
     # Offline on the 2-core CPU: 500 training images per class, a 16-channel U-Net, T = 400,
     # 625 steps of 32 real (+ 16 replayed) images per task, 50 evaluation samples per class.
     # Evaluation by stochastic guided DDIM (η = 1, α = 2): this small model's deterministic
-    # unguided DDIM-50 samples are too poor for FD to see forgetting (BENCHMARKS.md, issue #5).
+    # unguided DDIM-50 samples are too poor for FD to see forgetting (BENCHMARKS.md).
     # λ = 1e2: chosen on a validation split (1e4, the authors' value, freezes this model);
     # the Fisher's timesteps t ≥ 300 (low SNR, where F is near rank one): also the validation's
     # choice over t uniform in 1..400.

@@ -101,8 +101,8 @@ class Setup:
 
         ``cfg.unroll`` counts U-Net copies in one compiled call: VCL with looped weight
         draws has K copies per step, so it runs the largest divisor of ``unroll`` that is
-        ≤ ``unroll // K`` steps per call, at least 1 (8 steps × 8 draws of the `cpu` U-Net
-        took > 20 GiB to compile; 1 × 8: 4 GiB, 60–80 s). Epochs keep ``unroll``'s step
+        ≤ ``unroll // K`` steps per call, at least 1 (the compile's memory grows with the
+        copies; BENCHMARKS.md has the figures). Epochs keep ``unroll``'s step
         count (``EpochRunner(multiple=unroll)``), so they are those of ``vmap``-ed draws.
         """
         u, k = self.cfg.unroll, self.cfg.train_samples

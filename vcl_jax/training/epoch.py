@@ -6,9 +6,8 @@ Two ways to run an epoch, same math:
   (best on GPU/TPU).
 * ``unroll=k``: the epoch is a Python loop over jitted calls that each run ``k``
   steps as a fully unrolled scan. XLA:CPU runs convolutions inside a while loop
-  10–40× slower when their kernel is loop-carried (measured here: a U-Net train
-  step at n_feat 32 took 16.8 s in a rolled scan and 0.36 s unrolled), so CPU
-  presets use this.
+  an order of magnitude slower when their kernel is loop-carried (BENCHMARKS.md),
+  so CPU presets use this.
 """
 
 from __future__ import annotations
@@ -83,7 +82,7 @@ def scan_steps(step: StepFn, state: PyTree, data: PyTree, indices: jax.Array, ke
     steps = jnp.arange(indices.shape[0]) + first
     if unroll and indices.shape[0] == 1:
         # lax.scan(unroll=True) of one step still emits a while loop, where XLA:CPU's
-        # convolutions are slow (an MLE step at n_feat 16: 1.99 s that way, 0.13 s plain)
+        # convolutions are slow: one step runs as plain code instead
         state, metrics = body(state, (steps[0], indices[0]))
         return state, jax.tree.map(lambda m: m[None], metrics)
     return jax.lax.scan(body, state, (steps, indices), unroll=bool(unroll) or 1)
