@@ -54,14 +54,19 @@ class Checkpoints:
       config: the run's config as a JSON-able dict; compared with the saved one.
       ignore: config keys that may differ between runs sharing checkpoints.
       added: fields newer than some checkpoints, with the value those implicitly had.
+      data: what the run trains on (:func:`vcl_jax.data.identity`: dataset, sizes, a
+        checksum; not the folder), stored under the key ``data`` of the config, so the same
+        data read from another folder resumes and other data is refused. Checkpoints written
+        before it was recorded take this run's. Read-only tools leave it out.
     """
 
     def __init__(self, directory: str, config: dict, *, ignore: tuple[str, ...] = (),
-                 added: dict | None = None):
+                 added: dict | None = None, data: dict | None = None):
         self.directory = os.path.abspath(directory)
-        self.config = json.loads(json.dumps(config))
+        extra = {} if data is None else {"data": data}
+        self.config = json.loads(json.dumps({**config, **extra}))
         self._ignore = ignore
-        self._added = json.loads(json.dumps(added or {}))
+        self._added = json.loads(json.dumps({**(added or {}), **extra}))
         self._manager = ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True),
@@ -116,7 +121,7 @@ class Checkpoints:
         good = None
         for s in reversed([s for s in self.all_steps() if s < step]):
             try:
-                self._manager.restore(s, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+                self._read_meta(s)
                 good = s
                 break
             except Exception:  # noqa: BLE001 - any failure means "not readable"
@@ -128,10 +133,13 @@ class Checkpoints:
             f"(e.g. truncated by a full disk or an interrupted copy). Nothing was deleted. To "
             f"{then}, move it aside and re-run the same command:\n  mv {path} {aside}")
 
+    def _read_meta(self, step: int) -> dict:
+        out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out.meta)
+
     def restore_meta(self, step: int) -> dict:
         try:
-            out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
-            return dict(out.meta)
+            return self._read_meta(step)
         except Exception as e:  # noqa: BLE001 - TensorStore/JSON/OS errors alike
             raise self._unreadable(step, e) from e
 

@@ -348,11 +348,9 @@ def method_checkpoints(folder: str, cfg: Rank1EWCConfig, name: str,
                        ) -> checkpoint.Checkpoints:
     """Method ``name``'s checkpoints, keyed on the config fields that determine its training
     (checkpoints written before a field existed match its ``ADDED_FIELDS`` value) and, when
-    given, on what the data is (``data``: :func:`vcl_jax.data.identity`, not its folder)."""
-    key, added = sub_run_config(cfg, name), dict(ADDED_FIELDS)
-    if data is not None:
-        key["data"] = added["data"] = data
-    return checkpoint.Checkpoints(folder, key, ignore=ignore, added=added)
+    given, on what the data is (``data``, see :class:`~vcl_jax.checkpoint.Checkpoints`)."""
+    return checkpoint.Checkpoints(folder, sub_run_config(cfg, name), ignore=ignore,
+                                  added=ADDED_FIELDS, data=data)
 
 
 def check_run_dir(run_dir: str, cfg: Rank1EWCConfig, data_id: dict | None = None) -> None:

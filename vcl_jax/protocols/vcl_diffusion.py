@@ -149,17 +149,10 @@ def run_name(method: str, coreset: int) -> str:
 
 def open_checkpoints(folder: str, cfg: VCLDiffusionConfig, method: str,
                      coreset_size: int, data: dict | None = None) -> checkpoint.Checkpoints:
-    """The checkpoints of one sub-run, refusing a folder written with another config.
-
-    ``data``: what the run trains on (:func:`vcl_jax.data.identity`), part of the key
-    when given, so the same data read from another folder resumes and other data is
-    refused; read-only tools leave it out. Checkpoints older than the key take it as is.
-    """
-    key = sub_run_config(cfg, method, coreset_size)
-    added = dict(ADDED_FIELDS)
-    if data is not None:
-        key["data"] = added["data"] = data
-    return checkpoint.Checkpoints(folder, key, ignore=SPEED_ONLY, added=added)
+    """The checkpoints of one sub-run, refusing a folder written with another config or
+    (``data``, see :class:`~vcl_jax.checkpoint.Checkpoints`) other data."""
+    return checkpoint.Checkpoints(folder, sub_run_config(cfg, method, coreset_size),
+                                  ignore=SPEED_ONLY, added=ADDED_FIELDS, data=data)
 
 
 def _task_data(xs: list[np.ndarray], task_ids: list[int]) -> dict:
@@ -417,10 +410,10 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
         results = {}
+        kw = dict(progress=progress, data_id=identity(data))
         for name, size in sub_runs(cfg):
             rn = run_name(name, size)
             out_dir = os.path.join(run_dir, rn)
-            kw = dict(progress=progress, data_id=identity(data))
             if name == "joint":
                 results[rn] = run_joint(setup, tasks, classifier, out_dir, **kw)
             else:
