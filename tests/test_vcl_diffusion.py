@@ -61,6 +61,25 @@ def test_no_forgetting_bound_averages_each_digit_right_after_it_was_learned(smok
     run_dir = smoke_run[0]
     summary = open(os.path.join(run_dir, "summary.md")).read()
     assert "No-forgetting bound" in summary and "MLE's no-forgetting bound / MLE" in summary
+    assert "| vcl_coreset0 |" in summary.split("Right after")[1]
+    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
+    assert set(metrics["continual"]) == set(metrics["runs"])
+    assert set(metrics["over_mle"]) == set(metrics["runs"]) - {"mle_coreset0"}
+
+
+def test_forgetting_and_right_after_carry_standard_errors():
+    from vcl_jax.protocols.vcl_diffusion_report import continual_scores
+
+    hist = [{"per_class": {"3": 1.0}, "per_class_stderr": {"3": 0.3}},
+            {"per_class": {"3": 5.0, "7": 2.0}, "per_class_stderr": {"3": 0.4, "7": 0.1}},
+            {"per_class": {"3": 9.0, "7": 4.0, "1": 0.0},
+             "per_class_stderr": {"3": 0.4, "7": 0.2, "1": 0.6}}]
+    c = continual_scores(hist, (3, 7, 1))
+    assert np.isclose(c["right_after"], 1.0)  # (1 + 2 + 0) / 3
+    assert np.isclose(c["right_after_stderr"], np.sqrt(0.09 + 0.01 + 0.36) / 3)
+    assert np.isclose(c["forgetting"], 5.0)  # ((9 − 1) + (4 − 2)) / 2
+    assert np.isclose(c["forgetting_stderr"], np.sqrt(0.16 + 0.09 + 0.04 + 0.01) / 2)
+    assert "forgetting" not in continual_scores(hist[:1], (3, 7, 1))
 
 
 def test_joint_reference_trains_once_on_every_task(env, tmp_path):

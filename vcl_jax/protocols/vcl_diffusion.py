@@ -418,8 +418,10 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
                 results[rn] = run_joint(setup, tasks, classifier, out_dir, **kw)
             else:
                 results[rn] = run_one(setup, name, size, tasks, classifier, out_dir, **kw)
+        scores = {rn: report.continual_scores(rec["history"], cfg.classes)
+                  for rn, rec in results.items() if rn != "joint"}
         metrics = {"config": to_dict(cfg), "data": data, "classifier": classifier.info,
-                   "runs": results}
+                   "runs": results, "continual": scores, "over_mle": report.ratios(results)}
         with open(os.path.join(run_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         report.write(run_dir, cfg, results, data, classifier.info)

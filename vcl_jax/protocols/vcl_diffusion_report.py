@@ -7,6 +7,7 @@ import os
 from vcl_jax.data import describe
 from vcl_jax.eval import plots
 from vcl_jax.eval.classifier import describe as describe_classifier
+from vcl_jax.eval.metrics import mean_stderr
 from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig
 
 
@@ -20,6 +21,39 @@ def no_forgetting_bound(history: list[dict], classes) -> list[float]:
     """
     fresh = [history[j]["per_class"][str(c)] for j, c in enumerate(classes[:len(history)])]
     return [sum(fresh[:d + 1]) / (d + 1) for d in range(len(fresh))]
+
+
+def continual_scores(history: list[dict], classes) -> dict:
+    """Right-after quality and forgetting of a continual run, each with its standard error.
+
+    ``right_after``: the mean over learned digits of each digit's uncertainty right after its
+    own task. ``forgetting``: the mean over every digit but the last learned of (uncertainty
+    after the last task − right after its own task). The samples of different evaluations are
+    independent, so the standard errors add in quadrature.
+    """
+    n = len(history)
+    fresh = [(history[j]["per_class"][str(c)], history[j]["per_class_stderr"][str(c)])
+             for j, c in enumerate(classes[:n])]
+    last = history[-1]
+    drops = [(last["per_class"][str(c)] - fresh[j][0],
+              (last["per_class_stderr"][str(c)] ** 2 + fresh[j][1] ** 2) ** 0.5)
+             for j, c in enumerate(classes[:n - 1])]
+    out = {"right_after": sum(v for v, _ in fresh) / n,
+           "right_after_stderr": mean_stderr([e for _, e in fresh])}
+    if drops:
+        out.update(forgetting=sum(v for v, _ in drops) / len(drops),
+                   forgetting_stderr=mean_stderr([e for _, e in drops]))
+    return out
+
+
+def ratios(results: dict) -> dict:
+    """After each task, every run's average uncertainty over MLE's (coreset 0)."""
+    if "mle_coreset0" not in results:
+        return {}
+    mle = [h["avg_uncertainty"] for h in results["mle_coreset0"]["history"]]
+    return {name: [h["avg_uncertainty"] / m if m > 0 else float("nan")
+                   for h, m in zip(rec["history"], mle, strict=False)]
+            for name, rec in results.items() if name != "mle_coreset0"}
 
 
 def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict, data: dict,
@@ -70,9 +104,21 @@ def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict, data: dict,
             [f"{v:.3g}" for v in bound] + ["–"] * (n_tasks - len(bound))) + " |")
     ratio = lambda a, b: ", ".join(f"{x / y:.3g}" if y > 0 else "nan"
                                    for x, y in zip(a, b, strict=False))
-    mle0, vcl0 = avg.get("mle_coreset0"), avg.get("vcl_coreset0")
-    if mle0 and vcl0:
-        lines += ["", "VCL / MLE (coreset 0), per task: " + ratio(vcl0, mle0)]
+    mle0 = avg.get("mle_coreset0")
+    for name, rs in ratios(results).items():
+        lines += ["", f"{name} / MLE (coreset 0), per task: " + ", ".join(f"{r:.3g}" for r in rs)]
+    lines += ["", "Right after (mean over digits of each digit's uncertainty right after its own "
+              "task) and forgetting (after the last task minus right after, mean over every digit "
+              "but the last), nats ± SE:", "",
+              "| run | right after | forgetting |", "|---|---|---|"]
+    for name, rec in results.items():
+        if name == "joint":
+            continue
+        c = continual_scores(rec["history"], cfg.classes)
+        forget = (f"{c['forgetting']:.3g} ± {c['forgetting_stderr']:.2g}"
+                  if "forgetting" in c else "–")
+        lines.append(f"| {name} | {c['right_after']:.3g} ± {c['right_after_stderr']:.2g} "
+                     f"| {forget} |")
     if mle0:
         bound = no_forgetting_bound(results["mle_coreset0"]["history"], cfg.classes)
         lines += ["", "MLE's no-forgetting bound / MLE (coreset 0), per task — the VCL / MLE "
