@@ -420,9 +420,10 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
                 results[rn] = run_one(setup, name, size, tasks, classifier, out_dir, **kw)
         scores = {rn: report.continual_scores(rec["history"], cfg.classes)
                   for rn, rec in results.items() if rn != "joint"}
+        over_mle = report.ratios(results)
         metrics = {"config": to_dict(cfg), "data": data, "classifier": classifier.info,
-                   "runs": results, "continual": scores, "over_mle": report.ratios(results)}
+                   "runs": results, "continual": scores, "over_mle": over_mle}
         with open(os.path.join(run_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
-        report.write(run_dir, cfg, results, data, classifier.info)
+        report.write(run_dir, cfg, results, data, classifier.info, scores, over_mle)
     return metrics

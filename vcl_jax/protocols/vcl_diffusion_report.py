@@ -11,6 +11,16 @@ from vcl_jax.eval.metrics import mean_stderr
 from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig
 
 
+def _own_task(history: list[dict], classes, key: str = "per_class") -> list[float]:
+    """Each learned digit's ``history`` entry ``key`` right after its own task."""
+    return [history[j][key][str(c)] for j, c in enumerate(classes[:len(history)])]
+
+
+def _over(a: list[float], b: list[float]) -> list[float]:
+    """Elementwise a / b over the common length (NaN where b is not positive)."""
+    return [x / y if y > 0 else float("nan") for x, y in zip(a, b, strict=False)]
+
+
 def no_forgetting_bound(history: list[dict], classes) -> list[float]:
     """After each task d, the mean over digits j ≤ d of digit j's uncertainty right after
     task j: what a run would score if it kept every digit as well as it had just learned it.
@@ -19,7 +29,7 @@ def no_forgetting_bound(history: list[dict], classes) -> list[float]:
     VCL/MLE ratio below ``bound / MLE`` needs better per-task quality, not only less
     forgetting.
     """
-    fresh = [history[j]["per_class"][str(c)] for j, c in enumerate(classes[:len(history)])]
+    fresh = _own_task(history, classes)
     return [sum(fresh[:d + 1]) / (d + 1) for d in range(len(fresh))]
 
 
@@ -32,17 +42,14 @@ def continual_scores(history: list[dict], classes) -> dict:
     independent, so the standard errors add in quadrature.
     """
     n = len(history)
-    fresh = [(history[j]["per_class"][str(c)], history[j]["per_class_stderr"][str(c)])
-             for j, c in enumerate(classes[:n])]
+    fresh, fresh_se = _own_task(history, classes), _own_task(history, classes, "per_class_stderr")
     last = history[-1]
-    drops = [(last["per_class"][str(c)] - fresh[j][0],
-              (last["per_class_stderr"][str(c)] ** 2 + fresh[j][1] ** 2) ** 0.5)
-             for j, c in enumerate(classes[:n - 1])]
-    out = {"right_after": sum(v for v, _ in fresh) / n,
-           "right_after_stderr": mean_stderr([e for _, e in fresh])}
+    drops = [last["per_class"][str(c)] - fresh[j] for j, c in enumerate(classes[:n - 1])]
+    drops_se = [(last["per_class_stderr"][str(c)] ** 2 + fresh_se[j] ** 2) ** 0.5
+                for j, c in enumerate(classes[:n - 1])]
+    out = {"right_after": sum(fresh) / n, "right_after_stderr": mean_stderr(fresh_se)}
     if drops:
-        out.update(forgetting=sum(v for v, _ in drops) / len(drops),
-                   forgetting_stderr=mean_stderr([e for _, e in drops]))
+        out.update(forgetting=sum(drops) / len(drops), forgetting_stderr=mean_stderr(drops_se))
     return out
 
 
@@ -51,14 +58,14 @@ def ratios(results: dict) -> dict:
     if "mle_coreset0" not in results:
         return {}
     mle = [h["avg_uncertainty"] for h in results["mle_coreset0"]["history"]]
-    return {name: [h["avg_uncertainty"] / m if m > 0 else float("nan")
-                   for h, m in zip(rec["history"], mle, strict=False)]
+    return {name: _over([h["avg_uncertainty"] for h in rec["history"]], mle)
             for name, rec in results.items() if name != "mle_coreset0"}
 
 
 def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict, data: dict,
-          classifier_info: dict) -> None:
-    """Writes grids, uncertainty plots (linear, log, per class) and ``summary.md``."""
+          classifier_info: dict, scores: dict, over_mle: dict) -> None:
+    """Writes grids, uncertainty plots (linear, log, per class) and ``summary.md``;
+    ``scores`` and ``over_mle`` are the runs' :func:`continual_scores` and :func:`ratios`."""
     n_tasks = len(cfg.classes)
     for name, rec in results.items():
         rows = plots.grid_rows(os.path.join(run_dir, name), len(rec["history"]))
@@ -102,28 +109,22 @@ def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict, data: dict,
         bound = no_forgetting_bound(rec["history"], cfg.classes)
         lines.append(f"| {name} | " + " | ".join(
             [f"{v:.3g}" for v in bound] + ["–"] * (n_tasks - len(bound))) + " |")
-    ratio = lambda a, b: ", ".join(f"{x / y:.3g}" if y > 0 else "nan"
-                                   for x, y in zip(a, b, strict=False))
-    mle0 = avg.get("mle_coreset0")
-    for name, rs in ratios(results).items():
+    for name, rs in over_mle.items():
         lines += ["", f"{name} / MLE (coreset 0), per task: " + ", ".join(f"{r:.3g}" for r in rs)]
     lines += ["", "Right after (mean over digits of each digit's uncertainty right after its own "
               "task) and forgetting (after the last task minus right after, mean over every digit "
               "but the last), nats ± SE:", "",
               "| run | right after | forgetting |", "|---|---|---|"]
-    for name, rec in results.items():
-        if name == "joint":
-            continue
-        c = continual_scores(rec["history"], cfg.classes)
+    for name, c in scores.items():
         forget = (f"{c['forgetting']:.3g} ± {c['forgetting_stderr']:.2g}"
                   if "forgetting" in c else "–")
         lines.append(f"| {name} | {c['right_after']:.3g} ± {c['right_after_stderr']:.2g} "
                      f"| {forget} |")
-    if mle0:
+    if "mle_coreset0" in results:
         bound = no_forgetting_bound(results["mle_coreset0"]["history"], cfg.classes)
         lines += ["", "MLE's no-forgetting bound / MLE (coreset 0), per task — the VCL / MLE "
                   "ratio a method with MLE's per-task quality and no forgetting would reach: "
-                  + ratio(bound, mle0)]
+                  + ", ".join(f"{r:.3g}" for r in _over(bound, avg["mle_coreset0"]))]
     if "joint" in results:
         lines += ["", "`joint` is the reference of the paper's Figure 7, not a continual learner: "
                   "one MLE model trained on every task's data at once (as many steps as MLE over "
