@@ -159,6 +159,75 @@ def test_chain_sums_losses_and_distillation_freezes_the_teacher():
     assert plain.loss(p, plain.init(p)[1], data, None)[0] == batch_loss(p, data, None)
 
 
+def _teacher_loss(batch_loss):
+    def loss_with_teacher(p, teacher, batch, key):
+        dist = sum(jnp.sum((a - b) ** 2) for a, b in zip(jax.tree.leaves(p),
+                                                         jax.tree.leaves(teacher), strict=True))
+        return dist, {"distill": dist}
+    return loss_with_teacher
+
+
+def test_chain_with_vcl_trains_the_posterior_and_the_others_act_on_its_means():
+    from vcl_jax.continual import vcl
+
+    params, data, example_loss = _regression()
+    batch_loss = lambda p, b, k: jnp.mean(jax.vmap(example_loss, (None, 0))(p, b))
+    members = (vcl(batch_loss, n_samples=2, log_var_init=-4.0),
+               ewc(None, example_loss, n_tasks=2, lam=3.0, fisher="rank1"),
+               distillation(_teacher_loss(batch_loss)))
+    method = chain(*members)
+    assert method.name == "vcl+ewc_rank1+distill" and method.view is members[0].view
+    q, states = method.init(params)
+    assert isinstance(q, type(members[0].init(params)[0]))  # the posterior is what trains
+    q, states = method.begin_task(q, states, 0, 29)
+    states = method.end_task(q, states, 0, data)
+    # EWC anchored, and distillation froze, the posterior means; VCL's prior is the posterior.
+    np.testing.assert_array_equal(states[1].anchors["w"][0], q.mean["w"])
+    np.testing.assert_array_equal(states[2]["w"], q.mean["w"])
+    np.testing.assert_array_equal(states[0].prior.mean["w"], q.mean["w"])
+    q, states = method.begin_task(q, states, 1, 29)
+    moved = q._replace(mean=jax.tree.map(lambda a: a + 0.1, q.mean))
+    key = jax.random.PRNGKey(2)
+    total, metrics = method.loss(moved, states, data, key)
+    # The sum of the members' losses, each at its own point and key.
+    parts = [members[0].loss(moved, states[0], data, key)[0],
+             members[1].loss(moved.mean, states[1], data, jax.random.fold_in(key, 1))[0],
+             members[2].loss(moved.mean, states[2], data, jax.random.fold_in(key, 2))[0]]
+    np.testing.assert_allclose(total, sum(parts), rtol=1e-6)
+    assert {"loss", "kl", "penalty", "distill"} <= set(metrics)
+    np.testing.assert_allclose(metrics["distill"], 0.01 * 5, rtol=1e-5)
+    # The penalties reach the means (not the log-variances, which only VCL's terms move).
+    g = jax.grad(lambda m: method.loss(moved._replace(mean=m), states, data, key)[0])(moved.mean)
+    g_vcl = jax.grad(lambda m: members[0].loss(moved._replace(mean=m), states[0], data, key)[0])(
+        moved.mean)
+    assert not np.allclose(g["w"], g_vcl["w"])
+    draws = method.draws(q, jax.random.PRNGKey(3), 4)
+    assert draws["w"].shape == (4, 4)  # VCL's weight draws, not copies of the means
+    assert not np.allclose(draws["w"][0], draws["w"][1])
+
+
+def test_chain_of_params_methods_shares_the_params_and_refuses_two_posteriors():
+    from vcl_jax.continual import vcl
+
+    params, data, example_loss = _regression()
+    batch_loss = lambda p, b, k: jnp.mean(jax.vmap(example_loss, (None, 0))(p, b))
+    rank1 = ewc(batch_loss, example_loss, n_tasks=2, lam=1.0, fisher="rank1")
+    method = chain(rank1, distillation(_teacher_loss(batch_loss)))
+    assert method.view is None
+    p, states = method.init(params)
+    assert p is params or jax.tree.all(jax.tree.map(np.array_equal, p, params))
+    states = method.end_task(p, states, 0, data)
+    np.testing.assert_array_equal(states[0].anchors["w"][0], params["w"])
+    np.testing.assert_array_equal(states[1]["w"], params["w"])
+    moved = jax.tree.map(lambda a: a + 0.1, p)
+    total, metrics = method.loss(moved, states, data, jax.random.PRNGKey(1))
+    np.testing.assert_allclose(total, metrics["loss"] + metrics["penalty"] + metrics["distill"],
+                               rtol=1e-6)
+    assert metrics["penalty"] > 0
+    with pytest.raises(ValueError, match="at most one method"):
+        chain(vcl(batch_loss), rank1, vcl(batch_loss))
+
+
 def test_frechet_distance():
     rng = np.random.default_rng(0)
     a = rng.normal(size=(400, 5))

@@ -293,6 +293,40 @@ def test_weight_draw_layouts_give_the_same_vcl_step():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+def test_composed_method_vcl_with_rank1_ewc_penalises_the_posterior_means():
+    import jax.numpy as jnp
+
+    from vcl_jax.protocols.vcl_diffusion_config import sub_run_config
+
+    cfg = override(PRESETS["smoke"], ["methods=mle,vcl+ewc_rank1,ewc_diag"])
+    setup = vcl_diffusion.build(cfg)
+    params = setup.init_params(jax.random.key(0))
+    method = setup.method("vcl+ewc_rank1", params)
+    assert method.name == "vcl+ewc_rank1" and setup.eval_draws(method.name) == cfg.eval_samples
+    x = np.asarray(jax.random.uniform(jax.random.key(1), (6, 28, 28, 1)))
+    q, states = method.begin_task(*method.init(params), 0, 6)
+    fisher = setup.fisher_data("vcl+ewc_rank1", x, 0, jax.random.key(4))
+    assert fisher["x"].shape[0] == min(cfg.fisher_samples, 6)
+    assert set(fisher["task"].tolist()) == {0}
+    assert setup.fisher_data("vcl", x, 0, jax.random.key(4)) is None
+    states = method.end_task(q, states, 0, fisher)
+    leaf = lambda t: jax.tree.leaves(t)[0]
+    np.testing.assert_array_equal(leaf(states[1].anchors)[0], leaf(q.mean))
+    assert float(states[1].curvature.scale[0]) > 0
+    moved = q._replace(mean=jax.tree.map(lambda a: a + 0.01, q.mean))
+    batch = {"x": jnp.asarray(x), "task": jnp.zeros(6, jnp.int32)}
+    _, metrics = method.loss(moved, states, batch, jax.random.key(2))
+    assert {"loss", "kl", "penalty"} <= set(metrics) and float(metrics["penalty"]) > 0
+    # EWC's settings key only the sub-runs that use them
+    assert "ewc_lambda" in sub_run_config(cfg, "vcl+ewc_rank1", 0)
+    assert "ewc_lambda" not in sub_run_config(cfg, "vcl", 0)
+    assert "kl_scale" not in sub_run_config(cfg, "ewc_diag", 0)
+    for bad, msg in (("vcl+mle", "both train"), ("vcl+ewc_kfac", "member of method"),
+                     ("ewc_diag+ewc_diag", "twice")):
+        with pytest.raises(ConfigError, match=msg):
+            override(cfg, [f"methods={bad}"]).validate()
+
+
 def test_sampling_tools_read_an_older_run_config_with_its_old_values(tmp_path):
     import json
 

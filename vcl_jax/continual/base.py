@@ -20,6 +20,20 @@ PyTree = Any
 BatchLoss = Callable[[PyTree, PyTree, jax.Array], jax.Array]
 
 
+class View(NamedTuple):
+    """How a method's trainable variables hold a model's params, for methods that train
+    something other than the params themselves (VCL: a mean-field posterior).
+
+    Attributes:
+      get: ``trainable -> params``, the point the params-level methods act on (VCL: the
+        posterior means), differentiable, so their losses train it.
+      put: ``(trainable, params) -> trainable`` with those params in place.
+    """
+
+    get: Callable
+    put: Callable
+
+
 class Method(NamedTuple):
     """A continual-learning method.
 
@@ -32,6 +46,8 @@ class Method(NamedTuple):
         is the finished task's training data, for methods that need it, e.g. a Fisher).
       draws: ``(trainable, key, n) -> params stacked on a leading axis [n, ...]``
         for evaluation and sampling.
+      view: None when the trainable variables are the params (MLE, EWC, distillation);
+        otherwise the :class:`View` of the params inside them (VCL).
     """
 
     name: str
@@ -40,6 +56,7 @@ class Method(NamedTuple):
     loss: Callable
     end_task: Callable
     draws: Callable
+    view: View | None = None
 
 
 def stack(params: PyTree, n: int) -> PyTree:
@@ -48,38 +65,61 @@ def stack(params: PyTree, n: int) -> PyTree:
 
 
 def chain(first: Method, *rest: Method) -> Method:
-    """Composes methods that share ``first``'s trainable variables (e.g. generative
-    distillation followed by an EWC penalty built without a batch loss).
+    """Composes methods into one whose trainables and state are the union of theirs.
 
-    The loss is the sum of the methods' losses; each method keeps its own state (the
-    chained state is a tuple); ``begin_task`` and ``end_task`` run in order; draws come from
-    ``first``. Metric names of later methods that clash are prefixed with their name.
+    At most one member may own trainables other than the params (a :attr:`Method.view`,
+    e.g. VCL's posterior); the chain trains that member's variables, and every other member
+    acts on the params inside them (``view.get``: for VCL the posterior means, so EWC
+    anchors and penalises the means and distillation's teacher is the previous means).
+    Without such a member all of them share the params.
+
+    The loss is the sum of the members' losses; each member keeps its own state (the
+    chained state is a tuple, in order); ``begin_task`` and ``end_task`` run in order;
+    draws come from the owning member (else ``first``). Metric names of later members that
+    clash are prefixed with their name.
+
+    Raises:
+      ValueError: two members own trainables (e.g. two VCL methods).
     """
     methods = (first, *rest)
+    owners = [m for m in methods if m.view is not None]
+    if len(owners) > 1:
+        raise ValueError("chain: at most one method may own trainables other than the params; "
+                         f"got {', '.join(m.name for m in owners)}")
+    owner = owners[0] if owners else first
+    view = owner.view or View(lambda t: t, lambda t, p: p)
 
-    def init(params):
-        trainable, s0 = first.init(params)
-        return trainable, (s0, *(m.init(params)[1] for m in rest))
+    def of(m, trainable):  # what member m trains: the chain's variables or the params in them
+        return trainable if m is owner else view.get(trainable)
 
-    def begin_task(trainable, states, task, n_data):
+    def back(m, trainable, mine):  # the chain's variables after member m returned ``mine``
+        return mine if m is owner else view.put(trainable, mine)
+
+    def init_fn(params):
+        inits = [m.init(params) for m in methods]
+        trainable = next(t for m, (t, _) in zip(methods, inits, strict=True) if m is owner)
+        return trainable, tuple(s for _, s in inits)
+
+    def begin_task_fn(trainable, states, task, n_data):
         out = []
         for m, s in zip(methods, states, strict=True):
-            trainable, s = m.begin_task(trainable, s, task, n_data)
+            mine, s = m.begin_task(of(m, trainable), s, task, n_data)
+            trainable = back(m, trainable, mine)
             out.append(s)
         return trainable, tuple(out)
 
-    def loss(trainable, states, batch, key):
-        total, metrics = first.loss(trainable, states[0], batch, key)
+    def loss_fn(trainable, states, batch, key):
+        total, metrics = first.loss(of(first, trainable), states[0], batch, key)
         for i, (m, s) in enumerate(zip(rest, states[1:], strict=True), start=1):
-            value, more = m.loss(trainable, s, batch, jax.random.fold_in(key, i))
+            value, more = m.loss(of(m, trainable), s, batch, jax.random.fold_in(key, i))
             total = total + value
             metrics = dict(metrics, **{(f"{m.name}_{k}" if k in metrics else k): v
                                        for k, v in more.items()})
         return total, metrics
 
-    def end_task(trainable, states, task, data=None):
-        return tuple(m.end_task(trainable, s, task, data)
+    def end_task_fn(trainable, states, task, data=None):
+        return tuple(m.end_task(of(m, trainable), s, task, data)
                      for m, s in zip(methods, states, strict=True))
 
-    return Method("+".join(m.name for m in methods), init, begin_task, loss, end_task,
-                  first.draws)
+    return Method("+".join(m.name for m in methods), init_fn, begin_task_fn, loss_fn,
+                  end_task_fn, owner.draws, owner.view)

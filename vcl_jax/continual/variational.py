@@ -28,7 +28,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vcl_jax.continual.base import BatchLoss, Method
+from vcl_jax.continual.base import BatchLoss, Method, View
 from vcl_jax.vi import mean_field as mf
 
 PyTree = Any
@@ -158,4 +158,6 @@ def vcl(
     def draws_fn(q, key, n):
         return mf.sample_many(jax.random.split(key, n), q, mask)
 
-    return Method("vcl", init_fn, begin_task_fn, loss_fn, end_task_fn, draws_fn)
+    # Params-level methods chained with VCL (EWC, distillation) act on the posterior means.
+    means = View(lambda q: q.mean, lambda q, params: q._replace(mean=params))
+    return Method("vcl", init_fn, begin_task_fn, loss_fn, end_task_fn, draws_fn, means)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from vcl_jax.diffusion.schedule import Schedule
 
@@ -89,3 +90,15 @@ def timestep_examples(key: jax.Array, x0: jax.Array, task: jax.Array, *, T: int,
     return {"x": x0, "task": jnp.asarray(task, jnp.int32),
             "t": jax.random.randint(kt, (n,), t_min, t_max + 1),
             "noise": jax.random.normal(kn, x0.shape, x0.dtype)}
+
+
+def fisher_examples(key: jax.Array, x, labels, n: int, *, T: int, t_min: int = 1,  # noqa: N803
+                    t_max: int | None = None) -> dict:
+    """The examples an EWC Fisher is estimated on: ``n`` of the images ``x`` (at most all,
+    picked without replacement) with their ``labels``, each with its own timestep and noise
+    (:func:`timestep_examples`)."""
+    k_pick, k_t = jax.random.split(key)
+    pick = np.asarray(jax.random.choice(k_pick, len(x), (min(n, len(x)),), replace=False))
+    return timestep_examples(k_t, jnp.asarray(x[pick]), jnp.asarray(labels[pick]), T=T,
+                             t_min=t_min, t_max=t_max)
+

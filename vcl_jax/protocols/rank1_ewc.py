@@ -37,7 +37,7 @@ from vcl_jax.continual import chain, distillation, ewc, mle
 from vcl_jax.continual.base import stack
 from vcl_jax.data import TaskStream, identity, load, pad_to, record, to_float, to_unit
 from vcl_jax.diffusion.generate import generate
-from vcl_jax.diffusion.loss import draw_noise, example_loss_at, q_sample, timestep_examples
+from vcl_jax.diffusion.loss import draw_noise, example_loss_at, fisher_examples, q_sample
 from vcl_jax.diffusion.schedule import linear_schedule
 from vcl_jax.eval.classifier import EvalClassifier, get_classifier
 from vcl_jax.eval.metrics import frechet_distance, gaussian_stats
@@ -234,11 +234,8 @@ def fisher_data(setup: Setup, task: TaskData, key: jax.Array) -> dict:
     """``fisher_samples`` of the task's real training images, each with its own timestep
     (uniform in ``fisher_t_min..fisher_t_max``) and noise."""
     cfg = setup.cfg
-    k_pick, k_t = jax.random.split(key)
-    n = min(cfg.fisher_samples, len(task.x))
-    pick = np.asarray(jax.random.choice(k_pick, len(task.x), (n,), replace=False))
-    return timestep_examples(k_t, jnp.asarray(task.x[pick]), jnp.asarray(task.c[pick]),
-                             T=cfg.T, t_min=cfg.fisher_t_min, t_max=cfg.fisher_t_max)
+    return fisher_examples(key, task.x, task.c, cfg.fisher_samples, T=cfg.T,
+                           t_min=cfg.fisher_t_min, t_max=cfg.fisher_t_max)
 
 
 def evaluate(setup: Setup, params: dict, tasks: list[TaskData], upto: int, key: jax.Array,

@@ -22,10 +22,10 @@ import optax
 
 from vcl_jax import checkpoint
 from vcl_jax.config import ConfigError, to_dict
-from vcl_jax.continual import mle, vcl
+from vcl_jax.continual import chain, ewc, mle, vcl
 from vcl_jax.data import TaskStream, complement, identity, load, record, select, to_float, to_unit
 from vcl_jax.diffusion.generate import generate
-from vcl_jax.diffusion.loss import batch_loss
+from vcl_jax.diffusion.loss import batch_loss, example_loss_at, fisher_examples
 from vcl_jax.diffusion.schedule import linear_schedule
 from vcl_jax.eval.classifier import EvalClassifier, get_classifier
 from vcl_jax.eval.metrics import (
@@ -40,6 +40,10 @@ from vcl_jax.protocols.vcl_diffusion_config import (
     ADDED_FIELDS,
     SPEED_ONLY,
     VCLDiffusionConfig,
+    check_method,
+    has_ewc,
+    has_vcl,
+    members,
     sub_run_config,
 )
 from vcl_jax.run_lock import RunLock
@@ -69,20 +73,40 @@ class Setup:
         return batch_loss(eps_fn, self.sched, key, batch["x"], batch["task"],
                           p_uncond=self.cfg.p_uncond)
 
+    def example_loss(self, params, example):
+        """ε-MSE of one example at its own fixed timestep and noise (an EWC Fisher's)."""
+        eps_fn = lambda x, t, d, keep: self.model.apply({"params": params}, x, t, d, keep)
+        return example_loss_at(eps_fn, self.sched, example)
+
     def method(self, name: str, params: dict):
+        """The method of a config name: "joint" or "mle" is MLE, "vcl" VCL, and each
+        ``ewc_*`` member an EWC penalty chained after the one that trains the model."""
         cfg = self.cfg
-        if name in ("mle", "joint"):
-            return mle(self.batch_loss)
-        if name == "vcl":
+        check_method(name)
+        if has_vcl(name):
             draws_loss = functools.partial(self.batch_loss, model=self.draws_model)
             log_var = cfg.log_var_init if cfg.prior_rel_std is None else functools.partial(
                 mf.relative_log_var, fraction=cfg.prior_rel_std)
-            return vcl(draws_loss, mask=self.mask(params), n_samples=cfg.train_samples,
+            base = vcl(draws_loss, mask=self.mask(params), n_samples=cfg.train_samples,
                        estimator=cfg.estimator, draws=cfg.weight_draws_layout(),
                        kl_scale=cfg.kl_scale, prior_sigma=cfg.prior_sigma,
                        log_var_init=log_var, weight_noise=cfg.weight_noise,
                        pretrained_prior=cfg.vcl_pretrain_epochs > 0)
-        raise ConfigError(f"unknown method {name!r}")
+        else:
+            base = mle(self.batch_loss)
+        penalties = [ewc(None, self.example_loss, n_tasks=len(cfg.classes), lam=cfg.ewc_lambda,
+                         fisher=m.removeprefix("ewc_"), chunk=cfg.fisher_chunk)
+                     for m in members(name) if m.startswith("ewc_")]
+        return chain(base, *penalties) if penalties else base
+
+    def fisher_data(self, name: str, x: np.ndarray, task: int, key: jax.Array) -> dict | None:
+        """What method ``name``'s ``end_task`` is given after ``task``: the examples of
+        its EWC Fisher (``fisher_samples`` of the task's training images ``x``), or None."""
+        if not has_ewc(name):
+            return None
+        cfg = self.cfg
+        return fisher_examples(key, x, np.full(len(x), task, np.int32), cfg.fisher_samples,
+                               T=cfg.T, t_min=cfg.fisher_t_min, t_max=cfg.fisher_t_max)
 
     def optimizer(self, name: str, params: dict) -> optax.GradientTransformation:
         """Adam for method ``name`` (the same for every method; its rate is set per epoch)."""
@@ -94,7 +118,7 @@ class Setup:
         return variational_mask(params, norms=self.cfg.variational_norms)
 
     def eval_draws(self, name: str) -> int:
-        return self.cfg.eval_samples if name == "vcl" else 1
+        return self.cfg.eval_samples if has_vcl(name) else 1
 
     def steps_per_call(self, name: str) -> int:
         """Train steps per jitted call of method ``name`` (``EpochRunner``'s ``unroll``).
@@ -106,7 +130,7 @@ class Setup:
         count (``EpochRunner(multiple=unroll)``), so they are those of ``vmap``-ed draws.
         """
         u, k = self.cfg.unroll, self.cfg.train_samples
-        if name != "vcl" or k == 1 or not u or self.cfg.weight_draws_layout() != "loop":
+        if not has_vcl(name) or k == 1 or not u or self.cfg.weight_draws_layout() != "loop":
             return u
         return max(d for d in range(1, max(u // k, 1) + 1) if u % d == 0)
 
@@ -256,7 +280,7 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
         state = restored["train"]
         coresets, record = meta["coresets"], meta["record"]
         start = ckpt.latest_step() + 1
-    elif method_name == "vcl" and cfg.vcl_pretrain_epochs:
+    elif has_vcl(method_name) and cfg.vcl_pretrain_epochs:
         t0 = time.perf_counter()
         x0 = tasks[0][complement(coreset_indices(cfg, k_core, 0, tasks[0], coreset_size),
                                  len(tasks[0]))]
@@ -292,8 +316,10 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
                                    epochs=cfg.epochs, learning_rate=cfg.learning_rate,
                                    decay=cfg.lr_decay, desc=desc, progress=progress,
                                    where=f"vcl_diffusion {desc}")
+        fisher = setup.fisher_data(method_name, train_x, d,
+                                   jax.random.fold_in(k_train, 200_000 + d))
         state = state._replace(method_state=method.end_task(state.trainable,
-                                                            state.method_state, d))
+                                                            state.method_state, d, fisher))
         eval_trainable = state.trainable
         if coreset_size and cfg.coreset_mode == "finetune":
             core_data = _task_data([tasks[j][coresets[j]] for j in range(d + 1)],

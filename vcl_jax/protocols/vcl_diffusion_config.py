@@ -13,10 +13,37 @@ from vcl_jax.diffusion.generate import SAMPLERS
 from vcl_jax.models.layers import CONV_IMPLS, INITS
 from vcl_jax.models.unet import CONTEXTS
 
-# "joint": the paper's Figure 7 reference, one MLE model trained on every task's data at
-# once (opt-in: not in the default methods).
-METHODS = ("mle", "vcl", "joint")
+# A method is "joint" (the paper's Figure 7 reference: one MLE model trained on every
+# task's data at once; opt-in) or members joined by "+", composed by
+# `vcl_jax.continual.chain`: "mle" or "vcl" (which train the model) and EWC penalties
+# ("ewc_diag", "ewc_rank1", "ewc_rank1_unit") on its params, e.g. "vcl+ewc_rank1" (EWC on
+# VCL's posterior means); an EWC penalty alone trains the params by MLE.
+MEMBERS = ("mle", "vcl", "ewc_diag", "ewc_rank1", "ewc_rank1_unit")
 CORESET_MODES = ("finetune", "replay")
+
+
+def members(method: str) -> tuple[str, ...]:
+    """The members of a method name (``"vcl+ewc_rank1"`` → ``("vcl", "ewc_rank1")``)."""
+    return tuple(method.split("+"))
+
+
+def has_vcl(method: str) -> bool:
+    return "vcl" in members(method)
+
+
+def has_ewc(method: str) -> bool:
+    return any(m.startswith("ewc_") for m in members(method))
+
+
+def check_method(method: str) -> None:
+    """Raises a ConfigError unless ``method`` is "joint" or a valid "+"-composition."""
+    if method == "joint":
+        return
+    parts = members(method)
+    check_choice(f"member of method {method!r}", parts, MEMBERS)
+    checks([(len(set(parts)) == len(parts), f"method {method!r} names a member twice"),
+            (not {"mle", "vcl"} <= set(parts),
+             f"method {method!r}: mle and vcl both train the model; name one")])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +125,14 @@ class VCLDiffusionConfig:
     # MLE epochs on the first task before VCL starts; their weights become the
     # first prior's means (log-variance log_var_init). 0: prior N(0, prior_sigma² I).
     vcl_pretrain_epochs: int = 0
+    # EWC (methods with an ewc_* member; defaults: the rank-1 paper's): the penalty's λ, and
+    # the Fisher of each finished task from fisher_samples of its training images, each at a
+    # timestep uniform in fisher_t_min..fisher_t_max (None: T), in chunks of fisher_chunk
+    ewc_lambda: float = 1e4
+    fisher_samples: int = 1000
+    fisher_t_min: int = 1
+    fisher_t_max: int | None = None
+    fisher_chunk: int = 128
     # evaluation
     classifier_epochs: int | None = None  # None: the cached default classifier of the dataset
     eval_per_class: int = 20
@@ -117,7 +152,9 @@ class VCLDiffusionConfig:
         return "loop" if self.train_samples > 1 and jax.default_backend() == "cpu" else "vmap"
 
     def validate(self) -> VCLDiffusionConfig:
-        check_choice("method(s)", self.methods, METHODS)
+        checks([(len(self.methods) > 0, "methods must name at least one method")])
+        for method in self.methods:
+            check_method(method)
         check_choice("data_variant", self.data_variant, variants(self.dataset))
         check_choice("coreset_mode", self.coreset_mode, CORESET_MODES)
         check_choice("context", self.context, CONTEXTS)
@@ -150,6 +187,12 @@ class VCLDiffusionConfig:
             (self.unroll >= 0, f"unroll must be ≥ 0, got {self.unroll}"),
             (self.vcl_pretrain_epochs >= 0,
              f"vcl_pretrain_epochs must be ≥ 0, got {self.vcl_pretrain_epochs}"),
+            (self.ewc_lambda >= 0, f"ewc_lambda must be ≥ 0, got {self.ewc_lambda}"),
+            (self.fisher_samples >= 1, f"fisher_samples must be ≥ 1, got {self.fisher_samples}"),
+            (self.fisher_chunk >= 1, f"fisher_chunk must be ≥ 1, got {self.fisher_chunk}"),
+            (1 <= self.fisher_t_min <= (self.fisher_t_max or self.T) <= self.T,
+             f"need 1 ≤ fisher_t_min ≤ fisher_t_max ≤ T={self.T}, got "
+             f"{self.fisher_t_min}..{self.fisher_t_max or self.T}"),
         ])
         return self
 
@@ -170,13 +213,15 @@ PRESETS = {
         data_variant="full", n_feat=16, embed_dim=32, context="film", weight_init="pytorch",
         epochs=3, batch_size=64, learning_rate=2e-3, unroll=8, train_samples=1,
         eval_per_class=50, sampler="ddim", ddim_steps=100, eval_eta=1.0,
-        vcl_pretrain_epochs=3, eval_average_draws=False),
+        vcl_pretrain_epochs=3, eval_average_draws=False,
+        # EWC as the rank-1 experiment's cpu preset chose it on a validation split
+        ewc_lambda=1e2, fisher_samples=500, fisher_t_min=300),
     # Seconds: three tasks, tiny model, few samples.
     "smoke": VCLDiffusionConfig(
         data_variant="5k", classes=(0, 1, 2), max_per_task=32, n_feat=8, embed_dim=8, T=20,
         epochs=2, batch_size=16, learning_rate=1e-3, unroll=1, train_samples=2, eval_samples=2,
         eval_per_class=4, coreset_epochs=1, sampler="ddpm", classifier_epochs=1,
-        vcl_pretrain_epochs=1, eval_average_draws=False),
+        vcl_pretrain_epochs=1, eval_average_draws=False, fisher_samples=8, fisher_chunk=4),
 }
 
 
@@ -185,6 +230,7 @@ PRESETS = {
 VCL_ONLY = ("train_samples", "eval_samples", "log_var_init", "prior_sigma", "kl_scale",
             "vcl_pretrain_epochs", "variational_norms", "eval_average_draws",
             "estimator", "prior_rel_std", "weight_noise")
+EWC_ONLY = ("ewc_lambda", "fisher_samples", "fisher_t_min", "fisher_t_max", "fisher_chunk")
 # Fields added after run directories existed, with the value older runs implicitly had:
 # a checkpoint without the field matches a run with this value.
 ADDED_FIELDS = {"data_variant": "5k", "variational_norms": False, "eval_average_draws": False,
@@ -207,8 +253,9 @@ def sub_run_config(cfg: VCLDiffusionConfig, method: str, coreset_size: int) -> d
     from vcl_jax.config import to_dict
 
     # where the data was read from is not part of a run's identity (its checksum is)
-    drop = {"data_dir"} | set(SWEEP) | (set(VCL_ONLY) if method != "vcl" else set())
+    drop = {"data_dir"} | set(SWEEP) | (set(VCL_ONLY) if not has_vcl(method) else set())
+    drop |= set(EWC_ONLY) if not has_ewc(method) else set()
     drop |= set(CORESET_ONLY) if coreset_size == 0 else set()
     out = {k: v for k, v in to_dict(cfg).items() if k not in drop}
-    return dict(out, **(RETIRED if method == "vcl" else {}), method=method,
+    return dict(out, **(RETIRED if has_vcl(method) else {}), method=method,
                 coreset_size=coreset_size)
