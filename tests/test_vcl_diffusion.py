@@ -272,7 +272,8 @@ def test_weight_draw_layouts_give_the_same_vcl_step():
     import jax.numpy as jnp
 
     cfg = override(PRESETS["smoke"], [f"estimator={estimator}", "train_samples=2"])
-    assert cfg.weight_draws_layout() == ("loop" if jax.default_backend() == "cpu" else "vmap")
+    assert vcl_diffusion.build(cfg).draws_layout == (
+        "loop" if jax.default_backend() == "cpu" else "vmap")
     # looped draws: calls of at most `unroll` U-Net copies, a divisor of `unroll` steps
     calls = {(u, k): vcl_diffusion.build(override(cfg, [f"unroll={u}", f"train_samples={k}",
                                                         "weight_draws=loop"])).steps_per_call("vcl")

@@ -63,6 +63,7 @@ class Setup:
     sched: Any
     shape: tuple[int, int, int]
     draws_model: ContextUNet  # the same network for VCL's vmapped weight draws in training
+    draws_layout: str  # ``weight_draws`` resolved for this backend: "vmap" or "loop"
 
     def init_params(self, key: jax.Array) -> dict:
         return init_unet(self.model, key, self.shape)
@@ -88,7 +89,7 @@ class Setup:
             log_var = cfg.log_var_init if cfg.prior_rel_std is None else functools.partial(
                 mf.relative_log_var, fraction=cfg.prior_rel_std)
             base = vcl(draws_loss, mask=self.mask(params), n_samples=cfg.train_samples,
-                       estimator=cfg.estimator, draws=cfg.weight_draws_layout(),
+                       estimator=cfg.estimator, draws=self.draws_layout,
                        kl_scale=cfg.kl_scale, prior_sigma=cfg.prior_sigma,
                        log_var_init=log_var, weight_noise=cfg.weight_noise,
                        pretrained_prior=cfg.vcl_pretrain_epochs > 0)
@@ -130,7 +131,7 @@ class Setup:
         count (``EpochRunner(multiple=unroll)``), so they are those of ``vmap``-ed draws.
         """
         u, k = self.cfg.unroll, self.cfg.train_samples
-        if not has_vcl(name) or k == 1 or not u or self.cfg.weight_draws_layout() != "loop":
+        if not has_vcl(name) or k == 1 or not u or self.draws_layout != "loop":
             return u
         return max(d for d in range(1, max(u // k, 1) + 1) if u % d == 0)
 
@@ -146,9 +147,20 @@ def build(cfg: VCLDiffusionConfig, shape: tuple[int, int, int] = (28, 28, 1)) ->
     model = ContextUNet(n_feat=cfg.n_feat, n_tasks=len(cfg.classes), channels=shape[-1],
                         embed_dim=cfg.embed_dim, impl=resolve_impl(cfg.conv_impl, False),
                         context=cfg.context, weight_init=cfg.weight_init)
-    vmapped = cfg.train_samples > 1 and cfg.weight_draws_layout() == "vmap"
+    layout = draws_layout(cfg.weight_draws, cfg.train_samples)
+    vmapped = cfg.train_samples > 1 and layout == "vmap"
     draws_model = model.clone(impl=resolve_impl(cfg.conv_impl, vmapped))
-    return Setup(cfg, model, linear_schedule(cfg.T, cfg.beta_1, cfg.beta_T), shape, draws_model)
+    return Setup(cfg, model, linear_schedule(cfg.T, cfg.beta_1, cfg.beta_T), shape, draws_model,
+                 layout)
+
+
+def draws_layout(weight_draws: str, k: int) -> str:
+    """``weight_draws`` with ``auto`` resolved for the backend the run is built on: the
+    loop of K plain U-Nets on a CPU when K > 1 (XLA:CPU runs batched-kernel convolutions
+    slowly), else one vmapped computation."""
+    if weight_draws != "auto":
+        return weight_draws
+    return "loop" if k > 1 and jax.default_backend() == "cpu" else "vmap"
 
 
 def load_tasks(cfg: VCLDiffusionConfig) -> list[np.ndarray]:

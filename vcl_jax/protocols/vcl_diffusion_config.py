@@ -143,14 +143,6 @@ class VCLDiffusionConfig:
     # reproducibility
     seed: int = 0
 
-    def weight_draws_layout(self) -> str:
-        """``weight_draws`` with ``auto`` resolved for the current backend."""
-        if self.weight_draws != "auto":
-            return self.weight_draws
-        import jax
-
-        return "loop" if self.train_samples > 1 and jax.default_backend() == "cpu" else "vmap"
-
     def validate(self) -> VCLDiffusionConfig:
         checks([(len(self.methods) > 0, "methods must name at least one method")])
         for method in self.methods:
