@@ -138,8 +138,7 @@ _UNROLL = 1  # mapped axes up to this size run as separate calls; longer ones as
 def _per_slice(fn, axis_size: int, in_batched, *args) -> jax.Array:
     """``fn`` on each slice of the mapped axis (unbatched args shared), stacked: a single
     slice (VCL's one weight draw) is one call; more (K draws, per-example gradients) are a
-    ``lax.map`` (one compiled body). At K = 1 the direct call measured no faster than a
-    one-step ``lax.map`` (n_feat 32, same run); unrolling K > 1 was not measured."""
+    ``lax.map`` (one compiled body)."""
     def slice_args(i):
         return [a[i] if b else a for a, b in zip(args, in_batched, strict=True)]
     if axis_size <= _UNROLL:

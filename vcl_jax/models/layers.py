@@ -3,8 +3,8 @@
 XLA's CPU convolutions are slow on small machines (see DESIGN.md). ``impl="xla"`` uses
 ``lax.conv``; ``impl="im2col"`` writes a 3×3 "same" convolution as patches + one matmul
 (the faster form under ``vmap``-ped kernels on the CPU); ``impl="ffi"`` runs the 3×3
-convolutions in our CPU kernels (`vcl_jax.kernels.conv3x3`: forward, input and weight
-gradients ~3× faster than XLA's at the U-Net's sizes), with ``lax.conv`` for the layers they
+convolutions in our CPU kernels (`vcl_jax.kernels.conv3x3`: faster than XLA's at the
+U-Net's sizes, BENCHMARKS.md), with ``lax.conv`` for the layers they
 do not cover. All compute the same function with the parameter layout of
 ``flax.linen.Conv`` (kernel ``[kh, kw, in, out]``), so a checkpoint works with any of them.
 

@@ -115,8 +115,8 @@ def normals(keys: jax.Array, like: list[jax.Array]) -> list[jax.Array]:
 
     A :func:`standard_normal` draw of a shape is the first elements of a longer 1-D draw
     with the same key, so arrays whose sizes round up to the same power of two share one
-    ``vmap``-ed draw. XLA:CPU compiles each threefry computation separately (≈ 0.15 s
-    each here), so a U-Net posterior with ~90 leaves compiled ~3× faster.
+    ``vmap``-ed draw. XLA:CPU compiles each threefry computation separately, so fewer of
+    them shorten the compile of a posterior with many leaves (figures in BENCHMARKS.md).
     """
     if _threefry_key_data(keys[0]) is None:  # another PRNG: no prefix property, one per array
         return [standard_normal(k, a.shape, a.dtype) for k, a in zip(keys, like, strict=True)]
@@ -171,8 +171,8 @@ def sample(key: jax.Array, q: MeanField, mask: PyTree | None = None) -> PyTree:
 
 
 def _sum_leading(a: jax.Array) -> jax.Array:
-    """``a.sum(0)`` as a chain of adds: XLA:CPU's reduction over a leading axis runs at
-    ~5 ns per element here (10 ms for [10, 784, 256]), the adds at memory speed (0.5 ms)."""
+    """``a.sum(0)`` as a chain of adds: XLA:CPU's reduction over a leading axis is much
+    slower than adds at memory speed (BENCHMARKS.md)."""
     acc = a[0]
     for i in range(1, a.shape[0]):
         acc = acc + a[i]
