@@ -412,3 +412,37 @@ def test_smoke_metrics_match_the_golden_file(smoke_run):
         name: [{"per_class": h["per_class"], "loss": h["train_final"]["loss"]}
                for h in r["history"]]
         for name, r in metrics["runs"].items()})
+
+
+def test_seeds_summary_and_targets(tmp_path, capsys):
+    from experiments import seeds
+
+    def metrics(seed, mle, vcl, scores):
+        hist = lambda avgs: {"history": [{"avg_uncertainty": a} for a in avgs]}
+        cont = lambda f, r: {"forgetting": f, "right_after": r}
+        return {"config": {"seed": seed}, "runs": {"mle_coreset0": hist(mle),
+                                                    "vcl_coreset0": hist(vcl)},
+                "continual": {"mle_coreset0": cont(*scores[0]), "vcl_coreset0": cont(*scores[1])}}
+
+    runs = []
+    for seed, vcl4 in ((0, 2.0), (1, 3.5)):
+        d = tmp_path / f"s{seed}"
+        d.mkdir()
+        m = metrics(seed, [0.1, 3.0, 3.0, 4.0, 5.0], [0.2, 2.0, 2.0, vcl4, 2.5],
+                    ((6.0, 0.2), (1.5 + seed, 0.25)))
+        (d / "metrics.json").write_text(json.dumps(m))
+        runs.append(str(d))
+    out = seeds.main(runs + ["--out", str(tmp_path / "s.json")])
+    vcl = out["runs"]["vcl_coreset0"]
+    assert vcl["seeds"] == [0, 1]
+    mean, se = vcl["after_task"][3]
+    assert mean == pytest.approx(2.75) and se == pytest.approx(np.std([2.0, 3.5], ddof=1) / 2 ** .5)
+    t = out["targets"]
+    assert [s["below_mle"] for s in t["per_seed"]] == [True, True]
+    assert [s["forgetting_ratio"] for s in t["per_seed"]] == [0.25, 2.5 / 6]
+    assert t["met"] == {"below_mle_every_seed": True, "forgetting_le_third": False,
+                        "right_after_within_1.5x": True}
+    assert "vcl_coreset0 / MLE:" in capsys.readouterr().out
+    assert json.load(open(tmp_path / "s.json"))["targets"] == t
+    with pytest.raises(SystemExit, match="no metrics.json"):
+        seeds.main([str(tmp_path)])

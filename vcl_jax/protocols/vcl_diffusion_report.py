@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from vcl_jax.data import describe
 from vcl_jax.eval import plots
 from vcl_jax.eval.classifier import describe as describe_classifier
@@ -60,6 +62,46 @@ def ratios(results: dict) -> dict:
     mle = [h["avg_uncertainty"] for h in results["mle_coreset0"]["history"]]
     return {name: _over([h["avg_uncertainty"] for h in rec["history"]], mle)
             for name, rec in results.items() if name != "mle_coreset0"}
+
+
+def across_seeds(metrics: list[dict], run: str) -> dict:
+    """Sub-run ``run`` of several seeds' ``metrics.json``: per task the mean over seeds of the
+    average uncertainty with its standard error over seeds (the spread of the seeds, which
+    holds the samples' noise too), and the same of right-after quality and forgetting."""
+    def mean_se(values):
+        v = np.asarray(values, np.float64)
+        se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+        return float(v.mean()), float(se)
+
+    hists = [m["runs"][run]["history"] for m in metrics]
+    n = min(len(h) for h in hists)
+    out = {"seeds": [m["config"]["seed"] for m in metrics],
+           "after_task": [mean_se([h[d]["avg_uncertainty"] for h in hists]) for d in range(n)]}
+    for key in ("right_after", "forgetting"):
+        if all(key in m["continual"][run] for m in metrics):
+            out[key] = mean_se([m["continual"][run][key] for m in metrics])
+    return out
+
+
+def vcl_targets(metrics: list[dict], first_task: int = 4) -> dict:
+    """The VCL-diffusion issue's targets over seeds: VCL's average uncertainty below MLE's
+    after every task from ``first_task`` (1-based) on each seed; VCL's forgetting ≤ 1/3 of
+    MLE's and its right-after quality within 1.5× MLE's (each per seed and on the seed mean)."""
+    out = {"below_mle_from_task": first_task, "per_seed": []}
+    for m in metrics:
+        mle, vcl = m["runs"]["mle_coreset0"]["history"], m["runs"]["vcl_coreset0"]["history"]
+        cm, cv = m["continual"]["mle_coreset0"], m["continual"]["vcl_coreset0"]
+        below = [v["avg_uncertainty"] < u["avg_uncertainty"]
+                 for u, v in zip(mle[first_task - 1:], vcl[first_task - 1:], strict=False)]
+        out["per_seed"].append({
+            "seed": m["config"]["seed"], "below_mle": all(below), "tasks_below": below,
+            "forgetting_ratio": cv["forgetting"] / cm["forgetting"],
+            "right_after_ratio": cv["right_after"] / cm["right_after"]})
+    seeds = out["per_seed"]
+    out["met"] = {"below_mle_every_seed": all(s["below_mle"] for s in seeds),
+                  "forgetting_le_third": all(s["forgetting_ratio"] <= 1 / 3 for s in seeds),
+                  "right_after_within_1.5x": all(s["right_after_ratio"] <= 1.5 for s in seeds)}
+    return out
 
 
 def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict, data: dict,
