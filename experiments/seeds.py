@@ -2,9 +2,10 @@
 
     python -m experiments.seeds runs/cpu10_s0 runs/cpu10_s1 runs/cpu10_s2 [--out seeds.json]
 
-Prints, per sub-run, the average uncertainty after each task as the mean over seeds ± its
-standard error over seeds, right-after quality and forgetting, each sub-run's ratio to MLE,
-and whether VCL meets the issue's targets on every seed; ``--out`` also writes them as JSON.
+Prints, per sub-run, the average uncertainty and the samples' accuracy after each task as the
+mean over seeds ± its standard error over seeds, right-after quality and forgetting, each
+sub-run's ratio to MLE, and whether VCL meets the issue's targets on every seed; ``--out``
+also writes them as JSON.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main(argv=None) -> dict:
         extra = "".join(f", {k.replace('_', ' ')} {fmt(r[k])}"
                         for k in ("right_after", "forgetting") if k in r)
         print(f"{n}: " + ", ".join(fmt(p) for p in r["after_task"]) + extra)
+        print(f"{n} sample accuracy: " + ", ".join(fmt(p) for p in r["accuracy_after_task"]))
     if "mle_coreset0" in out["runs"]:
         mle = [p[0] for p in out["runs"]["mle_coreset0"]["after_task"]]
         for n, r in out["runs"].items():

@@ -418,7 +418,8 @@ def test_seeds_summary_and_targets(tmp_path, capsys):
     from experiments import seeds
 
     def metrics(seed, mle, vcl, scores):
-        hist = lambda avgs: {"history": [{"avg_uncertainty": a} for a in avgs]}
+        hist = lambda avgs: {"history": [{"avg_uncertainty": a, "sample_accuracy": 0.5}
+                                         for a in avgs]}
         cont = lambda f, r: {"forgetting": f, "right_after": r}
         return {"config": {"seed": seed}, "runs": {"mle_coreset0": hist(mle),
                                                     "vcl_coreset0": hist(vcl)},
@@ -437,6 +438,7 @@ def test_seeds_summary_and_targets(tmp_path, capsys):
     assert vcl["seeds"] == [0, 1]
     mean, se = vcl["after_task"][3]
     assert mean == pytest.approx(2.75) and se == pytest.approx(np.std([2.0, 3.5], ddof=1) / 2 ** .5)
+    assert vcl["accuracy_after_task"][3] == (0.5, 0.0)
     t = out["targets"]
     assert [s["below_mle"] for s in t["per_seed"]] == [True, True]
     assert [s["forgetting_ratio"] for s in t["per_seed"]] == [0.25, 2.5 / 6]

@@ -67,7 +67,8 @@ def ratios(results: dict) -> dict:
 def across_seeds(metrics: list[dict], run: str) -> dict:
     """Sub-run ``run`` of several seeds' ``metrics.json``: per task the mean over seeds of the
     average uncertainty with its standard error over seeds (the spread of the seeds, which
-    holds the samples' noise too), and the same of right-after quality and forgetting."""
+    holds the samples' noise too), the same of the samples' accuracy, and of right-after
+    quality and forgetting."""
     def mean_se(values):
         v = np.asarray(values, np.float64)
         se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
@@ -76,9 +77,13 @@ def across_seeds(metrics: list[dict], run: str) -> dict:
     hists = [m["runs"][run]["history"] for m in metrics]
     n = min(len(h) for h in hists)
     out = {"seeds": [m["config"]["seed"] for m in metrics],
-           "after_task": [mean_se([h[d]["avg_uncertainty"] for h in hists]) for d in range(n)]}
+           "after_task": [mean_se([h[d]["avg_uncertainty"] for h in hists]) for d in range(n)],
+           # the fraction of samples the classifier recognises as their digit: uncertainty
+           # also falls when wrong samples are merely ambiguous rather than another digit
+           "accuracy_after_task": [mean_se([h[d]["sample_accuracy"] for h in hists])
+                                   for d in range(n)]}
     for key in ("right_after", "forgetting"):
-        if all(key in m["continual"][run] for m in metrics):
+        if all(key in m["continual"].get(run, {}) for m in metrics):
             out[key] = mean_se([m["continual"][run][key] for m in metrics])
     return out
 
