@@ -40,8 +40,10 @@ def check_method(method: str) -> None:
     if method == "joint":
         return
     parts = members(method)
-    check_choice(f"member of method {method!r}", parts, MEMBERS)
-    checks([(len(set(parts)) == len(parts), f"method {method!r} names a member twice"),
+    bad = [p for p in parts if p not in MEMBERS]
+    checks([(not bad, f"unknown method {method!r}: {', '.join(map(repr, bad))} is not one of "
+                      f"{', '.join(MEMBERS)} (joined by '+'), nor 'joint'"),
+            (len(set(parts)) == len(parts), f"method {method!r} names a member twice"),
             (not {"mle", "vcl"} <= set(parts),
              f"method {method!r}: mle and vcl both train the model; name one")])
 
