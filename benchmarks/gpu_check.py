@@ -48,6 +48,7 @@ from benchmarks.run import _repeat, make_epoch
 from benchmarks.timing import interleaved_times
 from vcl_jax.config import override
 from vcl_jax.models.unet import unet_flops
+from vcl_jax.training.sequence import task_train_seconds
 
 # Dense peak TFLOP/s per precision (NVIDIA's datasheets, SXM parts; H200 has H100's cores).
 PEAKS = {"H100 PCIe": {"float32": 51.0, "tf32": 378.0, "bfloat16": 756.0},
@@ -211,12 +212,12 @@ def section_paper_two_tasks(s: Sizes, data: str, n_tasks: int = 10) -> dict:
            "train_samples": cfg.train_samples, "estimator": cfg.estimator,
            "eval_per_class": cfg.eval_per_class}
     for name, rec in metrics["runs"].items():
-        first, second = rec["task_train_seconds"]
-        out[name] = {"pretrain_s": rec["pretrain_seconds"], "task_train_s": [first, second],
-                     "eval_s": rec["eval_seconds"],
+        first, second = task_train_seconds(rec)
+        pretrain = rec["seconds"].get("pretrain", 0.0)
+        out[name] = {"pretrain_s": pretrain, "task_train_s": [first, second],
+                     "eval_s": rec["seconds"]["eval"],
                      "avg_uncertainty": [h["avg_uncertainty"] for h in rec["history"]],
-                     f"projected_{n_tasks}_task_train_s":
-                         rec["pretrain_seconds"] + first + (n_tasks - 1) * second}
+                     f"projected_{n_tasks}_task_train_s": pretrain + first + (n_tasks - 1) * second}
     return out
 
 

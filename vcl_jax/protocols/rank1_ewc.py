@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import time
 from typing import Any
 
 import jax
@@ -51,7 +50,8 @@ from vcl_jax.protocols.rank1_ewc_config import (
 )
 from vcl_jax.run_lock import RunLock
 from vcl_jax.training.epoch import EpochRunner
-from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step, train_epochs
+from vcl_jax.training.sequence import Schedule, Task, run_sequence
+from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step
 
 PyTree = Any
 
@@ -277,7 +277,6 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClas
             data_id: dict | None = None) -> dict:
     """Trains one method over the whole stream, resuming from its last checkpoint."""
     cfg = setup.cfg
-    os.makedirs(out_dir, exist_ok=True)
     k_init, k_train, k_replay, k_fisher, k_eval = jax.random.split(jax.random.key(cfg.seed), 5)
     params = setup.init_params(k_init)
     method = setup.method(name)
@@ -286,55 +285,30 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClas
     trainable, mstate = method.init(params)
     state = TrainState(trainable, opt.init(trainable), mstate)
     runner = EpochRunner(make_train_step(method, opt, data_sharding()), cfg.batch_size, cfg.unroll)
-
     ckpt = method_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, name, data=data_id)
-    record = {"history": [], "seconds": {"train": 0.0, "replay": 0.0, "fisher": 0.0,
-                                         "eval": 0.0}}
-    start = 0
-    if ckpt.latest_step() is not None:
-        restored, meta = ckpt.restore(ckpt.latest_step(), {"train": state})
-        state, record, start = restored["train"], meta["record"], ckpt.latest_step() + 1
 
-    for d in range(start, len(tasks)):
-        task, secs = tasks[d], record["seconds"]
-        t0 = time.perf_counter()
+    def prepare(d, state):
+        """The task's images, the replay pool the model at its start generates, and the
+        Fisher's examples."""
+        task = tasks[d]
         shared = None
         if spec.replay and d > 0:
             shared = replay_pool(setup, state.trainable, d, jax.random.fold_in(k_replay, d))
-            jax.block_until_ready(shared)
-        t1 = time.perf_counter()
+        fisher = fisher_data(setup, task, jax.random.fold_in(k_fisher, d)) if spec.penalty else None
         data = {"x": jnp.asarray(task.x), "c": jnp.asarray(task.c)}
-        trainable, mstate = method.begin_task(state.trainable, state.method_state, d,
-                                              len(task.x))
-        state = state._replace(trainable=trainable, method_state=mstate)
-        state, hist = train_epochs(runner, state, data, jax.random.fold_in(k_train, d),
-                                   epochs=cfg.epochs, learning_rate=cfg.learning_rate,
-                                   decay=cfg.lr_decay, desc=f"{name} task {d + 1}/{len(tasks)}",
-                                   progress=progress, shared=shared,
-                                   where=f"rank1_ewc {name} task {d + 1}/{len(tasks)}")
-        jax.block_until_ready(state.trainable)
-        t2 = time.perf_counter()
-        fdata = fisher_data(setup, task, jax.random.fold_in(k_fisher, d)) if spec.penalty else None
-        state = state._replace(method_state=method.end_task(state.trainable, state.method_state,
-                                                            d, fdata))
-        jax.block_until_ready(state.method_state)
-        t3 = time.perf_counter()
-        metrics, images, labels = evaluate(setup, state.trainable, tasks, d,
-                                           jax.random.fold_in(k_eval, d), classifier, ref_stats)
-        t4 = time.perf_counter()
-        np.savez_compressed(os.path.join(out_dir, f"samples_task{d}.npz"), images=images,
-                            labels=labels)
-        metrics["train_final"] = hist[-1]
-        record["history"].append(metrics)
-        for k, v in (("replay", t1 - t0), ("train", t2 - t1), ("fisher", t3 - t2),
-                     ("eval", t4 - t3)):
-            secs[k] += v
-        ckpt.save(d, {"train": state}, {"task": d, "record": record})
-        if progress:
-            print(f"[{name}] task {d + 1}: avg FD-classifier {metrics['avg_fd']:.3f}, "
-                  f"sample accuracy {metrics['avg_accuracy']:.3f}, "
-                  f"loss {hist[-1]['loss']:.4f}", flush=True)
-    ckpt.close()
+        return Task(data, len(task.x), shared, fisher)
+
+    def evaluate_task(d, params):
+        metrics, images, labels = evaluate(setup, params, tasks, d, jax.random.fold_in(k_eval, d),
+                                           classifier, ref_stats)
+        return metrics, {"images": images, "labels": labels}
+
+    record = run_sequence(
+        method, state, runner, ckpt, len(tasks), prepare=prepare, evaluate=evaluate_task,
+        schedule=Schedule(cfg.epochs, cfg.learning_rate, cfg.lr_decay), key=k_train, name=name,
+        where="rank1_ewc", out_dir=out_dir, progress=progress,
+        describe=lambda m: (f"avg FD-classifier {m['avg_fd']:.3f}, sample accuracy "
+                            f"{m['avg_accuracy']:.3f}, "))
     record["forgetting"] = forgetting(record["history"])
     record["avg_forgetting"] = float(np.mean(record["forgetting"][:-1])) if len(tasks) > 1 else 0.0
     return record

@@ -42,7 +42,7 @@ def write(run_dir: str, cfg: Rank1EWCConfig, results: dict, data: dict,
         lines.append(f"| {name} | " + " | ".join(vals)
                      + f" | {rec['avg_forgetting']:.2f} | "
                      f"{rec['history'][-1]['avg_accuracy']:.3f} | {s['train']:.0f} | "
-                     f"{s['replay']:.0f} | {s['fisher']:.0f} | {s['eval']:.0f} |")
+                     f"{s['prepare']:.0f} | {s['end']:.0f} | {s['eval']:.0f} |")
     lines += ["", "Per-task FD after the last task and forgetting per task:", "",
               "| method | " + " | ".join(f"FD task {k + 1}" for k in range(n))
               + " | " + " | ".join(f"forgetting {k + 1}" for k in range(n - 1)) + " |",

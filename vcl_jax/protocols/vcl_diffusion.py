@@ -48,6 +48,7 @@ from vcl_jax.protocols.vcl_diffusion_config import (
 )
 from vcl_jax.run_lock import RunLock
 from vcl_jax.training.epoch import EpochRunner
+from vcl_jax.training.sequence import Schedule, Task, new_record, run_sequence
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step, train_epochs
 from vcl_jax.vi import mean_field as mf
 
@@ -264,7 +265,8 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
     """Trains one method with one coreset size over the whole stream (resuming if possible).
 
     Returns:
-      ``{"history": [per-task metrics], "train_seconds": …, "eval_seconds": …}``.
+      The record of :func:`~vcl_jax.training.sequence.run_sequence` (per-task metrics and
+      seconds per phase; VCL's MLE pre-training as ``pretrain``).
     """
     cfg = setup.cfg
     os.makedirs(out_dir, exist_ok=True)
@@ -277,25 +279,15 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
     step = make_train_step(method, opt, data_sharding())
     runner = EpochRunner(step, cfg.batch_size, setup.steps_per_call(method_name),
                          multiple=max(cfg.unroll, 1))
-
+    name = run_name(method_name, coreset_size)
+    # Each task's coreset, withheld from its training data (deterministic given the key).
+    cores = [coreset_indices(cfg, k_core, d, x, coreset_size) for d, x in enumerate(tasks)]
     ckpt = open_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, method_name, coreset_size,
                             data_id)
-    like = {"train": state, "eval": state.trainable}
-    coresets: list[list[int]] = []
-    # Seconds per task (training, coreset tuning included) and of the MLE pre-training: the
-    # first task's figure includes the compilations, later ones are steady-state.
-    record = {"history": [], "train_seconds": 0.0, "eval_seconds": 0.0,
-              "task_train_seconds": [], "pretrain_seconds": 0.0}
-    start = 0
-    if ckpt.latest_step() is not None:
-        restored, meta = ckpt.restore(ckpt.latest_step(), like)
-        state = restored["train"]
-        coresets, record = meta["coresets"], meta["record"]
-        start = ckpt.latest_step() + 1
-    elif has_vcl(method_name) and cfg.vcl_pretrain_epochs:
+    record = new_record()
+    if ckpt.latest_step() is None and has_vcl(method_name) and cfg.vcl_pretrain_epochs:
         t0 = time.perf_counter()
-        x0 = tasks[0][complement(coreset_indices(cfg, k_core, 0, tasks[0], coreset_size),
-                                 len(tasks[0]))]
+        x0 = tasks[0][complement(cores[0], len(tasks[0]))]
         pretrained = pretrain_mle(setup, params, x0, jax.random.fold_in(k_train, 100_000),
                                   progress=progress)
         # Kept for diagnostics (`vcl_diagnostics.swap_effect`): the first prior's means.
@@ -305,66 +297,46 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
         pre.close()
         trainable, mstate = method.init(pretrained)
         state = TrainState(trainable, opt.init(trainable), mstate)
-        record["pretrain_seconds"] = time.perf_counter() - t0
-        record["train_seconds"] += record["pretrain_seconds"]
+        record = new_record(pretrain=time.perf_counter() - t0)
 
-    for d in range(start, len(tasks)):
-        x = tasks[d]
-        core = coreset_indices(cfg, k_core, d, x, coreset_size)
-        coresets.append(core.tolist())
-        train_x = x[complement(core, len(x))]
+    def prepare(d, state):
+        train_x = tasks[d][complement(cores[d], len(tasks[d]))]
         xs, ids = [train_x], [d]
-        if cfg.coreset_mode == "replay":
-            xs += [tasks[j][coresets[j]] for j in range(d) if coresets[j]]
-            ids += [j for j in range(d) if coresets[j]]
+        if cfg.coreset_mode == "replay":  # earlier coresets join this task's data
+            xs += [tasks[j][cores[j]] for j in range(d) if len(cores[j])]
+            ids += [j for j in range(d) if len(cores[j])]
         data = _task_data(xs, ids)
-        n_data = int(data["x"].shape[0])
-
-        t0 = time.perf_counter()
-        trainable, mstate = method.begin_task(state.trainable, state.method_state, d, n_data)
-        state = state._replace(trainable=trainable, method_state=mstate)
-        desc = f"{run_name(method_name, coreset_size)} task {d + 1}/{len(tasks)}"
-        state, hist = train_epochs(runner, state, data, jax.random.fold_in(k_train, d),
-                                   epochs=cfg.epochs, learning_rate=cfg.learning_rate,
-                                   decay=cfg.lr_decay, desc=desc, progress=progress,
-                                   where=f"vcl_diffusion {desc}")
         fisher = setup.fisher_data(method_name, train_x, d,
                                    jax.random.fold_in(k_train, 200_000 + d))
-        state = state._replace(method_state=method.end_task(state.trainable,
-                                                            state.method_state, d, fisher))
-        eval_trainable = state.trainable
-        if coreset_size and cfg.coreset_mode == "finetune":
-            core_data = _task_data([tasks[j][coresets[j]] for j in range(d + 1)],
-                                   list(range(d + 1)))
-            tr, ms = method.begin_task(state.trainable, state.method_state, d,
-                                       int(core_data["x"].shape[0]))
-            tuned = TrainState(tr, state.opt_state, ms)
-            tuned = jax.tree.map(jnp.copy, tuned)  # the next task restarts from `state`
-            tuned, _ = train_epochs(runner, tuned, core_data,
-                                    jax.random.fold_in(jax.random.fold_in(k_train, d), 10_000),
-                                    epochs=cfg.coreset_epochs, learning_rate=cfg.learning_rate,
-                                    decay=cfg.lr_decay, desc=desc + " coreset", progress=progress,
-                                    where=f"vcl_diffusion {desc}, coreset fine-tuning")
-            eval_trainable = tuned.trainable
-        jax.block_until_ready(eval_trainable)
-        t1 = time.perf_counter()
-        metrics, images, labels = evaluate(setup, method, eval_trainable, d,
+        return Task(data, int(data["x"].shape[0]), end=fisher)
+
+    def tune(d, state):
+        """The evaluated posterior or params: tuned on the coresets of tasks 0..d from a copy
+        (``coreset_mode=finetune``), else the trained ones."""
+        if not coreset_size or cfg.coreset_mode != "finetune":
+            return state.trainable
+        core_data = _task_data([tasks[j][cores[j]] for j in range(d + 1)], list(range(d + 1)))
+        tr, ms = method.begin_task(state.trainable, state.method_state, d,
+                                   int(core_data["x"].shape[0]))
+        tuned = jax.tree.map(jnp.copy, TrainState(tr, state.opt_state, ms))
+        tuned, _ = train_epochs(runner, tuned, core_data,
+                                jax.random.fold_in(jax.random.fold_in(k_train, d), 10_000),
+                                epochs=cfg.coreset_epochs, learning_rate=cfg.learning_rate,
+                                decay=cfg.lr_decay, desc=f"{name} task {d + 1} coreset",
+                                progress=progress,
+                                where=f"vcl_diffusion {name} task {d + 1}, coreset fine-tuning")
+        return tuned.trainable
+
+    def evaluate_task(d, trainable):
+        metrics, images, labels = evaluate(setup, method, trainable, d,
                                            jax.random.fold_in(k_eval, d), classifier)
-        t2 = time.perf_counter()
-        np.savez_compressed(os.path.join(out_dir, f"samples_task{d}.npz"), images=images,
-                            labels=labels)
-        metrics["train_final"] = hist[-1]
-        record["history"].append(metrics)
-        record["train_seconds"] += t1 - t0
-        record.setdefault("task_train_seconds", []).append(t1 - t0)  # older records lack it
-        record["eval_seconds"] += t2 - t1
-        ckpt.save(d, {"train": state, "eval": eval_trainable},
-                  {"task": d, "coresets": coresets, "record": record})
-        if progress:
-            print(f"[{run_name(method_name, coreset_size)}] task {d + 1}: avg uncertainty "
-                  f"{metrics['avg_uncertainty']:.4f} nats, loss {hist[-1]['loss']:.4f}", flush=True)
-    ckpt.close()
-    return record
+        return metrics, {"images": images, "labels": labels}
+
+    return run_sequence(
+        method, state, runner, ckpt, len(tasks), prepare=prepare, evaluate=evaluate_task,
+        tune=tune, schedule=Schedule(cfg.epochs, cfg.learning_rate, cfg.lr_decay), key=k_train,
+        name=name, where="vcl_diffusion", out_dir=out_dir, record=record, progress=progress,
+        describe=lambda m: f"avg uncertainty {m['avg_uncertainty']:.4f} nats, ")
 
 
 def run_joint(setup: Setup, tasks: list[np.ndarray], classifier: EvalClassifier,
@@ -404,10 +376,11 @@ def run_joint(setup: Setup, tasks: list[np.ndarray], classifier: EvalClassifier,
                             labels=labels[sel])
         history.append(dict(score(images[sel], labels[sel], d, classifier),
                             train_final=hist[-1]))
-    record = {"history": history, "train_seconds": t1 - t0,
-              "eval_seconds": time.perf_counter() - t1}
+    record = new_record()
+    record.update(history=history)
+    record["seconds"].update(train=t1 - t0, eval=time.perf_counter() - t1)
     ckpt.save(n - 1, {"train": state, "eval": state.trainable},
-              {"task": n - 1, "coresets": [], "record": record})
+              {"task": n - 1, "record": record})
     ckpt.close()
     if progress:
         print(f"[joint] all {n} tasks: avg uncertainty {history[-1]['avg_uncertainty']:.4f} "

@@ -11,6 +11,7 @@ from vcl_jax.eval import plots
 from vcl_jax.eval.classifier import describe as describe_classifier
 from vcl_jax.eval.metrics import mean_stderr
 from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig
+from vcl_jax.training.sequence import train_seconds
 
 
 def _own_task(history: list[dict], classes, key: str = "per_class") -> list[float]:
@@ -147,7 +148,7 @@ def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict, data: dict,
         vals = [f"{v:.3g} ± {e:.2g}" for v, e in zip(avg[name], se[name], strict=True)]
         vals += ["–"] * (n_tasks - len(avg[name]))
         lines.append(f"| {name} | " + " | ".join(vals)
-                     + f" | {rec['train_seconds']:.0f} | {rec['eval_seconds']:.0f} |")
+                     + f" | {train_seconds(rec):.0f} | {rec['seconds']['eval']:.0f} |")
     lines += ["", "No-forgetting bound (mean over seen digits of each digit's uncertainty right "
               "after it was learned; `no_forgetting_bound`):", "",
               "| run | " + " | ".join(str(i + 1) for i in range(n_tasks)) + " |",
