@@ -294,6 +294,7 @@ def test_weight_draw_layouts_give_the_same_vcl_step():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow  # 60 s (U-Net per-example gradients); the chains' library tests stay default
 def test_composed_method_vcl_with_rank1_ewc_penalises_the_posterior_means():
     import jax.numpy as jnp
 
