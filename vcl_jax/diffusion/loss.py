@@ -101,4 +101,3 @@ def fisher_examples(key: jax.Array, x, labels, n: int, *, T: int, t_min: int = 1
     pick = np.asarray(jax.random.choice(k_pick, len(x), (min(n, len(x)),), replace=False))
     return timestep_examples(k_t, jnp.asarray(x[pick]), jnp.asarray(labels[pick]), T=T,
                              t_min=t_min, t_max=t_max)
-

@@ -48,7 +48,7 @@ from vcl_jax.protocols.vcl_diffusion_config import (
 )
 from vcl_jax.run_lock import RunLock
 from vcl_jax.training.epoch import EpochRunner
-from vcl_jax.training.sequence import Schedule, Task, new_record, run_sequence
+from vcl_jax.training.sequence import Schedule, Task, new_record, run_sequence, upgrade_record
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step, train_epochs
 from vcl_jax.vi import mean_field as mf
 
@@ -69,16 +69,18 @@ class Setup:
     def init_params(self, key: jax.Array) -> dict:
         return init_unet(self.model, key, self.shape)
 
-    def batch_loss(self, params, batch, key, *, model: ContextUNet | None = None):
+    def eps_fn(self, params, model: ContextUNet | None = None):
+        """The noise prediction ``(x, t, task, keep) -> ε̂`` of ``params``."""
         model = model or self.model
-        eps_fn = lambda x, t, d, keep: model.apply({"params": params}, x, t, d, keep)
-        return batch_loss(eps_fn, self.sched, key, batch["x"], batch["task"],
-                          p_uncond=self.cfg.p_uncond)
+        return lambda x, t, d, keep: model.apply({"params": params}, x, t, d, keep)
+
+    def batch_loss(self, params, batch, key, *, model: ContextUNet | None = None):
+        return batch_loss(self.eps_fn(params, model), self.sched, key, batch["x"],
+                          batch["task"], p_uncond=self.cfg.p_uncond)
 
     def example_loss(self, params, example):
         """ε-MSE of one example at its own fixed timestep and noise (an EWC Fisher's)."""
-        eps_fn = lambda x, t, d, keep: self.model.apply({"params": params}, x, t, d, keep)
-        return example_loss_at(eps_fn, self.sched, example)
+        return example_loss_at(self.eps_fn(params), self.sched, example)
 
     def method(self, name: str, params: dict):
         """The method of a config name: "joint" or "mle" is MLE, "vcl" VCL, and each
@@ -351,7 +353,7 @@ def run_joint(setup: Setup, tasks: list[np.ndarray], classifier: EvalClassifier,
     os.makedirs(out_dir, exist_ok=True)
     ckpt = open_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, "joint", 0, data_id)
     if ckpt.latest_step() is not None:
-        record = ckpt.restore_meta(ckpt.latest_step())["record"]
+        record = upgrade_record(ckpt.restore_meta(ckpt.latest_step())["record"])
         ckpt.close()
         return record
     k_init, _, k_train, k_eval = jax.random.split(jax.random.key(cfg.seed), 4)

@@ -63,6 +63,30 @@ def new_record(**phases: float) -> dict:
             "task_seconds": {p: [] for p in PHASES}}
 
 
+# The per-run totals of records written before this loop existed (vcl_diffusion's) and the
+# phase each now counts under.
+_LEGACY_SECONDS = {"train_seconds": "train", "eval_seconds": "eval",
+                   "pretrain_seconds": "pretrain"}
+
+
+def upgrade_record(record: dict) -> dict:
+    """A record read from a checkpoint, with every phase present: an earlier record's
+    totals carried over (an older vcl_diffusion ``train_seconds`` included its pre-training,
+    kept here as ``pretrain``), missing phases 0, and no per-task figures before it."""
+    seconds = record.setdefault("seconds", {})
+    if "train_seconds" in record:
+        old = {phase: record.pop(key, 0.0) for key, phase in _LEGACY_SECONDS.items()}
+        old["train"] -= old["pretrain"]
+        record.pop("task_train_seconds", None)
+        seconds.update(old)
+    for p in PHASES:
+        seconds.setdefault(p, 0.0)
+    tasks = record.setdefault("task_seconds", {})
+    for p in PHASES:
+        tasks.setdefault(p, [])
+    return record
+
+
 def train_seconds(record: dict) -> float:
     """Seconds of everything but evaluation (pre-training, data, training, consolidation,
     tuning)."""
@@ -122,7 +146,8 @@ def run_sequence(
     start = 0
     if ckpt.latest_step() is not None:
         restored, meta = ckpt.restore(ckpt.latest_step(), like)
-        state, record, start = restored["train"], meta["record"], ckpt.latest_step() + 1
+        state, start = restored["train"], ckpt.latest_step() + 1
+        record = upgrade_record(meta["record"])
 
     for d in range(start, n_tasks):
         desc = f"{name} task {d + 1}/{n_tasks}"
@@ -163,9 +188,6 @@ class _Clock:
 
     def __init__(self, record: dict):
         self.record, self.t = record, time.perf_counter()
-        self.record.setdefault("seconds", {}).update(
-            {p: self.record["seconds"].get(p, 0.0) for p in PHASES})
-        self.record.setdefault("task_seconds", {p: [] for p in PHASES})
 
     def lap(self, phase: str, ready: Any = None) -> None:
         if ready is not None:
