@@ -16,7 +16,7 @@ import os
 
 from vcl_jax.cli import command
 from vcl_jax.protocols import fisher_analysis as fa
-from vcl_jax.protocols.rank1_ewc import method_dir
+from vcl_jax.protocols.rank1_ewc_config import method_dir
 
 
 def main(argv=None) -> dict:

@@ -1,6 +1,7 @@
 """Diagnostics of a VCL-diffusion run (see ``vcl_jax.protocols.vcl_diagnostics``).
 
     python -m experiments.vcl_diagnostics drift --run DIR --task 1 [--method vcl_coreset0]
+    python -m experiments.vcl_diagnostics spread --run DIR --task 3 [--method vcl_coreset0]
     python -m experiments.vcl_diagnostics noise --run DIR --task 0 --digit 0
         [--log-vars=-10,-14] [--n 60] [--average] [--method mle_coreset0]
     python -m experiments.vcl_diagnostics swap --run DIR --task 3 --digit 0
@@ -22,7 +23,7 @@ from vcl_jax.protocols import vcl_diagnostics
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("kind", choices=["drift", "noise", "swap"])
+    parser.add_argument("kind", choices=["drift", "spread", "noise", "swap"])
     parser.add_argument("--run", required=True, help="run directory of experiments.vcl_diffusion")
     parser.add_argument("--task", type=int, required=True, help="0-based task of the checkpoint")
     parser.add_argument("--method", default=None, help="sub-run, e.g. vcl_coreset0")
@@ -42,6 +43,12 @@ def main(argv=None) -> list[dict]:
         for r in rows:
             print(f"{'random' if r['random'] else 'determ.'}  {r['group']:<16} size "
                   f"{r['size']:.3g}  change {r['change']:.3g}  relative {r['relative']:.2e}")
+    elif args.kind == "spread":
+        rows = vcl_diagnostics.spread(args.run, args.task, args.method)
+        for r in rows:
+            print(f"{r['group']:<16} mean RMS {r['size']:.3g}  log σ² {r['log_var_mean']:.2f} "
+                  f"[{r['log_var_min']:.2f}, {r['log_var_max']:.2f}]  σ/RMS "
+                  f"{r['sigma_over_rms']:.3f}")
     else:
         if args.kind == "swap":
             swaps = [tuple(g for g in sw.split("+") if g) for sw in args.swaps.split(",")]

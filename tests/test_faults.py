@@ -252,18 +252,18 @@ def baseline(env, tmp_path_factory):
 @pytest.mark.slow
 def test_a_diverging_task_stops_before_its_checkpoint_and_resumes(baseline, tmp_path,
                                                                   monkeypatch):
-    from vcl_jax.protocols import vcl_diffusion
+    from vcl_jax.training import sequence
 
     run_dir = str(tmp_path / "run")
     _run(run_dir, "methods=mle")  # a finished run, then VCL added to it
-    real = vcl_diffusion.train_epochs
+    real = sequence.train_epochs
 
     def poisoned(runner, state, data, key, **kw):  # VCL's second task sees NaN images
         if kw.get("where", "").startswith("vcl_diffusion vcl_coreset0 task 2/2"):
             data = dict(data, x=data["x"] * jnp.nan)
         return real(runner, state, data, key, **kw)
 
-    monkeypatch.setattr(vcl_diffusion, "train_epochs", poisoned)
+    monkeypatch.setattr(sequence, "train_epochs", poisoned)  # the task loop's training
     before = _finished_files(run_dir)
     messages = []
     for _ in range(2):  # the re-run fails the same way

@@ -245,3 +245,75 @@ def test_frechet_distance():
     assert frechet_distance(sa, sb) == pytest.approx(ref, rel=1e-6)
     with pytest.raises(ValueError, match="features"):
         gaussian_stats(np.zeros((1, 5)))
+
+
+def _select_first(n):
+    return lambda task, ex: np.arange(task, task + n)  # a different coreset per task
+
+
+def test_chain_with_a_coreset_withholds_replays_and_tunes_on_it():
+    from vcl_jax.continual import TrainData, coreset, vcl
+
+    params, data, example_loss = _regression()
+    batch_loss = lambda p, b, k: jnp.mean(jax.vmap(example_loss, (None, 0))(p, b))
+    example = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in data.items()}
+    base = vcl(batch_loss, n_samples=2, log_var_init=-4.0)
+    for mode in ("finetune", "replay"):
+        core = coreset(_select_first(3), 3, 2, example, mode=mode)
+        method = chain(base, core)
+        assert method.name == f"vcl+coreset_{mode}" and method.view is base.view
+        q, states = method.init(params)
+        states, t0 = method.prepare(q, states, 0, TrainData(data, 29))
+        # Task 0's coreset left its training data and went into the pool's first slot.
+        assert t0.n_data == 26 and t0.data["x"].shape == (26, 4)
+        np.testing.assert_array_equal(states[1]["x"][:3], data["x"][:3])
+        np.testing.assert_array_equal(t0.data["x"], data["x"][3:])
+        states, t1 = method.prepare(q, states, 1, TrainData(data, 29))
+        np.testing.assert_array_equal(states[1]["y"][3:], data["y"][1:4])
+        if mode == "replay":  # task 1 trains on its own examples and task 0's coreset
+            assert t1.n_data == 29 and method.tune_data(states, 1) is None
+            np.testing.assert_array_equal(t1.data["x"][26:], data["x"][:3])
+        else:  # both coresets, in task order, for the copy tuned before evaluation
+            assert t1.n_data == 26
+            tune = method.tune_data(states, 1)
+            np.testing.assert_array_equal(tune["x"], np.concatenate([data["x"][:3],
+                                                                     data["x"][1:4]]))
+        # The coreset adds nothing to the loss: the chain's is VCL's, at the same key.
+        key = jax.random.PRNGKey(4)
+        q, states = method.begin_task(q, states, 1, 26)
+        np.testing.assert_array_equal(method.loss(q, states, data, key)[0],
+                                      base.loss(q, states[0], data, key)[0])
+    with pytest.raises(ValueError, match="coreset mode 'both'"):
+        coreset(_select_first(3), 3, 2, example, mode="both")
+
+
+def test_chain_with_generative_replay_gives_later_tasks_a_pool_from_the_model():
+    from vcl_jax.continual import TrainData, generative_replay, vcl
+
+    params, data, example_loss = _regression()
+    batch_loss = lambda p, b, k: jnp.mean(jax.vmap(example_loss, (None, 0))(p, b))
+    seen = []
+
+    def sample_pool(p, task):  # a stand-in generator: the model's weights, tagged by task
+        seen.append(task)
+        return {"pool": p["w"] * task}
+
+    for first in (distillation(_teacher_loss(batch_loss)),
+                  vcl(batch_loss, n_samples=2, log_var_init=-4.0)):
+        method = chain(first, ewc(None, example_loss, n_tasks=2, lam=3.0, fisher="rank1"),
+                       generative_replay(sample_pool))
+        t, states = method.init(params)
+        states, t0 = method.prepare(t, states, 0, TrainData(data, 29))
+        assert t0.shared is None and seen == []  # nothing to replay on the first task
+        t, states = method.begin_task(t, states, 0, 29)
+        states = method.end_task(t, states, 0, data)
+        states, t1 = method.prepare(t, states, 1, TrainData(data, 29))
+        # The pool comes from the params the chain trains (VCL: the posterior means).
+        point = t.mean if first.view else t
+        np.testing.assert_array_equal(t1.shared["pool"], point["w"] * 1)
+        assert seen.pop() == 1 and t1.data is data and t1.n_data == 29
+        key = jax.random.PRNGKey(5)
+        total = method.loss(t, states, data, key)[0]
+        parts = [first.loss(t, states[0], data, key)[0],
+                 method.loss(t, states, data, key)[1]["penalty"] * 3.0]
+        np.testing.assert_allclose(total, sum(parts), rtol=1e-6)

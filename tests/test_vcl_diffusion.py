@@ -190,11 +190,16 @@ def test_bad_settings_are_clear_errors(env, tmp_path):
 
 @pytest.mark.slow  # ~50 s: its own smoke run; `make test-all`
 def test_replay_mode_and_ddim_evaluation(env, tmp_path):
-    cfg = override(PRESETS["smoke"], ["coreset_sizes=4", "coreset_mode=replay", "methods=vcl",
-                                      "sampler=ddim", "ddim_steps=5", "classes=3,4"])
+    # MLE (the coreset member acts on the data whatever trains; chain(vcl, coreset) is
+    # tested in test_fisher) on the smoke preset's tasks, whose train step is compiled already
+    cfg = override(PRESETS["smoke"], ["coreset_sizes=4", "coreset_mode=replay", "methods=mle",
+                                      "sampler=ddim", "ddim_steps=5", "classes=3,4,5"])
     metrics = vcl_diffusion.run(cfg, str(tmp_path), progress=False)
-    hist = metrics["runs"]["vcl_coreset4"]["history"]
-    assert sorted(hist[-1]["per_class"]) == ["3", "4"]
+    hist = metrics["runs"]["mle_coreset4"]["history"]
+    assert sorted(hist[-1]["per_class"]) == ["3", "4", "5"]
+    # replay mode fine-tunes nothing before evaluation (the chain test checks its data)
+    seconds = metrics["runs"]["mle_coreset4"]["task_seconds"]
+    assert len(seconds["tune"]) == 3 and max(seconds["tune"]) < 1  # no fine-tuning to do
 
 
 def _cli(run_dir: str) -> list[str]:
@@ -251,15 +256,34 @@ def test_fields_added_later_match_the_value_older_checkpoints_had():
     diff = config_diff(old, newer, added=ADDED_FIELDS)
     assert len(diff) == 1 and "variational_norms" in diff[0]
     assert config_diff(old, sub_run_config(cfg, "vcl", 0))  # without `added` it is a mismatch
-    # per-task context MLPs are a different model from an older checkpoint's
-    per_task = sub_run_config(override(cfg, ["context=per_task"]), "vcl", 0)
-    diff = config_diff(old, per_task, added=ADDED_FIELDS)
+    # the author's conditioning is a different model from an older checkpoint's
+    film = sub_run_config(override(cfg, ["context=film"]), "vcl", 0)
+    diff = config_diff(old, film, added=ADDED_FIELDS)
     assert len(diff) == 1 and "context" in diff[0]
     # checkpoints written with the old default conv_impl=xla resume under conv_impl=auto
     from vcl_jax.protocols.vcl_diffusion_config import SPEED_ONLY
 
     xla = sub_run_config(override(cfg, ["conv_impl=xla", "weight_draws=vmap"]), "vcl", 0)
     assert config_diff(xla, sub_run_config(cfg, "vcl", 0), SPEED_ONLY, ADDED_FIELDS) == []
+
+
+def test_coreset_checkpoints_of_the_layout_before_format_2_are_refused():
+    from vcl_jax.checkpoint import config_diff
+    from vcl_jax.protocols.vcl_diffusion_config import (
+        ADDED_FIELDS,
+        FORMAT,
+        sub_run_config,
+        unrecorded_format,
+    )
+
+    cfg = PRESETS["smoke"]
+    for size in (0, 4):
+        new = sub_run_config(cfg, "vcl", size)
+        assert new["format"] == FORMAT
+        older = {k: v for k, v in new.items() if k != "format"}  # written before the field
+        diff = config_diff(older, new, added=dict(ADDED_FIELDS, format=unrecorded_format(size)))
+        # without a coreset the layout is unchanged; with one, the pool moved into the state
+        assert diff == ([] if size == 0 else [f"format: checkpoint has 1, this run has {FORMAT}"])
 
 
 @pytest.mark.slow  # ~1-1.5 min of compiles; its parts: test_vi (layouts), test_models (convs)
@@ -359,6 +383,14 @@ def test_diagnostics_on_a_smoke_run(smoke_run):
     assert any(r["change"] > 0 for r in rows)  # a task of training moves something
     with pytest.raises(ValueError, match="task ≥ 1"):
         vcl_diagnostics.drift(run_dir, 0, "vcl_coreset0")
+    cfg = vcl_diagnostics.load_checkpoint(run_dir, task=0, method="vcl_coreset0").cfg
+    spread = vcl_diagnostics.spread(run_dir, 0, "vcl_coreset0")
+    assert spread and all(r["log_var_min"] <= r["log_var_mean"] <= r["log_var_max"]
+                          and r["sigma_over_rms"] > 0 for r in spread)
+    # one task moves the log-variances a little from where the first prior put them
+    assert all(abs(r["log_var_mean"] - cfg.log_var_init) < 1 for r in spread)
+    with pytest.raises(ValueError, match="no posterior"):
+        vcl_diagnostics.spread(run_dir, 0, "mle_coreset0")
     rows = vcl_diagnostics.noise_effect(run_dir, 1, 1, [-10.0], n=2, draws=2, average=True,
                                         method="mle_coreset0")
     assert [r["n"] for r in rows] == [2, 2, 1]

@@ -34,6 +34,22 @@ class View(NamedTuple):
     put: Callable
 
 
+class TrainData(NamedTuple):
+    """What one task trains on.
+
+    Attributes:
+      data: arrays with a leading example axis, cut into the epochs' batches.
+      n_data: the task's number of training examples (``begin_task``'s N, e.g. VCL's KL/N).
+      shared: arrays every batch sees whole (e.g. a replay pool), or None.
+      end: what the method's ``end_task`` is given (e.g. an EWC Fisher's examples), or None.
+    """
+
+    data: Any
+    n_data: int
+    shared: Any = None
+    end: Any = None
+
+
 class Method(NamedTuple):
     """A continual-learning method.
 
@@ -48,6 +64,13 @@ class Method(NamedTuple):
         for evaluation and sampling.
       view: None when the trainable variables are the params (MLE, EWC, distillation);
         otherwise the :class:`View` of the params inside them (VCL).
+      prepare: None, or for methods that act on the data rather than the loss (coresets,
+        replay) ``(trainable, state, task, TrainData) -> (state, TrainData)``, run on the host
+        before ``begin_task``: e.g. a coreset withholds its examples from the task and
+        replays earlier tasks' coresets with it.
+      tune_data: None, or ``(state, task) -> data | None``: examples (a dict like
+        ``TrainData.data``) to fine-tune a copy of the trainables on before each evaluation
+        (a coreset's ``finetune`` mode); the next task continues from the untuned ones.
     """
 
     name: str
@@ -57,11 +80,45 @@ class Method(NamedTuple):
     end_task: Callable
     draws: Callable
     view: View | None = None
+    prepare: Callable | None = None
+    tune_data: Callable | None = None
 
 
 def stack(params: PyTree, n: int) -> PyTree:
     """``n`` copies of ``params`` on a new leading axis."""
     return jax.tree.map(lambda p: jax.numpy.broadcast_to(p, (n, *p.shape)), params)
+
+
+def keep_begin(params, state, task, n_data):
+    """A ``begin_task`` that changes nothing."""
+    del task, n_data
+    return params, state
+
+
+def keep_end(params, state, task, data=None):
+    """An ``end_task`` that keeps the state."""
+    del params, task, data
+    return state
+
+
+def point_draws(params, key, n):
+    """The ``draws`` of a point estimate: the params themselves (one copy; none for n = 0)."""
+    del key
+    return stack(params, 1 if n else 0)
+
+
+def data_method(name: str, init: Callable, prepare: Callable,
+                tune_data: Callable | None = None) -> Method:
+    """A method that acts on the data alone (:attr:`Method.prepare`, optionally
+    :attr:`Method.tune_data`): it adds nothing to the loss, does nothing at a task's
+    boundaries and draws the params; chained, it changes what the other members see."""
+
+    def no_loss(params, state, batch, key):
+        del params, state, batch, key
+        return jax.numpy.zeros(()), {}
+
+    return Method(name, init, keep_begin, no_loss, keep_end, point_draws,
+                  prepare=prepare, tune_data=tune_data)
 
 
 def chain(first: Method, *rest: Method) -> Method:
@@ -75,7 +132,9 @@ def chain(first: Method, *rest: Method) -> Method:
 
     The loss is the sum of the members' losses; each member keeps its own state (the
     chained state is a tuple, in order); ``begin_task`` and ``end_task`` run in order;
-    draws come from the owning member (else ``first``). Metric names of later members that
+    draws come from the owning member (else ``first``). Data-side members' ``prepare`` run
+    in order, each on the task as the previous one left it; ``tune_data`` is the first
+    member's that gives any. Metric names of later members that
     clash are prefixed with their name.
 
     Raises:
@@ -121,5 +180,22 @@ def chain(first: Method, *rest: Method) -> Method:
         return tuple(m.end_task(of(m, trainable), s, task, data)
                      for m, s in zip(methods, states, strict=True))
 
+    def prepare_fn(trainable, states, task, data):
+        out = list(states)
+        for i, m in enumerate(methods):
+            if m.prepare is not None:
+                out[i], data = m.prepare(of(m, trainable), states[i], task, data)
+        return tuple(out), data
+
+    def tune_data_fn(states, task):
+        for m, s in zip(methods, states, strict=True):
+            found = m.tune_data(s, task) if m.tune_data is not None else None
+            if found is not None:
+                return found
+        return None
+
+    data_side = [m for m in methods if m.prepare is not None]
+    tuning = [m for m in methods if m.tune_data is not None]
     return Method("+".join(m.name for m in methods), init_fn, begin_task_fn, loss_fn,
-                  end_task_fn, owner.draws, owner.view)
+                  end_task_fn, owner.draws, owner.view,
+                  prepare_fn if data_side else None, tune_data_fn if tuning else None)

@@ -22,7 +22,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from vcl_jax.continual.base import BatchLoss, Method, stack
+from vcl_jax.continual.base import BatchLoss, Method, keep_begin, point_draws
 from vcl_jax.continual.fisher import ExampleLoss, fisher_stats
 
 PyTree = Any
@@ -100,10 +100,6 @@ def ewc(batch_loss: BatchLoss | None, example_loss: ExampleLoss, *, n_tasks: int
         curvature = Rank1(zeros(), jnp.zeros((n_tasks,), jnp.float32)) if rank1 else zeros()
         return params, EWCState(zeros(), curvature, jnp.zeros((n_tasks,), bool))
 
-    def begin_task(params, state, task, n_data):
-        del task, n_data
-        return params, state
-
     def loss(params, state, batch, key):
         pen = penalty(params, state)
         if batch_loss is None:
@@ -127,8 +123,4 @@ def ewc(batch_loss: BatchLoss | None, example_loss: ExampleLoss, *, n_tasks: int
             curvature = put(state.curvature, stats.diag)
         return EWCState(put(state.anchors, params), curvature, state.active.at[task].set(True))
 
-    def draws(params, key, n):
-        del key
-        return stack(params, 1 if n else 0)
-
-    return Method(f"ewc_{fisher}", init, begin_task, loss, end_task, draws)
+    return Method(f"ewc_{fisher}", init, keep_begin, loss, end_task, point_draws)

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from vcl_jax.continual.base import Method, stack
+from vcl_jax.continual.base import Method, keep_begin, point_draws
 
 PyTree = Any
 LossWithTeacher = Callable[[PyTree, PyTree, PyTree, jax.Array], tuple[jax.Array, dict]]
@@ -28,10 +28,6 @@ def distillation(loss_with_teacher: LossWithTeacher) -> Method:
     def init(params):
         return params, jax.tree.map(jnp.copy, params)
 
-    def begin_task(params, teacher, task, n_data):
-        del task, n_data
-        return params, teacher
-
     def loss(params, teacher, batch, key):
         return loss_with_teacher(params, jax.lax.stop_gradient(teacher), batch, key)
 
@@ -39,8 +35,4 @@ def distillation(loss_with_teacher: LossWithTeacher) -> Method:
         del teacher, task, data
         return jax.tree.map(jnp.copy, params)
 
-    def draws(params, key, n):
-        del key
-        return stack(params, 1 if n else 0)
-
-    return Method("distill", init, begin_task, loss, end_task, draws)
+    return Method("distill", init, keep_begin, loss, end_task, point_draws)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from vcl_jax.continual.base import BatchLoss, Method, stack
+from vcl_jax.continual.base import BatchLoss, Method, keep_begin, keep_end, point_draws
 
 
 def mle(batch_loss: BatchLoss) -> Method:
@@ -11,21 +11,9 @@ def mle(batch_loss: BatchLoss) -> Method:
     def init(params):
         return params, ()
 
-    def begin_task(params, state, task, n_data):
-        del task, n_data
-        return params, state
-
     def loss(params, state, batch, key):
         del state
         value = batch_loss(params, batch, key)
         return value, {"loss": value}
 
-    def end_task(params, state, task, data=None):
-        del params, task, data
-        return state
-
-    def draws(params, key, n):
-        del key
-        return stack(params, 1 if n else 0)
-
-    return Method("mle", init, begin_task, loss, end_task, draws)
+    return Method("mle", init, keep_begin, loss, keep_end, point_draws)

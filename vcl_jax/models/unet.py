@@ -14,8 +14,6 @@ which mean-field VI and data parallelism need). The task conditioning (``context
 
 * ``shared``: a learned vector per task (``task_embeddings[d]``, ``null_embedding``
   for the unconditional model) fed to two shared context MLPs;
-* ``per_task``: the same vectors, each task (and the unconditional model) with its
-  own context MLPs;
 * ``film``: the VCL-diffusion author's code (flag ``deterministic_embed``): each task
   owns two free vectors that multiply the decoder stages directly (``task_film1[d]``
   of size 2n, ``task_film2[d]`` of size n), and the unconditional model owns one such
@@ -38,9 +36,8 @@ import jax.numpy as jnp
 from vcl_jax.models.layers import Conv, GroupNorm, PatchTranspose, kernel_init, max_pool2
 
 # Parameter names that are per-task / unconditional embeddings (deterministic in VCL).
-EMBEDDING_PARAMS = ("task_embeddings", "null_embedding", "task_context1", "task_context2",
-                    "task_film1", "task_film2")
-CONTEXTS = ("shared", "per_task", "film")
+EMBEDDING_PARAMS = ("task_embeddings", "null_embedding", "task_film1", "task_film2")
+CONTEXTS = ("shared", "film")
 
 
 def _groups(channels: int) -> int:
@@ -131,10 +128,8 @@ class ContextUNet(nn.Module):
       channels: image channels (1 for MNIST, 3 for CIFAR-10).
       embed_dim: size of each task embedding vector.
       impl: convolution implementation (``xla``, ``im2col`` or ``ffi``; `layers.conv_same`).
-      context: ``shared`` context MLPs for all tasks, ``per_task`` MLPs (one per
-        task plus one for the null embedding, params ``task_context{1,2}`` with a
-        leading ``n_tasks + 1`` axis, the last row the null model's), or ``film``
-        (free per-task vectors ``task_film{1,2}``, the null model's ``null_film{1,2}``).
+      context: ``shared`` context MLPs for all tasks, or ``film`` (free per-task vectors
+        ``task_film{1,2}``, the null model's ``null_film{1,2}``).
       weight_init: ``paper`` or ``pytorch`` (`layers.kernel_init`).
     """
 
@@ -184,25 +179,17 @@ class ContextUNet(nn.Module):
         return Conv(self.channels, 3, impl=self.impl, kernel_init=conv_init, name="out_conv2")(h)
 
     def _embedded_context(self, task, keep):
-        """``shared``/``per_task``: an embedding vector per task through context MLPs;
+        """``shared``: an embedding vector per task through the shared context MLPs;
         returns the two decoder scales ``[B, 1, 1, 2n]``, ``[B, 1, 1, n]``."""
         n = self.n_feat
         task_emb = self.param("task_embeddings", nn.initializers.normal(1.0),
                               (self.n_tasks, self.embed_dim))
         null_emb = self.param("null_embedding", nn.initializers.zeros, (self.embed_dim,))
-        if self.context == "shared":
-            c = jnp.where(keep[:, None], task_emb[task], null_emb)  # [B, E]
-            cemb1 = EmbedFC(2 * n, self.weight_init, name="contextembed1")(c)
-            cemb2 = EmbedFC(n, self.weight_init, name="contextembed2")(c)
-        elif self.context == "per_task":
-            table = jnp.concatenate([task_emb, null_emb[None]], 0)  # [n_tasks + 1, E]
-            row = jnp.where(keep, task, self.n_tasks)  # [B]
-            per_task = nn.vmap(EmbedFC, variable_axes={"params": 0},
-                               split_rngs={"params": True})
-            cemb1 = per_task(2 * n, self.weight_init, name="task_context1")(table)[row]
-            cemb2 = per_task(n, self.weight_init, name="task_context2")(table)[row]
-        else:
+        if self.context != "shared":
             raise ValueError(f"unknown context {self.context!r}; accepted: {', '.join(CONTEXTS)}")
+        c = jnp.where(keep[:, None], task_emb[task], null_emb)  # [B, E]
+        cemb1 = EmbedFC(2 * n, self.weight_init, name="contextembed1")(c)
+        cemb2 = EmbedFC(n, self.weight_init, name="contextembed2")(c)
         return cemb1[:, None, None, :], cemb2[:, None, None, :]
 
     def _film(self, task, keep):
@@ -253,8 +240,7 @@ def unet_flops(n_feat: int, size: int = 28, channels: int = 1) -> float:
 
 def variational_mask(params: dict, *, norms: bool = False) -> dict:
     """True for the leaves VCL treats as random: every conv, transpose and dense
-    weight and bias; False for the per-task/null embeddings (and the per-task
-    context MLPs of ``context="per_task"``) and, unless ``norms``,
+    weight and bias; False for the per-task/null embeddings and, unless ``norms``,
     the GroupNorm scales and offsets (deterministic, outside the KL, as in the
     paper's code; shared by all tasks, so free norms are a path for forgetting)."""
     from flax import traverse_util

@@ -27,6 +27,11 @@ class MethodSpec:
     replay: str | None
 
 
+def method_dir(name: str) -> str:
+    """A method's sub-directory (``rank1+distill`` → ``rank1-distill``)."""
+    return name.replace("+", "-")
+
+
 def parse_method(name: str) -> MethodSpec:
     """``"rank1+distill"`` → MethodSpec("rank1", "distill"); a clear error otherwise."""
     if name == "naive":
@@ -168,6 +173,18 @@ DISTILL_ONLY = ("distill_weight",)
 ADDED_FIELDS = {"eval_eta": 0.0}
 
 
+# The layout of a method's checkpoints. 2: generative replay is a member of the method (its
+# state part of the chained state). A checkpoint without the field is older: the same
+# layout without replay, another one with (`unrecorded_format`).
+FORMAT = 2
+
+
+def unrecorded_format(method: str) -> int:
+    """The format of a checkpoint of ``method`` that records none: 1 (an older layout) for a
+    method with replay, else the current one (unchanged since)."""
+    return 1 if parse_method(method).replay else FORMAT
+
+
 def sub_run_config(cfg: Rank1EWCConfig, method: str) -> dict:
     """The config fields that determine one method's training (its checkpoints' key)."""
     from vcl_jax.config import to_dict
@@ -178,4 +195,4 @@ def sub_run_config(cfg: Rank1EWCConfig, method: str) -> dict:
     drop |= set(REPLAY_ONLY) if spec.replay is None else set()
     drop |= set(DISTILL_ONLY) if spec.replay != "distill" else set()
     out = {k: v for k, v in to_dict(cfg).items() if k not in drop}
-    return dict(out, method=method)
+    return dict(out, method=method, format=FORMAT)

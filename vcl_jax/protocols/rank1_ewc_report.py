@@ -7,14 +7,12 @@ import os
 from vcl_jax.data import describe
 from vcl_jax.eval import plots
 from vcl_jax.eval.classifier import describe as describe_classifier
-from vcl_jax.protocols.rank1_ewc_config import Rank1EWCConfig
+from vcl_jax.protocols.rank1_ewc_config import Rank1EWCConfig, method_dir
 
 
 def write(run_dir: str, cfg: Rank1EWCConfig, results: dict, data: dict,
           classifier_info: dict) -> None:
     """Writes sample grids, the average-FD curve (the paper's Figure 4) and ``summary.md``."""
-    from vcl_jax.protocols.rank1_ewc import method_dir
-
     for name, rec in results.items():
         rows = plots.grid_rows(os.path.join(run_dir, method_dir(name)), len(rec["history"]))
         plots.sample_grid(os.path.join(run_dir, f"grid_{method_dir(name)}.png"), rows,

@@ -61,7 +61,7 @@ def load_checkpoint(run_dir: str, *, task: int | None = None,
     if task not in steps:
         raise ValueError(f"no checkpoint after task {task} in {ckpt_dir}; have {steps}")
     params = jax.eval_shape(setup.init_params, jax.random.key(0))  # shapes: a template only
-    m = setup.method(base, params)
+    m = setup.method(base, params, size)
     opt = setup.optimizer(base, params)
 
     def template(params):

@@ -4,6 +4,9 @@ weight noise does to the samples.
 * :func:`drift` — per parameter group, how far the means moved during task ``d``
   (checkpoint ``d`` against ``d − 1``), relative to their size; random (in the KL)
   and deterministic leaves reported apart.
+* :func:`spread` — per parameter group of a VCL posterior, its log-variances (mean and
+  range) and its σ relative to the RMS of its means: how much weight noise the model
+  trains and samples under, and whether a task moved the variances at all.
 * :func:`noise_effect` — classifier uncertainty of one digit's samples at the
   checkpoint's point estimate (MLE params or VCL posterior mean), at draws of
   ``N(mean, exp(log_var))`` (one draw per image, or ε averaged over the draws),
@@ -67,6 +70,37 @@ def drift(run_dir: str, task: int, method: str | None = None) -> list[dict]:
         size, change = np.sqrt(sq / n), np.sqrt(dsq / n)
         rows.append({"group": g, "random": rnd, "size": float(size), "change": float(change),
                      "relative": float(change / max(size, 1e-12))})
+    return rows
+
+
+def spread(run_dir: str, task: int, method: str | None = None) -> list[dict]:
+    """The posterior's log-variances after ``task``, per top-level module (random leaves).
+
+    Returns:
+      Rows ``{"group", "size", "log_var_mean", "log_var_min", "log_var_max",
+      "sigma_over_rms"}``: ``size`` is the RMS of the means, ``sigma_over_rms`` the RMS of
+      σ = exp(log_var / 2) over it.
+    """
+    loaded = load_checkpoint(run_dir, task=task, method=method)
+    q = loaded.restored["eval"]
+    if not isinstance(q, mf.MeanField):
+        raise ValueError(f"{loaded.run} has no posterior (spread is for VCL runs)")
+    mask = traverse_util.flatten_dict(loaded.setup.mask(q.mean))
+    mean, log_var = (traverse_util.flatten_dict(t) for t in (q.mean, q.log_var))
+    groups: dict[str, list] = {}
+    for k, m in mean.items():
+        if not mask[k] or k[0] in PER_TASK:
+            continue
+        g = groups.setdefault(_group(k), [[], []])
+        g[0].append(np.ravel(np.asarray(m)))
+        g[1].append(np.ravel(np.asarray(log_var[k])))
+    rows = []
+    for name, (ms, lvs) in sorted(groups.items()):
+        m, lv = np.concatenate(ms), np.concatenate(lvs)
+        size = float(np.sqrt(np.mean(m ** 2)))
+        rows.append({"group": name, "size": size, "log_var_mean": float(lv.mean()),
+                     "log_var_min": float(lv.min()), "log_var_max": float(lv.max()),
+                     "sigma_over_rms": float(np.sqrt(np.mean(np.exp(lv))) / max(size, 1e-12))})
     return rows
 
 

@@ -68,10 +68,8 @@ class VCLDiffusionConfig:
     n_feat: int = 128
     embed_dim: int = 32
     # "shared": one pair of context MLPs for every task's embedding vector (inside the KL
-    # under VCL); "per_task": each task and the null model own their context MLPs
-    # (deterministic, outside the KL; measured in BENCHMARKS.md: not better); "film": the
-    # author's code, free per-task decoder scales (deterministic) and a null pair inside
-    # the KL (vcl_jax.models.unet)
+    # under VCL); "film": the author's code, free per-task decoder scales (deterministic)
+    # and a null pair inside the KL (vcl_jax.models.unet)
     context: str = "shared"
     # "paper": weights ~ U(±√(15/fan_in)) (the paper's table); "pytorch": U(±1/√fan_in)
     # (PyTorch's default, the author's code)
@@ -242,6 +240,18 @@ SWEEP = ("methods", "coreset_sizes")
 CORESET_ONLY = ("coreset_method", "coreset_mode", "coreset_epochs")
 
 
+# The layout of a sub-run's checkpoints. 2: a coreset is a member of the method, its pool
+# part of the method state. A checkpoint without the field is older: the same layout
+# without a coreset, another one with (`unrecorded_format`).
+FORMAT = 2
+
+
+def unrecorded_format(coreset_size: int) -> int:
+    """The format a checkpoint that records none has: 1 (an older layout) for a coreset run,
+    else the current one (unchanged since)."""
+    return 1 if coreset_size else FORMAT
+
+
 def sub_run_config(cfg: VCLDiffusionConfig, method: str, coreset_size: int) -> dict:
     """The config fields that determine one (method, coreset size) sub-run."""
     from vcl_jax.config import to_dict
@@ -252,4 +262,4 @@ def sub_run_config(cfg: VCLDiffusionConfig, method: str, coreset_size: int) -> d
     drop |= set(CORESET_ONLY) if coreset_size == 0 else set()
     out = {k: v for k, v in to_dict(cfg).items() if k not in drop}
     return dict(out, **(RETIRED if has_vcl(method) else {}), method=method,
-                coreset_size=coreset_size)
+                coreset_size=coreset_size, format=FORMAT)

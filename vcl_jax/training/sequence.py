@@ -3,9 +3,10 @@
 :func:`run_sequence` trains one method over a stream of tasks. It resumes after the last
 task whose checkpoint exists; for each further task it prepares the task's data, begins the
 task, trains its epochs, ends it (the method's consolidation), optionally tunes a copy for
-evaluation (e.g. on a coreset), evaluates, and checkpoints the training state with the run's
-record. What differs between experiments — a task's data, what ``end_task`` is given, how a
-model is evaluated — comes in as functions; the loop itself has no experiment's branches.
+evaluation (the method's ``tune_data``: a coreset), evaluates, and checkpoints the training
+state with the run's record. What differs between experiments — a task's data, what
+``end_task`` is given, how a model is evaluated — comes in as functions, and what differs
+between methods (coresets, replay) is the method's; the loop has no experiment's branches.
 
 The record it returns (and keeps in every checkpoint's metadata) is
 ``{"history": [metrics after each task], "seconds": {phase: total}, "task_seconds": {phase:
@@ -21,30 +22,15 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from vcl_jax.checkpoint import Checkpoints
-from vcl_jax.continual.base import Method
+from vcl_jax.continual.base import Method, TrainData
 from vcl_jax.training.epoch import EpochRunner
 from vcl_jax.training.state import TrainState, train_epochs
 
 PHASES = ("prepare", "train", "end", "tune", "eval")
-
-
-class Task(NamedTuple):
-    """What one task trains on.
-
-    Attributes:
-      data: arrays with a leading example axis, cut into the epochs' batches.
-      n_data: the task's number of training examples (``begin_task``'s N, e.g. VCL's KL/N).
-      shared: arrays every batch sees whole (e.g. a replay pool), or None.
-      end: what the method's ``end_task`` is given (e.g. an EWC Fisher's examples), or None.
-    """
-
-    data: Any
-    n_data: int
-    shared: Any = None
-    end: Any = None
 
 
 class Schedule(NamedTuple):
@@ -107,14 +93,15 @@ def run_sequence(
     ckpt: Checkpoints,
     n_tasks: int,
     *,
-    prepare: Callable[[int, TrainState], Task],
+    prepare: Callable[[int, TrainState], TrainData],
     evaluate: Callable[[int, Any], tuple[dict, dict | None]],
     schedule: Schedule,
     key: jax.Array,
     name: str,
     where: str,
     out_dir: str,
-    tune: Callable[[int, TrainState], Any] | None = None,
+    tune_schedule: Schedule | None = None,
+    keep_evaluated: bool = False,
     describe: Callable[[dict], str] = lambda m: "",
     record: dict | None = None,
     progress: bool = True,
@@ -122,17 +109,20 @@ def run_sequence(
     """Trains ``method`` over tasks ``0..n_tasks-1`` from ``state``, resuming from ``ckpt``.
 
     Args:
-      prepare: ``(task, state) -> Task``, the task's data (the state at its start, e.g. to
-        generate a replay pool from).
+      prepare: ``(task, state) -> TrainData``, the task's data (the state at its start, e.g.
+        to generate a replay pool from), which a data-side method then rewrites
+        (``Method.prepare``: a coreset withholds its examples).
       evaluate: ``(task, trainable) -> (metrics, samples)``: the metrics recorded after the
         task, and arrays saved as ``samples_task<d>.npz`` in ``out_dir`` (or None).
       schedule: the epochs and learning rate of each task.
       key: task d trains with ``fold_in(key, d)``.
       name: the run's name in progress bars and messages; ``where`` prefixes divergence
         errors (e.g. the experiment's name).
-      tune: ``(task, state) -> trainable`` evaluated instead of the trained one (e.g. tuned
-        on a coreset, from a copy: the next task continues from the trained state); the
-        checkpoint then holds it as ``"eval"`` beside ``"train"``.
+      tune_schedule: the epochs and learning rate of the fine-tuning on a method's
+        ``tune_data`` (a copy is tuned and evaluated; the next task continues from the
+        trained state). Required when the method has ``tune_data``.
+      keep_evaluated: the checkpoint also holds the evaluated trainables as ``"eval"``
+        beside the training state ``"train"`` (for re-scoring and diagnostics).
       describe: ``metrics -> str`` for the line printed after each task.
       record: the record to continue (e.g. with a pre-training's seconds); default empty.
         A checkpoint's record replaces it.
@@ -140,8 +130,11 @@ def run_sequence(
     Returns:
       The record (see the module doc).
     """
+    if method.tune_data is not None and tune_schedule is None:
+        raise ValueError(f"{name}: method {method.name} fine-tunes before evaluation "
+                         f"(tune_data) but no tune_schedule was given")
     os.makedirs(out_dir, exist_ok=True)
-    like = {"train": state, "eval": state.trainable} if tune else {"train": state}
+    like = {"train": state, "eval": state.trainable} if keep_evaluated else {"train": state}
     record = record or new_record()
     start = 0
     if ckpt.latest_step() is not None:
@@ -153,6 +146,9 @@ def run_sequence(
         desc = f"{name} task {d + 1}/{n_tasks}"
         clock = _Clock(record)
         task = prepare(d, state)
+        if method.prepare is not None:
+            mstate, task = method.prepare(state.trainable, state.method_state, d, task)
+            state = state._replace(method_state=mstate)
         clock.lap("prepare", task)
         trainable, mstate = method.begin_task(state.trainable, state.method_state, d,
                                               task.n_data)
@@ -165,7 +161,11 @@ def run_sequence(
         state = state._replace(method_state=method.end_task(state.trainable, state.method_state,
                                                             d, task.end))
         clock.lap("end", state.method_state)
-        evaluated = tune(d, state) if tune else state.trainable
+        core = method.tune_data(state.method_state, d) if method.tune_data else None
+        evaluated = state.trainable if core is None else _tuned(
+            method, state, runner, core, d, jax.random.fold_in(jax.random.fold_in(key, d), 10_000),
+            tune_schedule, desc=f"{name} task {d + 1} coreset", progress=progress,
+            where=f"{where} {name} task {d + 1}, coreset fine-tuning")
         clock.lap("tune", evaluated)
         metrics, samples = evaluate(d, evaluated)
         clock.lap("eval")
@@ -173,13 +173,25 @@ def run_sequence(
             np.savez_compressed(os.path.join(out_dir, f"samples_task{d}.npz"), **samples)
         metrics["train_final"] = hist[-1]
         record["history"].append(metrics)
-        saved = {"train": state, "eval": evaluated} if tune else {"train": state}
+        saved = {"train": state, "eval": evaluated} if keep_evaluated else {"train": state}
         ckpt.save(d, saved, {"task": d, "record": record})
         if progress:
             print(f"[{name}] task {d + 1}: {describe(metrics)}loss {hist[-1]['loss']:.4f}",
                   flush=True)
     ckpt.close()
     return record
+
+
+def _tuned(method: Method, state: TrainState, runner: EpochRunner, data: Any, task: int,
+           key: jax.Array, schedule: Schedule, **kw) -> Any:
+    """The trainables of a copy of ``state`` tuned on ``data`` as one more pass of task
+    ``task`` (``begin_task`` with the data's size, then ``schedule``'s epochs)."""
+    n = int(jax.tree.leaves(data)[0].shape[0])
+    trainable, mstate = method.begin_task(state.trainable, state.method_state, task, n)
+    tuned = jax.tree.map(jnp.copy, TrainState(trainable, state.opt_state, mstate))
+    tuned, _ = train_epochs(runner, tuned, data, key, epochs=schedule.epochs,
+                            learning_rate=schedule.learning_rate, decay=schedule.decay, **kw)
+    return tuned.trainable
 
 
 class _Clock:

@@ -1,0 +1,246 @@
+"""What a rank-1 EWC run builds from its config (:mod:`vcl_jax.protocols.rank1_ewc`): the
+class-pair tasks' images, the U-Net with its losses (real and replayed images, distillation,
+the Fisher's per-example loss) and methods, the replay pools, and the evaluation by
+FD-classifier and sample accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vcl_jax.config import ConfigError
+from vcl_jax.continual import chain, distillation, ewc, generative_replay, mle
+from vcl_jax.continual.base import stack
+from vcl_jax.data import TaskStream, load, pad_to, to_float, to_unit
+from vcl_jax.diffusion.generate import generate
+from vcl_jax.diffusion.loss import draw_noise, example_loss_at, fisher_examples, q_sample
+from vcl_jax.diffusion.schedule import linear_schedule
+from vcl_jax.eval.classifier import EvalClassifier
+from vcl_jax.eval.metrics import frechet_distance, gaussian_stats
+from vcl_jax.models.layers import resolve_impl
+from vcl_jax.models.unet import ContextUNet, init_unet
+from vcl_jax.protocols.rank1_ewc_config import Rank1EWCConfig, parse_method
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+    """One task of the stream.
+
+    Attributes:
+      classes: dataset labels of the task.
+      x: ``[N, S, S, C]`` training images in model space ([−1, 1], padded).
+      c: ``[N]`` class index (position in ``cfg.classes``: the U-Net's embedding).
+      reference: ``[M, H, W, C]`` images in [0, 1] at the dataset's size (test or
+        validation) that the task's samples are compared with.
+      reference_labels: ``[M]`` their dataset labels.
+    """
+
+    classes: tuple[int, ...]
+    x: np.ndarray
+    c: np.ndarray
+    reference: np.ndarray
+    reference_labels: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a run builds from its config: model, schedule, losses and methods."""
+
+    cfg: Rank1EWCConfig
+    model: ContextUNet
+    sched: Any
+    shape: tuple[int, int, int]  # model space (S, S, C)
+    data_size: int  # the dataset's image side (28 or 32)
+
+    @property
+    def stream(self) -> TaskStream:
+        return TaskStream.pairs(self.cfg.classes)
+
+    def init_params(self, key: jax.Array) -> dict:
+        return init_unet(self.model, key, self.shape)
+
+    def eps_fn(self, params):
+        return lambda x, t, d, keep: self.model.apply({"params": params}, x, t, d, keep)
+
+    def _noised(self, key, x0):
+        """Per-example t, noise and guidance drop (vmapped), and x_t."""
+        keys = jax.random.split(key, x0.shape[0])
+        t, noise, keep = jax.vmap(
+            lambda k, x: draw_noise(k, x, self.sched.T, self.cfg.p_uncond))(keys, x0)
+        xt = jax.vmap(lambda x, tt, n: q_sample(self.sched, x, tt, n))(x0, t, noise)
+        return xt, t, noise, keep
+
+    def _mixed(self, batch, key):
+        """The batch's real images, plus ``replay_batch`` drawn from the replay pool when
+        the batch carries one; returns (x0, class index, number of real images)."""
+        x, c = batch["x"], batch["c"]
+        n_real = x.shape[0]
+        if "pool_x" in batch:
+            m = self.cfg.replay_batch or self.cfg.batch_size
+            idx = jax.random.randint(key, (m,), 0, batch["pool_n"])
+            x = jnp.concatenate([x, batch["pool_x"][idx]])
+            c = jnp.concatenate([c, batch["pool_c"][idx]])
+        return x, c, n_real
+
+    def batch_loss(self, params, batch, key):
+        """Mean per-pixel ε-MSE over the real (and replayed) images."""
+        k_mix, k_noise = jax.random.split(key)
+        x0, c, _ = self._mixed(batch, k_mix)
+        xt, t, noise, keep = self._noised(k_noise, x0)
+        pred = self.eps_fn(params)(xt, t / self.sched.T, c, keep)
+        return jnp.mean((pred - noise) ** 2)
+
+    def loss_with_teacher(self, params, teacher, batch, key):
+        """ε-MSE over real and replayed images (one student forward pass) plus
+        ``distill_weight`` · MSE(student ε̂, teacher ε̂) on the noised replay images."""
+        k_mix, k_noise = jax.random.split(key)
+        x0, c, n_real = self._mixed(batch, k_mix)
+        xt, t, noise, keep = self._noised(k_noise, x0)
+        pred = self.eps_fn(params)(xt, t / self.sched.T, c, keep)
+        eps_loss = jnp.mean((pred - noise) ** 2)
+        if "pool_x" not in batch:
+            return eps_loss, {"loss": eps_loss}
+        sl = slice(n_real, None)
+        target = self.eps_fn(teacher)(xt[sl], t[sl] / self.sched.T, c[sl], keep[sl])
+        dist = jnp.mean((pred[sl] - target) ** 2)
+        return eps_loss + self.cfg.distill_weight * dist, {"loss": eps_loss, "distill": dist}
+
+    def example_loss(self, params, example):
+        """ε-MSE of one example at its own (fixed) timestep and noise (the Fisher's)."""
+        return example_loss_at(self.eps_fn(params), self.sched, example)
+
+    def method(self, name: str):
+        """The method of a config name: MLE (or distillation) to train the model, then the
+        Fisher penalty and generative replay it names, chained."""
+        spec = parse_method(name)
+        base = (distillation(self.loss_with_teacher) if spec.replay == "distill"
+                else mle(self.batch_loss))
+        rest = []
+        if spec.penalty is not None:
+            rest.append(ewc(None, self.example_loss, n_tasks=len(self.stream),
+                            lam=self.cfg.ewc_lambda, fisher=spec.penalty,
+                            chunk=self.cfg.fisher_chunk))
+        if spec.replay is not None:
+            k_replay = run_keys(self.cfg)[2]
+            rest.append(generative_replay(
+                lambda params, d: replay_pool(self, params, d, jax.random.fold_in(k_replay, d))))
+        return chain(base, *rest) if rest else base
+
+
+def run_keys(cfg: Rank1EWCConfig) -> tuple[jax.Array, ...]:
+    """The keys of a method's run: initialisation, training, replay, Fisher, evaluation."""
+    return tuple(jax.random.split(jax.random.key(cfg.seed), 5))
+
+
+def build(cfg: Rank1EWCConfig, data_shape: tuple[int, int, int]) -> Setup:
+    """``data_shape``: the dataset's ``(H, W, C)``."""
+    cfg.validate()
+    h, _, c = data_shape
+    if h > cfg.image_size:
+        raise ConfigError(f"image_size {cfg.image_size} is smaller than the images ({h}×{h})")
+    model = ContextUNet(n_feat=cfg.n_feat, n_tasks=len(cfg.classes), channels=c,
+                        embed_dim=cfg.embed_dim, impl=resolve_impl(cfg.conv_impl, False))
+    return Setup(cfg, model, linear_schedule(cfg.T, cfg.beta_1, cfg.beta_T),
+                 (cfg.image_size, cfg.image_size, c), h)
+
+
+def load_tasks(cfg: Rank1EWCConfig) -> tuple[list[TaskData], tuple[int, int, int]]:
+    """Training images per task (minus the validation hold-out) and FD references."""
+    train = load(cfg.dataset, "train", data_dir=cfg.data_dir, variant=cfg.data_variant)
+    test = load(cfg.dataset, "test", data_dir=cfg.data_dir, variant=cfg.data_variant)
+    stream = TaskStream.pairs(cfg.classes)
+    rng = np.random.default_rng(cfg.seed)
+    tasks = []
+    for group in stream.groups:
+        xs, cs, vals, val_labels = [], [], [], []
+        for label in group:
+            images = train.images[train.labels == label]
+            if len(images) == 0:
+                raise ConfigError(f"class {label} has no training images in {cfg.dataset}")
+            order = rng.permutation(len(images))
+            n_val = cfg.validation_per_class
+            if n_val >= len(images):
+                raise ConfigError(f"validation_per_class={n_val} leaves no training image of "
+                                  f"class {label} ({len(images)} in all)")
+            val, rest = images[order[:n_val]], images[order[n_val:]]
+            rest = rest[: cfg.max_per_class] if cfg.max_per_class else rest
+            xs.append(rest)
+            cs.append(np.full(len(rest), cfg.classes.index(label), np.int32))
+            vals.append(val)
+            val_labels.append(np.full(len(val), label, np.int32))
+        x = pad_to(to_float(np.concatenate(xs), "symmetric"), cfg.image_size, value=-1.0)
+        if cfg.eval_split == "validation":
+            ref, ref_labels = np.concatenate(vals), np.concatenate(val_labels)
+        else:
+            mask = np.isin(test.labels, group)
+            ref, ref_labels = test.images[mask], test.labels[mask]
+        tasks.append(TaskData(tuple(group), x, np.concatenate(cs), to_float(ref),
+                              ref_labels.astype(np.int32)))
+    return tasks, train.images.shape[1:]
+
+
+def _to_data_space(setup: Setup, x: np.ndarray) -> np.ndarray:
+    """Model-space samples ``[N, S, S, C]`` → [0, 1] at the dataset's size (centre crop)."""
+    x = to_unit(x, "symmetric")
+    off = (setup.shape[0] - setup.data_size) // 2
+    return x[:, off:off + setup.data_size, off:off + setup.data_size, :]
+
+
+def replay_pool(setup: Setup, params: dict, task: int, key: jax.Array) -> dict:
+    """``replay_per_class`` DDIM samples of every class of tasks ``< task``, padded to the
+    size of the largest pool of the stream (one compiled train step for all tasks)."""
+    cfg = setup.cfg
+    old = [cfg.classes.index(c) for g in setup.stream.groups[:task] for c in g]
+    cls = np.repeat(np.asarray(old, np.int32), cfg.replay_per_class)
+    x = generate(setup.model, stack(params, 1), setup.sched, key, cls, setup.shape,
+                 sampler="ddim", guidance=cfg.replay_guidance, ddim_steps=cfg.ddim_steps,
+                 clip=(-1.0, 1.0))
+    largest = cfg.replay_per_class * (len(cfg.classes) - len(setup.stream.groups[-1]))
+    pool_x = np.zeros((largest, *setup.shape), np.float32)
+    pool_c = np.zeros((largest,), np.int32)
+    pool_x[: len(cls)], pool_c[: len(cls)] = x, cls
+    return {"pool_x": jnp.asarray(pool_x), "pool_c": jnp.asarray(pool_c),
+            "pool_n": jnp.asarray(len(cls), jnp.int32)}
+
+
+def fisher_data(setup: Setup, task: TaskData, key: jax.Array) -> dict:
+    """``fisher_samples`` of the task's real training images, each with its own timestep
+    (uniform in ``fisher_t_min..fisher_t_max``) and noise."""
+    cfg = setup.cfg
+    return fisher_examples(key, task.x, task.c, cfg.fisher_samples, T=cfg.T,
+                           t_min=cfg.fisher_t_min, t_max=cfg.fisher_t_max)
+
+
+def evaluate(setup: Setup, params: dict, tasks: list[TaskData], upto: int, key: jax.Array,
+             classifier: EvalClassifier, ref_stats: list) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Samples ``eval_per_class`` images of every class of tasks ``0..upto``; per task:
+    FD-classifier against its reference images and classifier accuracy on the samples.
+
+    Returns:
+      (metrics, images in [0, 1] ``[N, H, W(, C)]``, dataset labels ``[N]``).
+    """
+    cfg = setup.cfg
+    labels = np.asarray([c for t in tasks[: upto + 1] for c in t.classes], np.int32)
+    labels = np.repeat(labels, cfg.eval_per_class)
+    cls = np.asarray([cfg.classes.index(int(c)) for c in labels], np.int32)
+    x = generate(setup.model, stack(params, 1), setup.sched, key, cls, setup.shape,
+                 sampler="ddim", guidance=cfg.eval_guidance, ddim_steps=cfg.ddim_steps,
+                 eta=cfg.eval_eta, clip=(-1.0, 1.0))
+    images = _to_data_space(setup, x)
+    feats = classifier.features(images)
+    pred = classifier.log_probs(images).argmax(-1)
+    fd, acc = [], []
+    for k in range(upto + 1):
+        sel = np.isin(labels, tasks[k].classes)
+        fd.append(frechet_distance(gaussian_stats(feats[sel]), ref_stats[k]))
+        acc.append(float(np.mean(pred[sel] == labels[sel])))
+    metrics = {"task": upto, "fd": fd, "avg_fd": float(np.mean(fd)), "accuracy": acc,
+               "avg_accuracy": float(np.mean(acc))}
+    return metrics, images[..., 0] if images.shape[-1] == 1 else images, labels

@@ -1,0 +1,227 @@
+"""What a VCL-diffusion run builds from its config (PAPERS.md §1): the U-Net, the noise
+schedule, the losses and methods (:class:`Setup`), the task stream's images, each task's
+coreset, and the evaluation of a model by the classifier uncertainty of its samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vcl_jax.config import ConfigError
+from vcl_jax.continual import chain, coreset, ewc, mle, vcl
+from vcl_jax.data import TaskStream, load, select, to_float, to_unit
+from vcl_jax.diffusion.generate import generate
+from vcl_jax.diffusion.loss import batch_loss, example_loss_at, fisher_examples
+from vcl_jax.diffusion.schedule import linear_schedule
+from vcl_jax.eval.classifier import EvalClassifier
+from vcl_jax.eval.metrics import (
+    classifier_uncertainty,
+    mean_stderr,
+    per_class_mean,
+    per_class_stderr,
+)
+from vcl_jax.models.layers import resolve_impl
+from vcl_jax.models.unet import ContextUNet, init_unet, variational_mask
+from vcl_jax.protocols.vcl_diffusion_config import (
+    VCLDiffusionConfig,
+    check_method,
+    has_ewc,
+    has_vcl,
+    members,
+)
+from vcl_jax.training.state import adam
+from vcl_jax.vi import mean_field as mf
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What a run builds from its config: model, schedule, loss and methods."""
+
+    cfg: VCLDiffusionConfig
+    model: ContextUNet  # for one set of weights: MLE, pre-training, sampling
+    sched: Any
+    shape: tuple[int, int, int]
+    draws_model: ContextUNet  # the same network for VCL's vmapped weight draws in training
+    draws_layout: str  # ``weight_draws`` resolved for this backend: "vmap" or "loop"
+
+    def init_params(self, key: jax.Array) -> dict:
+        return init_unet(self.model, key, self.shape)
+
+    def eps_fn(self, params, model: ContextUNet | None = None):
+        """The noise prediction ``(x, t, task, keep) -> ε̂`` of ``params``."""
+        model = model or self.model
+        return lambda x, t, d, keep: model.apply({"params": params}, x, t, d, keep)
+
+    def batch_loss(self, params, batch, key, *, model: ContextUNet | None = None):
+        return batch_loss(self.eps_fn(params, model), self.sched, key, batch["x"],
+                          batch["task"], p_uncond=self.cfg.p_uncond)
+
+    def example_loss(self, params, example):
+        """ε-MSE of one example at its own fixed timestep and noise (an EWC Fisher's)."""
+        return example_loss_at(self.eps_fn(params), self.sched, example)
+
+    def method(self, name: str, params: dict, coreset_size: int = 0):
+        """The method of a config name: "joint" or "mle" is MLE, "vcl" VCL, and each
+        ``ewc_*`` member an EWC penalty chained after the one that trains the model; with
+        a coreset size, a coreset (``coreset_mode``) chained last."""
+        cfg = self.cfg
+        check_method(name)
+        if has_vcl(name):
+            draws_loss = functools.partial(self.batch_loss, model=self.draws_model)
+            log_var = cfg.log_var_init if cfg.prior_rel_std is None else functools.partial(
+                mf.relative_log_var, fraction=cfg.prior_rel_std)
+            base = vcl(draws_loss, mask=self.mask(params), n_samples=cfg.train_samples,
+                       estimator=cfg.estimator, draws=self.draws_layout,
+                       kl_scale=cfg.kl_scale, prior_sigma=cfg.prior_sigma,
+                       log_var_init=log_var, weight_noise=cfg.weight_noise,
+                       pretrained_prior=cfg.vcl_pretrain_epochs > 0)
+        else:
+            base = mle(self.batch_loss)
+        rest = [ewc(None, self.example_loss, n_tasks=len(cfg.classes), lam=cfg.ewc_lambda,
+                    fisher=m.removeprefix("ewc_"), chunk=cfg.fisher_chunk)
+                for m in members(name) if m.startswith("ewc_")]
+        if coreset_size:
+            k_core = run_keys(cfg)[1]
+            example = {"x": jax.ShapeDtypeStruct(self.shape, jnp.float32),
+                       "task": jax.ShapeDtypeStruct((), jnp.int32)}
+            rest.append(coreset(
+                lambda d, ex: coreset_indices(cfg, k_core, d, ex["x"], coreset_size),
+                coreset_size, len(cfg.classes), example, mode=cfg.coreset_mode))
+        return chain(base, *rest) if rest else base
+
+    def fisher_data(self, name: str, x: np.ndarray, task: int, key: jax.Array) -> dict | None:
+        """What method ``name``'s ``end_task`` is given after ``task``: the examples of
+        its EWC Fisher (``fisher_samples`` of the task's training images ``x``), or None."""
+        if not has_ewc(name):
+            return None
+        cfg = self.cfg
+        return fisher_examples(key, x, np.full(len(x), task, np.int32), cfg.fisher_samples,
+                               T=cfg.T, t_min=cfg.fisher_t_min, t_max=cfg.fisher_t_max)
+
+    def optimizer(self, name: str, params: dict) -> optax.GradientTransformation:
+        """Adam for method ``name`` (the same for every method; its rate is set per epoch)."""
+        del name, params
+        return adam(self.cfg.learning_rate)
+
+    def mask(self, params: dict) -> dict:
+        """Which leaves VCL treats as random (in the posterior and the KL)."""
+        return variational_mask(params, norms=self.cfg.variational_norms)
+
+    def eval_draws(self, name: str) -> int:
+        return self.cfg.eval_samples if has_vcl(name) else 1
+
+    def steps_per_call(self, name: str) -> int:
+        """Train steps per jitted call of method ``name`` (``EpochRunner``'s ``unroll``).
+
+        ``cfg.unroll`` counts U-Net copies in one compiled call: VCL with looped weight
+        draws has K copies per step, so it runs the largest divisor of ``unroll`` that is
+        ≤ ``unroll // K`` steps per call, at least 1 (the compile's memory grows with the
+        copies; BENCHMARKS.md has the figures). Epochs keep ``unroll``'s step
+        count (``EpochRunner(multiple=unroll)``), so they are those of ``vmap``-ed draws.
+        """
+        u, k = self.cfg.unroll, self.cfg.train_samples
+        if not has_vcl(name) or k == 1 or not u or self.draws_layout != "loop":
+            return u
+        return max(d for d in range(1, max(u // k, 1) + 1) if u % d == 0)
+
+    def average_draws(self, name: str, override: bool | None = None) -> bool:
+        """Whether sampling averages ε over the weight draws (``override``: None keeps
+        the config's ``eval_average_draws``); only meaningful with several draws."""
+        wanted = self.cfg.eval_average_draws if override is None else override
+        return wanted and self.eval_draws(name) > 1
+
+
+def build(cfg: VCLDiffusionConfig, shape: tuple[int, int, int] = (28, 28, 1)) -> Setup:
+    cfg.validate()
+    model = ContextUNet(n_feat=cfg.n_feat, n_tasks=len(cfg.classes), channels=shape[-1],
+                        embed_dim=cfg.embed_dim, impl=resolve_impl(cfg.conv_impl, False),
+                        context=cfg.context, weight_init=cfg.weight_init)
+    layout = draws_layout(cfg.weight_draws, cfg.train_samples)
+    vmapped = cfg.train_samples > 1 and layout == "vmap"
+    draws_model = model.clone(impl=resolve_impl(cfg.conv_impl, vmapped))
+    return Setup(cfg, model, linear_schedule(cfg.T, cfg.beta_1, cfg.beta_T), shape, draws_model,
+                 layout)
+
+
+def draws_layout(weight_draws: str, k: int) -> str:
+    """``weight_draws`` with ``auto`` resolved for the backend the run is built on: the
+    loop of K plain U-Nets on a CPU when K > 1 (XLA:CPU runs batched-kernel convolutions
+    slowly), else one vmapped computation."""
+    if weight_draws != "auto":
+        return weight_draws
+    return "loop" if k > 1 and jax.default_backend() == "cpu" else "vmap"
+
+
+def run_keys(cfg: VCLDiffusionConfig) -> tuple[jax.Array, ...]:
+    """The keys of a sub-run: initialisation, coresets, training, evaluation."""
+    return tuple(jax.random.split(jax.random.key(cfg.seed), 4))
+
+
+def load_tasks(cfg: VCLDiffusionConfig) -> list[np.ndarray]:
+    """Training images of each task, float ``[N_d, H, W, C]`` in [0, 1]."""
+    train = load(cfg.dataset, "train", data_dir=cfg.data_dir, variant=cfg.data_variant)
+    stream = TaskStream.one_class_per_task(cfg.classes)
+    out = []
+    for task in stream.split(train):
+        x = to_float(task.images, cfg.pixel_range)
+        out.append(x[: cfg.max_per_task] if cfg.max_per_task else x)
+    for size in cfg.coreset_sizes:
+        for d, x in enumerate(out):
+            if size > len(x):
+                raise ConfigError(f"coreset size {size} is larger than task {d} "
+                                  f"(class {cfg.classes[d]}: {len(x)} training images)")
+    return out
+
+
+def coreset_indices(cfg: VCLDiffusionConfig, key: jax.Array, task: int, x: np.ndarray,
+                    size: int) -> np.ndarray:
+    """Task ``task``'s coreset (deterministic given the key): withheld from its training data."""
+    if not size:
+        return np.zeros((0,), np.int32)
+    return select(cfg.coreset_method, jax.random.fold_in(key, task), x, size)
+
+
+def evaluate(setup: Setup, method, trainable, task: int, key: jax.Array,
+             classifier: EvalClassifier) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Samples every class seen so far and scores them by classifier uncertainty.
+
+    Returns:
+      (metrics, images ``[N, H, W]`` in [0, 1], class labels ``[N]``).
+    """
+    cfg = setup.cfg
+    seen = np.repeat(np.arange(task + 1), cfg.eval_per_class)
+    k_draw, k_sample = jax.random.split(key)
+    draws = method.draws(trainable, k_draw, setup.eval_draws(method.name))
+    x = generate(setup.model, draws, setup.sched, k_sample, seen, setup.shape,
+                 sampler=cfg.sampler, guidance=cfg.guidance, ddim_steps=cfg.ddim_steps,
+                 eta=cfg.eval_eta, average=setup.average_draws(method.name))
+    images = to_unit(x, cfg.pixel_range)
+    labels = np.asarray(cfg.classes)[seen]
+    return score(images, labels, task, classifier), _squeeze(images), labels
+
+
+def _squeeze(images: np.ndarray) -> np.ndarray:
+    return images[..., 0] if images.shape[-1] == 1 else images
+
+
+def score(images: np.ndarray, labels: np.ndarray, task: int,
+          classifier: EvalClassifier) -> dict:
+    """Classifier uncertainty of samples ``images`` of classes ``labels`` (after ``task``)."""
+    log_probs = classifier.log_probs(images if images.ndim == 4 else images[..., None])
+    u = classifier_uncertainty(log_probs, labels)
+    per_class, se = per_class_mean(u, labels), per_class_stderr(u, labels)
+    return {"task": task, "avg_uncertainty": float(np.mean(list(per_class.values()))),
+            "avg_stderr": mean_stderr(list(se.values())),
+            "per_class": {str(k): v for k, v in per_class.items()},
+            "per_class_stderr": {str(k): v for k, v in se.items()},
+            "samples_per_class": int(len(labels) // max(len(per_class), 1)),
+            "sample_accuracy": float(np.mean(log_probs.argmax(-1) == labels))}
