@@ -194,8 +194,8 @@ def chain(first: Method, *rest: Method) -> Method:
                 return found
         return None
 
-    data_side = [m for m in methods if m.prepare is not None]
-    tuning = [m for m in methods if m.tune_data is not None]
+    data_side = any(m.prepare is not None for m in methods)
+    tuning = any(m.tune_data is not None for m in methods)
     return Method("+".join(m.name for m in methods), init_fn, begin_task_fn, loss_fn,
                   end_task_fn, owner.draws, owner.view,
                   prepare_fn if data_side else None, tune_data_fn if tuning else None)

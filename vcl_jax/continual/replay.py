@@ -71,11 +71,10 @@ def coreset(select: Select, size: int, n_tasks: int, example: dict[str, Any], *,
         return pool, data._replace(data=new, n_data=len(next(iter(own.values()))))
 
     def tune_data(pool, task):
-        if mode != "finetune":
-            return None
         return {k: v[: (task + 1) * size] for k, v in pool.items()}
 
-    return data_method(f"coreset_{mode}", init, prepare, tune_data)
+    return data_method(f"coreset_{mode}", init, prepare,
+                       tune_data if mode == "finetune" else None)
 
 
 def generative_replay(sample_pool: Callable[[Any, int], dict]) -> Method:

@@ -92,7 +92,7 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
     """
     cfg = setup.cfg
     os.makedirs(out_dir, exist_ok=True)
-    k_init, k_core, k_train, k_eval = run_keys(cfg)
+    k_init, _, k_train, k_eval = run_keys(cfg)
     params = setup.init_params(k_init)
     method = setup.method(method_name, params, coreset_size)
     opt = setup.optimizer(method_name, params)
@@ -108,8 +108,7 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
     if ckpt.latest_step() is None and has_vcl(method_name) and cfg.vcl_pretrain_epochs:
         t0 = time.perf_counter()
         # the first task without its coreset (the one the coreset member withholds)
-        x0 = tasks[0][complement(coreset_indices(cfg, k_core, 0, tasks[0], coreset_size),
-                                 len(tasks[0]))]
+        x0 = tasks[0][complement(setup.coreset_of(0, tasks[0], coreset_size), len(tasks[0]))]
         pretrained = pretrain_mle(setup, params, x0, jax.random.fold_in(k_train, 100_000),
                                   progress=progress)
         # Kept for diagnostics (`vcl_diagnostics.swap_effect`): the first prior's means.

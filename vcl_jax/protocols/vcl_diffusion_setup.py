@@ -90,13 +90,16 @@ class Setup:
                     fisher=m.removeprefix("ewc_"), chunk=cfg.fisher_chunk)
                 for m in members(name) if m.startswith("ewc_")]
         if coreset_size:
-            k_core = run_keys(cfg)[1]
             example = {"x": jax.ShapeDtypeStruct(self.shape, jnp.float32),
                        "task": jax.ShapeDtypeStruct((), jnp.int32)}
-            rest.append(coreset(
-                lambda d, ex: coreset_indices(cfg, k_core, d, ex["x"], coreset_size),
-                coreset_size, len(cfg.classes), example, mode=cfg.coreset_mode))
+            rest.append(coreset(lambda d, ex: self.coreset_of(d, ex["x"], coreset_size),
+                                coreset_size, len(cfg.classes), example, mode=cfg.coreset_mode))
         return chain(base, *rest) if rest else base
+
+    def coreset_of(self, task: int, x: np.ndarray, size: int) -> np.ndarray:
+        """The indices of task ``task``'s coreset of ``size`` among its images ``x`` (the
+        run's coreset key: the same ones every time they are asked for)."""
+        return coreset_indices(self.cfg, run_keys(self.cfg)[1], task, x, size)
 
     def fisher_data(self, name: str, x: np.ndarray, task: int, key: jax.Array) -> dict | None:
         """What method ``name``'s ``end_task`` is given after ``task``: the examples of
