@@ -30,7 +30,7 @@ install:
 # Two workers, each test file whole in one (its module fixtures run once): a clean clone's
 # default suite took 404 s this way against 552-628 s in one process (2 cores; BENCHMARKS.md).
 test:
-	$(PY) -m pytest -q -m "not slow and not classifier" -n 2 --dist loadfile
+	$(PY) -m pytest -q -m "not slow and not classifier" -n 2 --dist loadfile --durations=12
 
 test-classifiers:
 	$(PY) -m pytest -q -m classifier

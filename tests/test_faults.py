@@ -238,7 +238,9 @@ def _same_result(a: dict, b: dict, name: str = "vcl_coreset0") -> None:
     ha, hb = a["runs"][name]["history"], b["runs"][name]["history"]
     assert len(ha) == len(hb) == 2
     for x, y in zip(ha, hb, strict=True):
-        np.testing.assert_allclose(y["avg_uncertainty"], x["avg_uncertainty"], rtol=1e-5)
+        # scores pass through a 20-step sampler and the classifier, which magnify the last
+        # bits of the weights (tests/golden.py); a wrong resume moves them by far more
+        np.testing.assert_allclose(y["avg_uncertainty"], x["avg_uncertainty"], rtol=1e-3)
         np.testing.assert_allclose(y["train_final"]["loss"], x["train_final"]["loss"], rtol=1e-5)
 
 

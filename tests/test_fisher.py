@@ -258,7 +258,7 @@ def test_chain_with_a_coreset_withholds_replays_and_tunes_on_it():
     batch_loss = lambda p, b, k: jnp.mean(jax.vmap(example_loss, (None, 0))(p, b))
     example = {k: jax.ShapeDtypeStruct(v.shape[1:], v.dtype) for k, v in data.items()}
     base = vcl(batch_loss, n_samples=2, log_var_init=-4.0)
-    for mode in ("finetune", "replay"):
+    for mode in ("finetune", "finetune_each", "replay"):
         core = coreset(_select_first(3), 3, 2, example, mode=mode)
         method = chain(base, core)
         assert method.name == f"vcl+coreset_{mode}" and method.view is base.view
@@ -273,11 +273,17 @@ def test_chain_with_a_coreset_withholds_replays_and_tunes_on_it():
         if mode == "replay":  # task 1 trains on its own examples and task 0's coreset
             assert t1.n_data == 29 and method.tune_data is None  # nothing to tune on
             np.testing.assert_array_equal(t1.data["x"][26:], data["x"][:3])
-        else:  # both coresets, in task order, for the copy tuned before evaluation
+        elif mode == "finetune":  # both coresets, in task order, for the copy tuned
             assert t1.n_data == 26
             tune = method.tune_data(states, 1)
             np.testing.assert_array_equal(tune["x"], np.concatenate([data["x"][:3],
                                                                      data["x"][1:4]]))
+        else:  # one data set per task so far, each for a copy of its own
+            assert t1.n_data == 26
+            tune = method.tune_data(states, 1)
+            assert len(tune) == 2
+            np.testing.assert_array_equal(tune[0]["x"], data["x"][:3])
+            np.testing.assert_array_equal(tune[1]["x"], data["x"][1:4])
         # The coreset adds nothing to the loss: the chain's is VCL's, at the same key.
         key = jax.random.PRNGKey(4)
         q, states = method.begin_task(q, states, 1, 26)

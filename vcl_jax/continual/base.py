@@ -68,9 +68,10 @@ class Method(NamedTuple):
         replay) ``(trainable, state, task, TrainData) -> (state, TrainData)``, run on the host
         before ``begin_task``: e.g. a coreset withholds its examples from the task and
         replays earlier tasks' coresets with it.
-      tune_data: None, or ``(state, task) -> data | None``: examples (a dict like
-        ``TrainData.data``) to fine-tune a copy of the trainables on before each evaluation
-        (a coreset's ``finetune`` mode); the next task continues from the untuned ones.
+      tune_data: None, or ``(state, task) -> data | list of data | None``: examples (a
+        dict like ``TrainData.data``) to fine-tune a copy of the trainables on before each
+        evaluation (a coreset's ``finetune`` mode), or one such dict per task, each tuning a
+        copy of its own (``finetune_each``); the next task continues from the untuned ones.
     """
 
     name: str

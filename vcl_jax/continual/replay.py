@@ -9,6 +9,8 @@ task to task). Two modes:
 * ``finetune`` (the VCL paper's): before each evaluation, a copy of the trainables is tuned
   on the coresets of every task so far (:attr:`~vcl_jax.continual.Method.tune_data`); the
   next task continues from the untuned ones;
+* ``finetune_each`` (the VCL paper's multi-head split MNIST): one copy per task so far, each
+  tuned on that task's coreset alone (``tune_data`` gives a list, one data set per task);
 * ``replay``: the coresets of earlier tasks join each later task's training data.
 
 Its loss is zero, so in a chain (``chain(vcl(...), coreset(...))``) it changes only what the
@@ -29,7 +31,7 @@ import numpy as np
 from vcl_jax.continual.base import Method, TrainData, data_method
 from vcl_jax.data.coreset import complement
 
-MODES = ("finetune", "replay")
+MODES = ("finetune", "finetune_each", "replay")
 # (task, the task's examples as host arrays) -> the indices of its coreset
 Select = Callable[[int, dict], np.ndarray]
 
@@ -45,7 +47,7 @@ def coreset(select: Select, size: int, n_tasks: int, example: dict[str, Any], *,
       n_tasks: tasks in the stream (the pool's slots).
       example: the data's keys and one example's shape and dtype (e.g.
         ``{"x": ShapeDtypeStruct((28, 28, 1), float32), "task": ShapeDtypeStruct((), int32)}``).
-      mode: ``finetune`` or ``replay`` (module doc).
+      mode: ``finetune``, ``finetune_each`` or ``replay`` (module doc).
     """
     if mode not in MODES:
         raise ValueError(f"unknown coreset mode {mode!r}; accepted: {', '.join(MODES)}")
@@ -73,8 +75,12 @@ def coreset(select: Select, size: int, n_tasks: int, example: dict[str, Any], *,
     def tune_data(pool, task):
         return {k: v[: (task + 1) * size] for k, v in pool.items()}
 
-    return data_method(f"coreset_{mode}", init, prepare,
-                       tune_data if mode == "finetune" else None)
+    def tune_each(pool, task):
+        return [{k: v[i * size:(i + 1) * size] for k, v in pool.items()}
+                for i in range(task + 1)]
+
+    tune = {"finetune": tune_data, "finetune_each": tune_each}.get(mode)
+    return data_method(f"coreset_{mode}", init, prepare, tune)
 
 
 def generative_replay(sample_pool: Callable[[Any, int], dict]) -> Method:

@@ -56,7 +56,7 @@ from vcl_jax.protocols.rank1_ewc_setup import (  # noqa: F401 - the experiment's
 )
 from vcl_jax.run_lock import RunLock
 from vcl_jax.training.epoch import EpochRunner
-from vcl_jax.training.sequence import Schedule, run_sequence
+from vcl_jax.training.sequence import Schedule, epoch_trainer, fold_keys, run_sequence
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step
 
 
@@ -96,9 +96,10 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClas
         return metrics, {"images": images, "labels": labels}
 
     record = run_sequence(
-        method, state, runner, ckpt, len(tasks), prepare=prepare, evaluate=evaluate_task,
-        schedule=Schedule(cfg.epochs, cfg.learning_rate, cfg.lr_decay), key=k_train, name=name,
-        where="rank1_ewc", out_dir=out_dir, progress=progress,
+        method, state, len(tasks), prepare=prepare, evaluate=evaluate_task,
+        train=epoch_trainer(runner, Schedule(cfg.epochs, cfg.learning_rate, cfg.lr_decay),
+                            where="rank1_ewc", progress=progress),
+        task_keys=fold_keys(k_train), ckpt=ckpt, out_dir=out_dir, name=name, progress=progress,
         describe=lambda m: (f"avg FD-classifier {m['avg_fd']:.3f}, sample accuracy "
                             f"{m['avg_accuracy']:.3f}, "))
     record["forgetting"] = forgetting(record["history"])

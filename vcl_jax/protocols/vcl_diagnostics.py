@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from vcl_jax.config import ConfigError
 from vcl_jax.data import to_unit
 from vcl_jax.diffusion.generate import generate
 from vcl_jax.eval.classifier import get_classifier
@@ -52,7 +53,7 @@ def drift(run_dir: str, task: int, method: str | None = None) -> list[dict]:
       the values before the task, ``change`` the RMS of the change.
     """
     if task < 1:
-        raise ValueError("drift needs task ≥ 1 (it compares with the checkpoint before)")
+        raise ConfigError("drift needs task ≥ 1 (it compares with the checkpoint before)")
     after = load_checkpoint(run_dir, task=task, method=method)
     before = load_checkpoint(run_dir, task=task - 1, method=method)
     mask = traverse_util.flatten_dict(after.setup.mask(_point(after)))
@@ -84,7 +85,8 @@ def spread(run_dir: str, task: int, method: str | None = None) -> list[dict]:
     loaded = load_checkpoint(run_dir, task=task, method=method)
     q = loaded.restored["eval"]
     if not isinstance(q, mf.MeanField):
-        raise ValueError(f"{loaded.run} has no posterior (spread is for VCL runs)")
+        raise ConfigError(f"{loaded.run} has no posterior (spread is for VCL runs): choose one "
+                          f"with --method, e.g. vcl_coreset0")
     mask = traverse_util.flatten_dict(loaded.setup.mask(q.mean))
     mean, log_var = (traverse_util.flatten_dict(t) for t in (q.mean, q.log_var))
     groups: dict[str, list] = {}
@@ -119,7 +121,7 @@ def noise_effect(run_dir: str, task: int, digit: int, log_vars: list[float], *, 
     cfg, setup = loaded.cfg, loaded.setup
     seen = list(cfg.classes[: loaded.task + 1])
     if digit not in seen:
-        raise ValueError(f"digit {digit} not learned by task {loaded.task}; seen: {seen}")
+        raise ConfigError(f"digit {digit} not learned by task {loaded.task}; seen: {seen}")
     point = _point(loaded)
     mask = setup.mask(point)
     clf = get_classifier(cfg.dataset, data_dir=cfg.data_dir, variant=cfg.data_variant,
@@ -203,10 +205,10 @@ def swap_effect(run_dir: str, task: int, digit: int, swaps: list[tuple[str, ...]
     cfg, setup = loaded.cfg, loaded.setup
     seen = list(cfg.classes[: loaded.task + 1])
     if digit not in seen:
-        raise ValueError(f"digit {digit} not learned by task {loaded.task}; seen: {seen}")
+        raise ConfigError(f"digit {digit} not learned by task {loaded.task}; seen: {seen}")
     bad = [g for sw in swaps for g in sw if g not in (*GROUPS, "all")]
     if bad:
-        raise ValueError(f"unknown parameter group(s) {bad}; accepted: {', '.join(GROUPS)}, all")
+        raise ConfigError(f"unknown parameter group(s) {bad}; accepted: {', '.join(GROUPS)}, all")
     if source is None:
         ref, ref_name = pretrained_params(run_dir, loaded), "the MLE pre-training"
     else:

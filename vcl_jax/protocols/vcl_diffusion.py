@@ -9,6 +9,7 @@ methods, evaluation) is in :mod:`vcl_jax.protocols.vcl_diffusion_setup`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -42,7 +43,14 @@ from vcl_jax.protocols.vcl_diffusion_setup import (  # noqa: F401 - the experime
 )
 from vcl_jax.run_lock import RunLock
 from vcl_jax.training.epoch import EpochRunner
-from vcl_jax.training.sequence import Schedule, new_record, run_sequence, upgrade_record
+from vcl_jax.training.sequence import (
+    Schedule,
+    epoch_trainer,
+    fold_keys,
+    new_record,
+    run_sequence,
+    upgrade_record,
+)
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step, train_epochs
 
 
@@ -133,12 +141,13 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
                                            jax.random.fold_in(k_eval, d), classifier)
         return metrics, {"images": images, "labels": labels}
 
+    train = functools.partial(epoch_trainer, runner, where="vcl_diffusion", progress=progress)
     return run_sequence(
-        method, state, runner, ckpt, len(tasks), prepare=prepare, evaluate=evaluate_task,
-        schedule=Schedule(cfg.epochs, cfg.learning_rate, cfg.lr_decay),
-        tune_schedule=Schedule(cfg.coreset_epochs, cfg.learning_rate, cfg.lr_decay),
-        keep_evaluated=True, key=k_train, name=name, where="vcl_diffusion", out_dir=out_dir,
-        record=record, progress=progress,
+        method, state, len(tasks), prepare=prepare, evaluate=evaluate_task,
+        train=train(Schedule(cfg.epochs, cfg.learning_rate, cfg.lr_decay)),
+        tune=train(Schedule(cfg.coreset_epochs, cfg.learning_rate, cfg.lr_decay)),
+        task_keys=fold_keys(k_train), ckpt=ckpt, out_dir=out_dir, keep_evaluated=True,
+        name=name, record=record, progress=progress,
         describe=lambda m: f"avg uncertainty {m['avg_uncertainty']:.4f} nats, ")
 
 

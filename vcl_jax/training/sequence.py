@@ -2,10 +2,12 @@
 
 :func:`run_sequence` trains one method over a stream of tasks. It resumes after the last
 task whose checkpoint exists; for each further task it prepares the task's data, begins the
-task, trains its epochs, ends it (the method's consolidation), optionally tunes a copy for
+task, trains it, ends it (the method's consolidation), optionally tunes a copy for
 evaluation (the method's ``tune_data``: a coreset), evaluates, and checkpoints the training
-state with the run's record. What differs between experiments — a task's data, what
-``end_task`` is given, how a model is evaluated — comes in as functions, and what differs
+state with the run's record. What differs between experiments — a task's data, how a task is
+trained (:func:`epoch_trainer`: epochs of minibatches with the optimizer carried on, or the
+experiment's own), what ``end_task`` is given, how a model is evaluated, how each task's keys
+are derived — comes in as functions, and what differs
 between methods (coresets, replay) is the method's; the loop has no experiment's branches.
 
 The record it returns (and keeps in every checkpoint's metadata) is
@@ -86,21 +88,46 @@ def task_train_seconds(record: dict) -> list[float]:
     return [sum(v) for v in zip(*per, strict=True)]
 
 
+# (state, task's data, key, label) -> (state, metrics of each epoch); ``label`` names the
+# task in progress bars and errors (e.g. "vcl_coreset0 task 2/10")
+TrainFn = Callable[[TrainState, TrainData, jax.Array, str], tuple[TrainState, list[dict]]]
+
+
+def epoch_trainer(runner: EpochRunner, schedule: Schedule, *, where: str,
+                  progress: bool = True) -> TrainFn:
+    """The usual :data:`TrainFn`: ``schedule``'s epochs of ``runner`` over the task's data
+    (its ``shared`` arrays in every batch), with the optimizer state carried on; a
+    divergence is reported as ``"<where> <label>, epoch e/E: ..."``."""
+
+    def train(state, task, key, label):
+        return train_epochs(runner, state, task.data, key, epochs=schedule.epochs,
+                            learning_rate=schedule.learning_rate, decay=schedule.decay,
+                            desc=label, progress=progress, shared=task.shared,
+                            where=f"{where} {label}")
+
+    return train
+
+
+def fold_keys(key: jax.Array) -> Callable[[int], tuple[jax.Array, jax.Array]]:
+    """The default keys of task d: training ``fold_in(key, d)``, fine-tuning
+    ``fold_in(fold_in(key, d), 10_000)``."""
+    return lambda d: (jax.random.fold_in(key, d),
+                      jax.random.fold_in(jax.random.fold_in(key, d), 10_000))
+
+
 def run_sequence(
     method: Method,
     state: TrainState,
-    runner: EpochRunner,
-    ckpt: Checkpoints,
     n_tasks: int,
     *,
     prepare: Callable[[int, TrainState], TrainData],
+    train: TrainFn,
     evaluate: Callable[[int, Any], tuple[dict, dict | None]],
-    schedule: Schedule,
-    key: jax.Array,
+    task_keys: Callable[[int], tuple[jax.Array, jax.Array]],
     name: str,
-    where: str,
-    out_dir: str,
-    tune_schedule: Schedule | None = None,
+    ckpt: Checkpoints | None = None,
+    out_dir: str | None = None,
+    tune: TrainFn | None = None,
     keep_evaluated: bool = False,
     describe: Callable[[dict], str] = lambda m: "",
     record: dict | None = None,
@@ -112,15 +139,18 @@ def run_sequence(
       prepare: ``(task, state) -> TrainData``, the task's data (the state at its start, e.g.
         to generate a replay pool from), which a data-side method then rewrites
         (``Method.prepare``: a coreset withholds its examples).
-      evaluate: ``(task, trainable) -> (metrics, samples)``: the metrics recorded after the
+      train: trains the task (:func:`epoch_trainer`, or the experiment's own).
+      evaluate: ``(task, evaluated) -> (metrics, samples)``: the metrics recorded after the
         task, and arrays saved as ``samples_task<d>.npz`` in ``out_dir`` (or None).
-      schedule: the epochs and learning rate of each task.
-      key: task d trains with ``fold_in(key, d)``.
-      name: the run's name in progress bars and messages; ``where`` prefixes divergence
-        errors (e.g. the experiment's name).
-      tune_schedule: the epochs and learning rate of the fine-tuning on a method's
-        ``tune_data`` (a copy is tuned and evaluated; the next task continues from the
-        trained state). Required when the method has ``tune_data``.
+        ``evaluated`` is the trained variables, or those of the tuned copy (a list of them,
+        one per task, when the method's ``tune_data`` gives one data set per task).
+      task_keys: ``task -> (training key, fine-tuning key)`` (:func:`fold_keys`).
+      name: the run's name in progress bars and messages.
+      ckpt: the run's checkpoints (None: none written, nothing resumed).
+      out_dir: where samples are saved (required when ``evaluate`` returns any).
+      tune: trains the copy that is fine-tuned on a method's ``tune_data`` (a coreset) and
+        evaluated; the next task continues from the trained state. Required when the method
+        has ``tune_data``.
       keep_evaluated: the checkpoint also holds the evaluated trainables as ``"eval"``
         beside the training state ``"train"`` (for re-scoring and diagnostics).
       describe: ``metrics -> str`` for the line printed after each task.
@@ -130,20 +160,20 @@ def run_sequence(
     Returns:
       The record (see the module doc).
     """
-    if method.tune_data is not None and tune_schedule is None:
+    if method.tune_data is not None and tune is None:
         raise ValueError(f"{name}: method {method.name} fine-tunes before evaluation "
-                         f"(tune_data) but no tune_schedule was given")
-    os.makedirs(out_dir, exist_ok=True)
+                         f"(tune_data) but no tune was given")
     like = {"train": state, "eval": state.trainable} if keep_evaluated else {"train": state}
     record = record or new_record()
     start = 0
-    if ckpt.latest_step() is not None:
+    if ckpt is not None and ckpt.latest_step() is not None:
         restored, meta = ckpt.restore(ckpt.latest_step(), like)
         state, start = restored["train"], ckpt.latest_step() + 1
         record = upgrade_record(meta["record"])
 
     for d in range(start, n_tasks):
-        desc = f"{name} task {d + 1}/{n_tasks}"
+        label = f"{name} task {d + 1}/{n_tasks}"
+        k_train, k_tune = task_keys(d)
         clock = _Clock(record)
         task = prepare(d, state)
         if method.prepare is not None:
@@ -153,44 +183,47 @@ def run_sequence(
         trainable, mstate = method.begin_task(state.trainable, state.method_state, d,
                                               task.n_data)
         state = state._replace(trainable=trainable, method_state=mstate)
-        state, hist = train_epochs(runner, state, task.data, jax.random.fold_in(key, d),
-                                   epochs=schedule.epochs, learning_rate=schedule.learning_rate,
-                                   decay=schedule.decay, desc=desc, progress=progress,
-                                   shared=task.shared, where=f"{where} {desc}")
+        state, hist = train(state, task, k_train, label)
         clock.lap("train", state.trainable)
         state = state._replace(method_state=method.end_task(state.trainable, state.method_state,
                                                             d, task.end))
         clock.lap("end", state.method_state)
         core = method.tune_data(state.method_state, d) if method.tune_data else None
-        evaluated = state.trainable if core is None else _tuned(
-            method, state, runner, core, d, jax.random.fold_in(jax.random.fold_in(key, d), 10_000),
-            tune_schedule, desc=f"{name} task {d + 1} coreset", progress=progress,
-            where=f"{where} {name} task {d + 1}, coreset fine-tuning")
+        label = f"{name} task {d + 1}, coreset fine-tuning"
+        if core is None:
+            evaluated = state.trainable
+        elif isinstance(core, list):  # one copy per task, each tuned on its own data
+            evaluated = [_tuned(method, state, tune, c, d, jax.random.fold_in(k_tune, i),
+                                f"{label} ({i + 1}/{len(core)})") for i, c in enumerate(core)]
+        else:
+            evaluated = _tuned(method, state, tune, core, d, k_tune, label)
         clock.lap("tune", evaluated)
         metrics, samples = evaluate(d, evaluated)
         clock.lap("eval")
         if samples is not None:
+            os.makedirs(out_dir, exist_ok=True)
             np.savez_compressed(os.path.join(out_dir, f"samples_task{d}.npz"), **samples)
         metrics["train_final"] = hist[-1]
         record["history"].append(metrics)
-        saved = {"train": state, "eval": evaluated} if keep_evaluated else {"train": state}
-        ckpt.save(d, saved, {"task": d, "record": record})
+        if ckpt is not None:
+            saved = {"train": state, "eval": evaluated} if keep_evaluated else {"train": state}
+            ckpt.save(d, saved, {"task": d, "record": record})
         if progress:
             print(f"[{name}] task {d + 1}: {describe(metrics)}loss {hist[-1]['loss']:.4f}",
                   flush=True)
-    ckpt.close()
+    if ckpt is not None:
+        ckpt.close()
     return record
 
 
-def _tuned(method: Method, state: TrainState, runner: EpochRunner, data: Any, task: int,
-           key: jax.Array, schedule: Schedule, **kw) -> Any:
+def _tuned(method: Method, state: TrainState, tune: TrainFn, data: Any, task: int,
+           key: jax.Array, label: str) -> Any:
     """The trainables of a copy of ``state`` tuned on ``data`` as one more pass of task
-    ``task`` (``begin_task`` with the data's size, then ``schedule``'s epochs)."""
+    ``task`` (``begin_task`` with the data's size, then ``tune``)."""
     n = int(jax.tree.leaves(data)[0].shape[0])
     trainable, mstate = method.begin_task(state.trainable, state.method_state, task, n)
     tuned = jax.tree.map(jnp.copy, TrainState(trainable, state.opt_state, mstate))
-    tuned, _ = train_epochs(runner, tuned, data, key, epochs=schedule.epochs,
-                            learning_rate=schedule.learning_rate, decay=schedule.decay, **kw)
+    tuned, _ = tune(tuned, TrainData(data, n), key, label)
     return tuned.trainable
 
 

@@ -1,0 +1,209 @@
+"""What a split-MNIST run builds: the tasks' data, the multi-head MLP's methods (MLE, EWC, VCL,
+VCL with a coreset) and their trainers (all epochs of a task in one jitted scan, a fresh Adam
+per task, as the original code). :mod:`vcl_jax.protocols.split_mnist` runs them."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from vcl_jax.continual import Method, chain, coreset, ewc, mle, vcl
+from vcl_jax.data import TaskStream, load, select, to_float
+from vcl_jax.models import bayes_mlp, mlp
+from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig
+from vcl_jax.training.epoch import epoch_indices, scan_steps
+from vcl_jax.training.state import TrainState, make_train_step
+from vcl_jax.vi import mean_field as mf
+
+PyTree = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+    """One task, flattened: ``x: [N, 784]`` float32 in [0, 1], ``y: [N]`` labels within the task."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def _flat(images: np.ndarray) -> np.ndarray:
+    return to_float(images).reshape(len(images), -1)
+
+
+def load_tasks(cfg: SplitMNISTConfig) -> list[TaskData]:
+    """The task stream's train/test subsets, capped as the config says."""
+    train = load(cfg.dataset, "train", data_dir=cfg.data_dir, variant=cfg.data_variant)
+    test = load(cfg.dataset, "test", data_dir=cfg.data_dir, variant=cfg.data_variant)
+    stream = TaskStream.from_groups(cfg.groups)
+    rng = np.random.default_rng(cfg.seed)  # caps take a random subset (mnist-5k is sorted)
+    tasks = []
+    for tr, te in zip(stream.split(train), stream.split(test), strict=True):
+        keep = np.sort(rng.permutation(len(tr))[:cfg.max_per_task])
+        x, y = _flat(tr.images[keep]), tr.local_labels[keep]
+        keep = np.sort(rng.permutation(len(te))[:cfg.max_test_per_task])
+        xt, yt = _flat(te.images[keep]), te.local_labels[keep]
+        if cfg.validation_fraction:  # evaluate on held-out training images, never the test split
+            perm = rng.permutation(len(y))
+            n_val = max(1, int(round(cfg.validation_fraction * len(y))))
+            val, fit = np.sort(perm[:n_val]), np.sort(perm[n_val:])
+            x, y, xt, yt = x[fit], y[fit], x[val], y[val]
+        tasks.append(TaskData(x, y, xt, yt))
+    return tasks
+
+
+def task_batch(x: np.ndarray, y: np.ndarray, head: int, size: int | None = None) -> dict:
+    """One task's examples as a batch; ``size`` pads it to that many with weight-0 rows.
+
+    Every loss is a ``w``-weighted mean, so a padded batch trains exactly on its real
+    examples, and the tasks (whose sizes differ) share one compiled full-batch trainer.
+    """
+    n = len(y)
+    batch = {"x": jnp.asarray(x), "y": jnp.asarray(y, jnp.int32),
+             "head": jnp.full((n,), head, jnp.int32), "w": jnp.ones((n,), jnp.float32)}
+    return batch if size is None else pad_batch(batch, size)
+
+
+def pad_batch(batch: dict, size: int) -> dict:
+    """``batch`` padded to ``size`` rows of weight 0 (zeros, in the batch's head)."""
+    n = int(batch["y"].shape[0])
+    if size < n:
+        raise ValueError(f"cannot pad {n} examples to {size}")
+    pad = size - n
+    return {"x": jnp.pad(batch["x"], ((0, pad), (0, 0))), "y": jnp.pad(batch["y"], (0, pad)),
+            "head": jnp.pad(batch["head"], (0, pad), mode="edge"),
+            "w": jnp.pad(batch["w"], (0, pad))}
+
+
+class Trainer:
+    """All epochs of a task in one jitted call, with a fresh Adam per call (the original code).
+
+    One ``lax.scan`` over epochs; an epoch is one full-batch step, or a scan over
+    shuffled minibatches when ``batch_size`` is smaller than the data.
+    """
+
+    def __init__(self, method: Method, *, learning_rate: float, epochs: int,
+                 batch_size: int | None):
+        self.opt = optax.adam(learning_rate)
+        step = make_train_step(method, self.opt)
+
+        def train(state, data, key):
+            n = data["y"].shape[0]
+
+            def epoch(state, e):
+                k = jax.random.fold_in(key, e)
+                if batch_size is None or batch_size >= n:
+                    return step(state, data, k)
+                kp, ks = jax.random.split(k)
+                state, m = scan_steps(step, state, data, epoch_indices(kp, n, batch_size), ks)
+                return state, jax.tree.map(jnp.mean, m)
+
+            return jax.lax.scan(epoch, state, jnp.arange(epochs))
+
+        self._train = jax.jit(train)
+
+    def __call__(self, trainable: PyTree, method_state: PyTree, data: dict,
+                 key: jax.Array) -> tuple[PyTree, dict]:
+        """Returns the trained variables and per-epoch metrics ``{name: [epochs]}``."""
+        state = TrainState(trainable, self.opt.init(trainable), method_state)
+        state, metrics = self._train(state, data, key)
+        return state.trainable, metrics
+
+
+class Runner:
+    """The methods of one config and their trainers, built once so that the runs of a
+    comparison reuse the jitted steps."""
+
+    def __init__(self, cfg: SplitMNISTConfig):
+        self.cfg = cfg
+        self.k_init, self._k_tasks = jax.random.split(jax.random.PRNGKey(cfg.seed))
+
+        def mle_loss(params, batch, key):
+            del key
+            nll = mlp.nll(mlp.apply(params, batch["x"], batch["head"]), batch["y"])
+            return jnp.sum(nll * batch["w"]) / jnp.sum(batch["w"])
+
+        def expected_loss(estimator):
+            return lambda q, batch, key: bayes_mlp.expected_nll(
+                q, batch["x"], batch["y"], batch["head"], key, estimator=estimator,
+                n_samples=cfg.train_samples, weight=batch["w"])
+
+        def example_loss(params, ex):
+            return mlp.nll(mlp.apply(params, ex["x"][None], ex["head"][None]), ex["y"][None])[0]
+
+        self.mle = mle(mle_loss)
+        # The MLP's diagonal Fisher in closed form: the per-example gradients' squares
+        # summed by matmuls (the same numbers as vmapped per-example gradients, without
+        # materialising one gradient per example).
+        fisher = jax.jit(lambda p, d: mlp.diag_fisher(p, d["x"], d["y"], d["head"]))
+        self.ewc = ewc(mle_loss, example_loss, n_tasks=len(cfg.groups), lam=cfg.ewc_lambda,
+                       diag_fn=fisher)
+        vcl_kw = dict(n_samples=cfg.train_samples, kl_scale=cfg.kl_scale,
+                      prior_sigma=cfg.prior_sigma, log_var_init=cfg.log_var_init)
+        self.vcl = vcl(None, **vcl_kw, expected_loss=expected_loss(cfg.estimator))
+        # the coreset fine-tuning's VCL: the same objective with its own estimator
+        self.vcl_tune = self.vcl if cfg.tune_estimator == cfg.estimator else vcl(
+            None, **vcl_kw, expected_loss=expected_loss(cfg.tune_estimator))
+        self.fit_mle = self.trainer(self.mle)
+        self._runs: dict = {}
+        self.predict = jax.jit(bayes_mlp.predict_proba, static_argnames=("n_samples",))
+        self.predict_mle = jax.jit(lambda p, x, head: jax.nn.softmax(mlp.apply(p, x, head)))
+
+    def trainer(self, method: Method) -> Trainer:
+        cfg = self.cfg
+        return Trainer(method, learning_rate=cfg.learning_rate, epochs=cfg.epochs,
+                       batch_size=cfg.batch_size)
+
+    def task_keys(self, task: int) -> jax.Array:
+        """Task ``task``'s keys: coreset, MLE pre-fit, training, new head, tuning, evaluation."""
+        return jax.random.split(jax.random.fold_in(self._k_tasks, task), 6)
+
+    def pick(self, kind: str, task: int, x: np.ndarray) -> np.ndarray:
+        """The indices of task ``task``'s coreset among its images ``x``."""
+        return select(kind, self.task_keys(task)[0], x, self.cfg.coreset_size)
+
+    def run(self, name: str, dim: int) -> tuple[Method, Trainer, Trainer | None]:
+        """Run ``name``'s method, its trainer and its coreset fine-tuning trainer (or None):
+        VCL with a coreset is ``chain(vcl, coreset)``, each task's coreset tuning a copy of
+        its own (``finetune_each``, the original's multi-head protocol)."""
+        if name not in self._runs:
+            kind = self.cfg.coreset_method(name)
+            if name == "mle":
+                method, tune = self.mle, None
+            elif name == "ewc":
+                method, tune = self.ewc, None
+            elif kind and self.cfg.coreset_size:
+                example = {"x": jax.ShapeDtypeStruct((dim,), jnp.float32),
+                           "y": jax.ShapeDtypeStruct((), jnp.int32),
+                           "head": jax.ShapeDtypeStruct((), jnp.int32),
+                           "w": jax.ShapeDtypeStruct((), jnp.float32)}
+                core = coreset(lambda t, ex: self.pick(kind, t, ex["x"]), self.cfg.coreset_size,
+                               len(self.cfg.groups), example, mode="finetune_each")
+                method, tune = chain(self.vcl, core), chain(self.vcl_tune, core)
+            else:
+                method, tune = self.vcl, None
+            fit = self.fit_mle if method is self.mle else self.trainer(method)
+            self._runs[name] = (method, fit, tune and self.trainer(tune))
+        return self._runs[name]
+
+    def new_head(self, key: jax.Array, q: mf.MeanField, head: int) -> mf.MeanField:
+        cfg = self.cfg
+        kw, kb = jax.random.split(key)
+        d, o = q.mean["heads"]["w"].shape[1:]
+        mean = {"w": mlp.truncated_normal(kw, (d, o), cfg.head_init_std),
+                "b": mlp.truncated_normal(kb, (o,), cfg.head_init_std)}
+        return bayes_mlp.reset_head(q, head, mean, cfg.log_var_init)
+
+    def unseen_heads_at_prior(self, q: mf.MeanField) -> mf.MeanField:
+        """Heads of later tasks equal their prior N(0, σ₀²), so they add nothing to the KL."""
+        d, o = q.mean["heads"]["w"].shape[1:]
+        zero = {"w": jnp.zeros((d, o)), "b": jnp.zeros((o,))}
+        for h in range(1, q.mean["heads"]["w"].shape[0]):
+            q = bayes_mlp.reset_head(q, h, zero, 2.0 * float(np.log(self.cfg.prior_sigma)))
+        return q
