@@ -134,7 +134,7 @@ def run_one(runner: Runner, name: str, tasks: list[TaskData], *,
     rec = run_sequence(
         method, TrainState(trainable, (), mstate), len(tasks), prepare=prepare,
         train=train_task, tune=train_tune, evaluate=evaluate, name=name,
-        task_keys=lambda t: (runner.task_keys(t)[2], runner.task_keys(t)[4]), record=rec,
+        task_keys=lambda t: tuple(runner.task_keys(t)[jnp.array([2, 4])]), record=rec,
         progress=progress, describe=lambda m: f"average accuracy {m['average']:.4f}, ")
     sec = rec["seconds"]
     times = {"train_s": sec["pretrain"] + sec["prepare"] + sec["train"] + sec["end"],

@@ -141,11 +141,11 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
                                            jax.random.fold_in(k_eval, d), classifier)
         return metrics, {"images": images, "labels": labels}
 
-    train = functools.partial(epoch_trainer, runner, where="vcl_diffusion", progress=progress)
+    trainer = functools.partial(epoch_trainer, runner, where="vcl_diffusion", progress=progress)
     return run_sequence(
         method, state, len(tasks), prepare=prepare, evaluate=evaluate_task,
-        train=train(Schedule(cfg.epochs, cfg.learning_rate, cfg.lr_decay)),
-        tune=train(Schedule(cfg.coreset_epochs, cfg.learning_rate, cfg.lr_decay)),
+        train=trainer(Schedule(cfg.epochs, cfg.learning_rate, cfg.lr_decay)),
+        tune=trainer(Schedule(cfg.coreset_epochs, cfg.learning_rate, cfg.lr_decay)),
         task_keys=fold_keys(k_train), ckpt=ckpt, out_dir=out_dir, keep_evaluated=True,
         name=name, record=record, progress=progress,
         describe=lambda m: f"avg uncertainty {m['avg_uncertainty']:.4f} nats, ")
