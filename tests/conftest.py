@@ -11,6 +11,13 @@ import pytest
 from vcl_jax.data import idx, sources
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Most of the suite's time is XLA compiling programs that then run a few steps: LLVM's first
+# optimisation level instead of the default third compiles them in about half the time and
+# gave the same numbers bit for bit where compared (BENCHMARKS.md; the golden files were
+# recorded at the default). Set before JAX starts its backend; subprocesses inherit it.
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                               + " --xla_backend_optimization_level=1").strip()
 # Identical programs (the same train step in several sub-runs or subprocesses) compile once.
 _JIT_CACHE = os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "vcl_jax", "jit"))
@@ -56,7 +63,14 @@ def shared_data():
 @pytest.fixture(scope="session")
 def session_cache(tmp_path_factory) -> str:
     """A classifier cache for the whole test session, apart from the user's: classifiers are
-    keyed by their training data and config, so modules training the same one share it."""
+    keyed by their training data and config, so modules training the same one share it.
+    Parallel workers (pytest-xdist) share one: the cache's lock lets one of them train a
+    classifier while the others wait for it."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # base is <session>/popen-gwN
+        folder = base.parent / "classifier-cache"
+        folder.mkdir(exist_ok=True)
+        return str(folder)
     return str(tmp_path_factory.mktemp("cache"))
 
 

@@ -52,4 +52,33 @@ def test_cached_classifier_is_keyed_by_training_data(tmp_path, isolated_data):
     b = get_classifier("mnist", data_dir=str(tmp_path / "b"), cache=cache, epochs=1,
                        progress=False)
     assert a.info["fingerprint"] != b.info["fingerprint"]
-    assert len(os.listdir(os.path.join(cache, "classifiers"))) == 2
+    root = os.path.join(cache, "classifiers")
+    assert sorted(e for e in os.listdir(root) if os.path.isdir(os.path.join(root, e))) == sorted(
+        f"mnist-{c.info['fingerprint']}" for c in (a, b))
+
+
+def test_a_classifier_being_trained_elsewhere_is_waited_for_and_reloaded(tmp_path,
+                                                                          isolated_data):
+    # Another process holding the entry's lock (here: this thread, through its own open file,
+    # which flock treats like another process) makes get_classifier wait, then reload.
+    import fcntl
+    import threading
+
+    from conftest import write_mnist_like
+
+    write_mnist_like(str(tmp_path / "mnist"), n_train=30)
+    cache = str(tmp_path / "cache")
+    first = get_classifier("mnist", data_dir=str(tmp_path), cache=cache, epochs=1,
+                           progress=False)
+    folder = os.path.join(cache, "classifiers", f"mnist-{first.info['fingerprint']}")
+    got = {}
+    with open(folder + ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        waiter = threading.Thread(target=lambda: got.update(clf=get_classifier(
+            "mnist", data_dir=str(tmp_path), cache=cache, epochs=1, progress=False)))
+        waiter.start()
+        waiter.join(timeout=2.0)
+        assert waiter.is_alive() and not got  # still waiting for the lock
+        fcntl.flock(held, fcntl.LOCK_UN)
+    waiter.join(timeout=60)
+    assert got["clf"].info == first.info

@@ -233,3 +233,20 @@ def test_pytorch_init_is_uniform_within_one_over_root_fan_in():
     assert np.abs(paper).max() <= np.sqrt(15 / (3 * 3 * 16))
     with pytest.raises(ValueError, match="unknown init"):
         kernel_init("xavier")
+
+
+@pytest.mark.slow  # ~25 s: the reference compile at XLA's default optimisation
+def test_unet_init_compiled_for_speed_gives_the_default_compile_s_numbers():
+    from vcl_jax.models.unet import init_unet
+
+    model = ContextUNet(n_feat=4, n_tasks=3, embed_dim=4, context="film", weight_init="pytorch")
+    x, t, task, keep = jnp.zeros((2, 28, 28, 1)), jnp.ones((2,)), jnp.zeros((2,), jnp.int32), \
+        jnp.ones((2,), bool)
+    key = jax.random.key(3)
+    # XLA's default optimisation, named: the test suite itself compiles at level 1 (conftest)
+    full = jax.jit(lambda k: model.init(k, x, t, task, keep)["params"]).lower(key).compile(
+        compiler_options={"xla_backend_optimization_level": 3})(key)
+    quick = init_unet(model, key, (28, 28, 1))
+    assert jax.tree.structure(quick) == jax.tree.structure(full)
+    for a, b in zip(jax.tree.leaves(quick), jax.tree.leaves(full), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -140,8 +140,8 @@ print("RESULT" + json.dumps(out))
 
 
 def test_two_devices_match_one():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-               JAX_PLATFORMS="cpu")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
+        os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip())
     proc = subprocess.run([sys.executable, "-c", _TWO_DEVICES], capture_output=True, text=True,
                           env=env, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -166,3 +166,39 @@ def test_records_written_before_the_task_loop_resume_with_every_phase():
     rec = upgrade_record(old_rank1)
     assert rec["seconds"]["replay"] == 1.0 and rec["seconds"]["prepare"] == 0.0
     assert all(rec["task_seconds"][p] == [] for p in PHASES)
+
+
+def test_the_task_loop_trains_each_task_by_index_and_resumes_after_the_last_checkpoint(
+        tmp_path):
+    from vcl_jax.checkpoint import Checkpoints
+    from vcl_jax.continual import TrainData
+    from vcl_jax.training.sequence import Schedule, epoch_trainer, fold_keys, run_sequence
+
+    data, batch_loss, params = _linear_problem()
+    method, opt = mle(batch_loss), adam(0.05)
+    runner = EpochRunner(make_train_step(method, opt), 8, 0)
+    usual = epoch_trainer(runner, Schedule(2, 0.05, False), where="test", progress=False)
+    seen = []
+
+    def train(state, task_data, key, task, label):
+        seen.append((task, label))
+        return usual(state, task_data, key, task, label)
+
+    def run(n_tasks, ckpt):
+        trainable, mstate = method.init(jax.tree.map(jnp.copy, params))
+        return run_sequence(
+            method, TrainState(trainable, opt.init(trainable), mstate), n_tasks,
+            prepare=lambda d, state: TrainData(data, 40), train=train,
+            evaluate=lambda d, p: ({"w0": float(p["w"][0])}, None),
+            task_keys=fold_keys(jax.random.key(1)), name="toy", ckpt=ckpt, progress=False)
+
+    first = run(2, Checkpoints(str(tmp_path / "c"), {"toy": 1}))
+    assert seen == [(0, "toy task 1/2"), (1, "toy task 2/2")]
+    assert [len(first["task_seconds"][p]) for p in ("train", "eval")] == [2, 2]
+    seen.clear()
+    more = run(3, Checkpoints(str(tmp_path / "c"), {"toy": 1}))  # tasks 0, 1 are done
+    assert seen == [(2, "toy task 3/3")]
+    assert more["history"][:2] == first["history"] and len(more["history"]) == 3
+    uninterrupted = run(3, None)
+    np.testing.assert_allclose(more["history"][2]["w0"], uninterrupted["history"][2]["w0"],
+                               rtol=1e-6)

@@ -3,12 +3,16 @@
 The classifier is trained once per (dataset, training data, config) and cached
 under ``$VCL_JAX_CACHE_DIR`` (default ``~/.cache/vcl_jax``) as an Orbax
 checkpoint; later calls reload it. The cache key includes a hash of the training
-images, so ``mnist-5k`` and full MNIST never share a classifier.
+images, so ``mnist-5k`` and full MNIST never share a classifier. Processes sharing a
+cache (two experiments started together, parallel test workers) take a file lock per
+entry: one trains, the others wait and reload its result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -204,19 +208,49 @@ def get_classifier(
     fp = _fingerprint(train, config)
     folder = os.path.join(cache or cache_dir(), "classifiers", f"{dataset}-{fp}")
     model = _model(int(train.labels.max()) + 1, config)
-    ckpt = checkpoint.Checkpoints(folder, dataclasses.asdict(config))
-    if ckpt.latest_step() is not None:
-        like = jax.eval_shape(model.init, jax.random.key(0),
-                              jnp.zeros((1,) + train.images.shape[1:]))  # a template only
-        params, meta = ckpt.restore(ckpt.latest_step(), like)
+    with _entry_lock(folder, progress):
+        ckpt = checkpoint.Checkpoints(folder, dataclasses.asdict(config))
+        if ckpt.latest_step() is not None:
+            like = jax.eval_shape(model.init, jax.random.key(0),
+                                  jnp.zeros((1,) + train.images.shape[1:]))  # a template only
+            params, meta = ckpt.restore(ckpt.latest_step(), like)
+            ckpt.close()
+            return EvalClassifier(params, model, meta["info"])
         ckpt.close()
-        return EvalClassifier(params, model, meta["info"])
+        return _train_and_cache(train, model, config, fp, folder, dataset, data_dir=data_dir,
+                                variant=variant, progress=progress)
+
+
+@contextlib.contextmanager
+def _entry_lock(folder: str, progress: bool):
+    """Holds an exclusive lock on ``folder``'s cache entry (``<folder>.lock``) for the block;
+    a process that finds it held waits (saying so) for the holder to finish."""
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    with open(folder + ".lock", "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if progress:
+                print(f"waiting for another process training the classifier in {folder}",
+                      flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _train_and_cache(train: Dataset, model: Classifier, config: ClassifierConfig, fp: str,
+                     folder: str, dataset: str, *, data_dir: str | None, variant: str | None,
+                     progress: bool) -> EvalClassifier:
+    """Trains the classifier, scores it on the test split and saves it in ``folder``."""
     params, model, losses = train_classifier(train, config, progress=progress)
     test = load(dataset, "test", data_dir=data_dir, variant=variant)
     clf = EvalClassifier(params, model, {})
     acc = clf.accuracy(to_float(test.images), test.labels)
     info = {"dataset": dataset, "fingerprint": fp, "n_train": len(train), "train_source":
             train.source, "test_accuracy": acc, "final_train_loss": losses[-1]}
+    ckpt = checkpoint.Checkpoints(folder, dataclasses.asdict(config))
     ckpt.save(0, params, {"info": info})
     ckpt.close()
     return EvalClassifier(params, model, info)

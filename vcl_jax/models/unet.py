@@ -206,8 +206,19 @@ class ContextUNet(nn.Module):
 def init_unet(model: ContextUNet, key: jax.Array, shape: tuple[int, int, int]) -> dict:
     """``model``'s params for images of ``shape`` (H, W, C), initialised in one compiled
     call (the same numbers as an eager ``model.init``, which compiles every initializer
-    separately: ~20 s of a first run on a 2-core CPU)."""
-    return _init_fn(model, tuple(shape))(key)
+    separately). The call runs once per run, so it is compiled with the backend's light
+    optimisation (:data:`QUICK_COMPILE`): the same numbers, bit for bit, in a fraction of
+    the compile time (BENCHMARKS.md). Under a transformation (``jax.eval_shape``, ``jit``)
+    it is traced as usual."""
+    init = _init_fn(model, tuple(shape))
+    if isinstance(key, jax.core.Tracer):
+        return init(key)
+    return _compiled_init(init, key.shape, key.dtype)(key)
+
+
+# XLA options of programs that run once, where compile time outweighs run time: LLVM at
+# its first optimisation level (XLA's default is 3).
+QUICK_COMPILE = {"xla_backend_optimization_level": 1}
 
 
 @functools.lru_cache(maxsize=16)
@@ -219,6 +230,12 @@ def _init_fn(model: ContextUNet, shape: tuple[int, int, int]):
                           jnp.zeros((n,), jnp.int32), jnp.ones((n,), bool))["params"]
 
     return jax.jit(init)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled_init(init, key_shape: tuple, key_dtype) -> jax.stages.Compiled:
+    key = jax.ShapeDtypeStruct(key_shape, key_dtype)
+    return init.lower(key).compile(compiler_options=QUICK_COMPILE)
 
 
 def unet_flops(n_feat: int, size: int = 28, channels: int = 1) -> float:

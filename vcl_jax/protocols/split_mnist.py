@@ -51,8 +51,9 @@ def _trained(fit: Trainer, where: str):
     original code's), full-batch tasks padded to ``size`` rows; ``before`` changes the
     trainables first (VCL: a new head)."""
 
-    def train(state, task, key, label, *, size=None, before=None):
-        data = task.data if size is None else pad_batch(task.data, size)
+    def train(state, task_data, key, task, label, *, size=None, before=None):
+        del task
+        data = task_data.data if size is None else pad_batch(task_data.data, size)
         trainable = state.trainable if before is None else before(state.trainable)
         trainable, metrics = fit(trainable, state.method_state, data, key)
         jax.block_until_ready(metrics)
@@ -112,12 +113,11 @@ def run_one(runner: Runner, name: str, tasks: list[TaskData], *,
 
     train, train_tune = _trained(fit, "split_mnist"), tune and _trained(tune, "split_mnist")
 
-    def train_task(state, task, key, label):
-        t = int(task.data["head"][0])
+    def train_task(state, data, key, t, label):
         new_head = None
         if is_vcl and t > 0:  # a fresh head for the new task
             new_head = functools.partial(runner.new_head, runner.task_keys(t)[3], head=t)
-        return train(state, task, key, label, size=size, before=new_head)
+        return train(state, data, key, t, label, size=size, before=new_head)
 
     def evaluate(t, evaluated):
         k_eval, row = runner.task_keys(t)[5], []

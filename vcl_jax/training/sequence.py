@@ -88,9 +88,10 @@ def task_train_seconds(record: dict) -> list[float]:
     return [sum(v) for v in zip(*per, strict=True)]
 
 
-# (state, task's data, key, label) -> (state, metrics of each epoch); ``label`` names the
-# task in progress bars and errors (e.g. "vcl_coreset0 task 2/10")
-TrainFn = Callable[[TrainState, TrainData, jax.Array, str], tuple[TrainState, list[dict]]]
+# (state, task's data, key, task index, label) -> (state, metrics of each epoch); ``label``
+# names the task in progress bars and errors (e.g. "vcl_coreset0 task 2/10")
+TrainFn = Callable[[TrainState, TrainData, jax.Array, int, str],
+                   tuple[TrainState, list[dict]]]
 
 
 def epoch_trainer(runner: EpochRunner, schedule: Schedule, *, where: str,
@@ -99,10 +100,11 @@ def epoch_trainer(runner: EpochRunner, schedule: Schedule, *, where: str,
     (its ``shared`` arrays in every batch), with the optimizer state carried on; a
     divergence is reported as ``"<where> <label>, epoch e/E: ..."``."""
 
-    def train(state, task, key, label):
-        return train_epochs(runner, state, task.data, key, epochs=schedule.epochs,
+    def train(state, data, key, task, label):
+        del task
+        return train_epochs(runner, state, data.data, key, epochs=schedule.epochs,
                             learning_rate=schedule.learning_rate, decay=schedule.decay,
-                            desc=label, progress=progress, shared=task.shared,
+                            desc=label, progress=progress, shared=data.shared,
                             where=f"{where} {label}")
 
     return train
@@ -183,7 +185,7 @@ def run_sequence(
         trainable, mstate = method.begin_task(state.trainable, state.method_state, d,
                                               task.n_data)
         state = state._replace(trainable=trainable, method_state=mstate)
-        state, hist = train(state, task, k_train, label)
+        state, hist = train(state, task, k_train, d, label)
         clock.lap("train", state.trainable)
         state = state._replace(method_state=method.end_task(state.trainable, state.method_state,
                                                             d, task.end))
@@ -223,7 +225,7 @@ def _tuned(method: Method, state: TrainState, tune: TrainFn, data: Any, task: in
     n = int(jax.tree.leaves(data)[0].shape[0])
     trainable, mstate = method.begin_task(state.trainable, state.method_state, task, n)
     tuned = jax.tree.map(jnp.copy, TrainState(trainable, state.opt_state, mstate))
-    tuned, _ = tune(tuned, TrainData(data, n), key, label)
+    tuned, _ = tune(tuned, TrainData(data, n), key, task, label)
     return tuned.trainable
 
 
