@@ -7,7 +7,7 @@ import os
 import pytest
 
 from vcl_jax.cli import experiment_main
-from vcl_jax.config import ConfigError
+from vcl_jax.config import ConfigError, describe, field_sections, override
 from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 
 
@@ -39,3 +39,62 @@ def test_unknown_override_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="unknown config key 'epochz'"):
         experiment_main(["--run-dir", str(tmp_path), "epochz=3"], doc="", name="x",
                         presets=PRESETS, run=run)
+
+
+def test_show_config_prints_every_field_by_section_and_runs_nothing(tmp_path, capsys):
+    seen, run = _capture(tmp_path)
+    experiment_main(["--show-config", "--preset", "cpu", "model.n_feat=32", "seed=3"], doc="",
+                    name="x", presets=PRESETS, run=run)
+    out = capsys.readouterr().out
+    assert not seen  # nothing ran
+    assert "[model]\n  n_feat = 32\n" in out and "[run]\n  seed = 3" in out
+
+
+@pytest.mark.parametrize("module", ["vcl_diffusion_config", "rank1_ewc_config",
+                                    "split_mnist_config"])
+def test_every_preset_reads_back_from_its_printed_config(module):
+    """Every field has one section, and `describe` writes each value as an override that
+    parses back to it: the printed config of a run is a command line that repeats it."""
+    import dataclasses
+    import importlib
+
+    presets = importlib.import_module(f"vcl_jax.protocols.{module}").PRESETS
+    for cfg in presets.values():
+        where = field_sections(type(cfg))
+        assert sorted(where) == sorted(f.name for f in dataclasses.fields(cfg))
+        lines = [line.strip() for line in describe(cfg).splitlines() if "=" in line]
+        section = {}
+        for line in describe(cfg).splitlines():
+            if line.startswith("["):
+                current = line.strip("[]")
+            else:
+                section[line.split("=")[0].strip()] = current
+        assert section == where
+        blank = dataclasses.replace(cfg, **{f.name: f.default for f in dataclasses.fields(cfg)})
+        restored = override(blank, [f"{where[k]}.{k}={v}" for k, v in
+                                    (line.split(" = ", 1) for line in lines)])
+        assert restored == cfg
+
+
+def test_dotted_overrides_name_the_right_section():
+    cfg = override(PRESETS["cpu"], ["model.n_feat=32", "vcl.kl_scale=0.5", "epochs=2"])
+    assert (cfg.n_feat, cfg.kl_scale, cfg.epochs) == (32, 0.5, 2)
+    with pytest.raises(ConfigError, match="seed is in section 'run', not 'model'"):
+        override(PRESETS["cpu"], ["model.seed=1"])
+    with pytest.raises(ConfigError, match="unknown config section 'modle'"):
+        override(PRESETS["cpu"], ["modle.n_feat=1"])
+    with pytest.raises(ConfigError, match="unknown config key 'n_fet'"):
+        override(PRESETS["cpu"], ["model.n_fet=1"])
+
+
+def test_a_task_grouping_is_given_as_slash_joined_classes():
+    from vcl_jax.protocols.split_mnist_config import PRESETS as SPLIT
+
+    cfg = override(SPLIT["smoke"], ["data.groups=0/1,2/3,4/5"]).validate()
+    assert cfg.groups == ((0, 1), (2, 3), (4, 5))
+    with pytest.raises(ConfigError, match=r"every class must be in 0\.\.9"):
+        override(SPLIT["smoke"], ["groups=0/1,2/12"]).validate()
+    with pytest.raises(ConfigError, match="names a class twice"):
+        override(SPLIT["smoke"], ["groups=0/1,1/2"]).validate()
+    with pytest.raises(ConfigError, match="classes names a class twice"):
+        override(PRESETS["cpu"], ["classes=0,1,0"]).validate()

@@ -25,7 +25,8 @@ _value = st.one_of(
     _number.map(str),
     st.sampled_from(["none", "None", "", "true", "no", "paper", "grouped", "vmap", "ddim",
                      "shared", "random", "0,1", "1,1", "0,,2", "(0,1),(2,3)", "9,10,11",
-                     "mle,vcl", "rank1+distill", "naive,bogus", "-3,4"]),
+                     "mle,vcl", "rank1+distill", "naive,bogus", "-3,4", "0/1,2/3", "0/1/,/",
+                     "1/1"]),
     st.lists(_number.map(str), min_size=0, max_size=4).map(",".join),
     st.text(max_size=8),
 )
@@ -33,7 +34,8 @@ _value = st.one_of(
 
 def _key(cfg) -> st.SearchStrategy[str]:
     names = [f.name for f in dataclasses.fields(cfg)]
-    return st.one_of(st.sampled_from(names), st.sampled_from(["epochz", "model.n_feat", ""]))
+    return st.one_of(st.sampled_from(names), st.sampled_from(["epochz", "model.n_feat", "", "data.classes", "data.groups",
+                                     "run.seed", "model.seed", "x.y.z", "."]))
 
 
 def _vcl_build(cfg):

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 
 from vcl_jax.checkpoint import CheckpointError, ConfigMismatchError
-from vcl_jax.config import ConfigError, override, preset
+from vcl_jax.config import ConfigError, describe, override, preset
 from vcl_jax.data.errors import DataError
 from vcl_jax.interrupt import Terminated, on_signal, stop_if_requested
 from vcl_jax.run_lock import RunLockedError
@@ -49,7 +49,8 @@ def command(main: Callable[[], object]) -> int:
 
 def experiment_main(argv: list[str] | None, *, doc: str, name: str, presets: dict,
                     run: Callable[..., dict]) -> dict:
-    """Parses ``--preset --run-dir --data-dir --quiet key=value…``, runs, prints the summary.
+    """Parses ``--preset --run-dir --data-dir --quiet --show-config key=value…``, runs, prints
+    the summary (with ``--show-config``: prints the config and returns ``{}``).
 
     Args:
       argv: command-line arguments (None: ``sys.argv``).
@@ -64,12 +65,18 @@ def experiment_main(argv: list[str] | None, *, doc: str, name: str, presets: dic
     parser.add_argument("--run-dir", default=None, help=f"default: runs/{name}_<preset>")
     parser.add_argument("--data-dir", default=None, help="folder with local dataset files")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
-    parser.add_argument("overrides", nargs="*", help="config overrides, key=value")
+    parser.add_argument("--show-config", action="store_true",
+                        help="print the config, by section, and exit without running")
+    parser.add_argument("overrides", nargs="*",
+                        help="config overrides, key=value or section.key=value")
     # Intermixed: overrides may stand before, between or after the options.
     args = parser.parse_intermixed_args(argv)
     cfg = override(preset(presets, args.preset), args.overrides)
     if args.data_dir:
         cfg = override(cfg, [f"data_dir={args.data_dir}"])
+    if args.show_config:
+        print(describe(cfg.validate()))
+        return {}
     run_dir = args.run_dir or os.path.join("runs", f"{name}_{args.preset}")
     metrics = run(cfg, run_dir, progress=not args.quiet)
     with open(os.path.join(run_dir, "summary.md")) as f:

@@ -2,7 +2,13 @@
 
 Overrides come from the command line as ``key=value`` strings and are parsed
 by the type of the field they replace (ints, floats, bools, strings, tuples
-as comma-separated lists, ``none`` for optional fields).
+as comma-separated lists, tuples of tuples as comma-separated groups of
+``/``-separated items such as ``groups=0/1,2/3``, ``none`` for optional fields).
+
+A config class groups its fields into sections (``SECTIONS``, a class variable
+mapping a section of :data:`SECTION_ORDER` to its fields), so a key may also be
+written with its section, ``model.n_feat=32``; :func:`describe` prints a config
+by section.
 """
 
 from __future__ import annotations
@@ -17,6 +23,77 @@ C = TypeVar("C")
 
 class ConfigError(ValueError):
     """An unknown preset, key, or impossible setting."""
+
+
+# The sections of every experiment's config, in the order they are shown: where the data
+# and tasks come from, the network, the noise process, the optimiser, which methods run,
+# each method's own settings, the evaluation, and the run itself.
+SECTION_ORDER = ("data", "model", "diffusion", "optim", "methods", "vcl", "ewc", "coreset",
+                 "replay", "eval", "run")
+
+
+def field_sections(cls: type) -> dict[str, str]:
+    """Each field of the config class ``cls`` → its section (from ``cls.SECTIONS``).
+
+    Raises:
+      TypeError: ``cls`` has no ``SECTIONS``, or they do not name each field exactly once
+        (a mistake in the config class, not in its user's settings).
+    """
+    table = getattr(cls, "SECTIONS", None)
+    if table is None:
+        raise TypeError(f"{cls.__name__} declares no SECTIONS")
+    where: dict[str, str] = {}
+    for section, names in table.items():
+        if section not in SECTION_ORDER:
+            raise TypeError(f"{cls.__name__}.SECTIONS: unknown section {section!r}")
+        for name in names:
+            if name in where:
+                raise TypeError(f"{cls.__name__}.SECTIONS names {name!r} twice")
+            where[name] = section
+    fields = [f.name for f in dataclasses.fields(cls)]
+    if set(where) != set(fields):
+        raise TypeError(f"{cls.__name__}.SECTIONS: fields without a section "
+                        f"{sorted(set(fields) - set(where))}, names that are no field "
+                        f"{sorted(set(where) - set(fields))}")
+    return where
+
+
+def describe(cfg: Any) -> str:
+    """``cfg`` as text, one ``[section]`` heading per section and ``key = value`` lines."""
+    where = field_sections(type(cfg))
+    lines = []
+    for section in SECTION_ORDER:
+        names = [f.name for f in dataclasses.fields(cfg) if where[f.name] == section]
+        if names:
+            lines.append(f"[{section}]")
+            lines += [f"  {name} = {_show(getattr(cfg, name))}" for name in names]
+    return "\n".join(lines)
+
+
+def _show(value: Any) -> str:
+    """A value as an override would write it (``none``, comma lists, ``/`` groups)."""
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return ",".join("/".join(map(str, v)) if isinstance(v, tuple) else str(v) for v in value)
+    return str(value)
+
+
+def _field_name(cls: type, key: str) -> str:
+    """The field an override's key names: ``n_feat`` or ``model.n_feat``."""
+    if "." not in key:
+        return key
+    section, name = key.split(".", 1)
+    if not hasattr(cls, "SECTIONS"):
+        raise ConfigError(f"{key!r}: {cls.__name__} has no sections; write the key alone")
+    where = field_sections(cls)
+    if section not in SECTION_ORDER:
+        raise ConfigError(f"unknown config section {section!r} in {key!r}; known: "
+                          f"{', '.join(s for s in SECTION_ORDER if s in where.values())}")
+    if name in where and where[name] != section:
+        raise ConfigError(f"{key!r}: {name} is in section {where[name]!r}, not {section!r} "
+                          f"(write {where[name]}.{name}, or {name})")
+    return name
 
 
 def to_dict(cfg: Any) -> dict:
@@ -45,15 +122,19 @@ def from_dict(cls: type[C], raw: dict, added: dict | None = None,
 _ELEMENT = object()  # the `current` of a tuple's element: "none" is not an element
 
 
-def _parse(raw: str, current: Any, hint: Any, key: str) -> Any:
+def _parse(raw: str, current: Any, hint: Any, key: str, seps: str = ",/") -> Any:
+    """``raw`` as a value of type ``hint``; a tuple's items are split on ``seps[0]``, the
+    items of a tuple inside it on ``seps[1]``."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if raw.lower() == "none" and (current is None or type(None) in args):
         return None
     if origin is tuple or isinstance(current, tuple):
+        if not seps:
+            raise ConfigError(f"{key}={raw!r}: tuples nest at most two deep")
         elem = args[0] if args else (type(current[0]) if current else str)
-        items = [s for s in raw.split(",") if s.strip()]
-        return tuple(_parse(s.strip(), _ELEMENT, elem, key) for s in items)
+        items = [s for s in raw.split(seps[0]) if s.strip()]
+        return tuple(_parse(s.strip(), _ELEMENT, elem, key, seps[1:]) for s in items)
     if type(None) in args:  # Optional[X]
         hint = next(a for a in args if a is not type(None))
     target = hint if isinstance(hint, type) else type(current)
@@ -70,7 +151,7 @@ def _parse(raw: str, current: Any, hint: Any, key: str) -> Any:
 
 
 def override(cfg: C, overrides: list[str] | None) -> C:
-    """Returns ``cfg`` with ``key=value`` overrides applied.
+    """Returns ``cfg`` with ``key=value`` overrides applied (``key`` or ``section.key``).
 
     Raises:
       ConfigError: a malformed override, an unknown key, or a value of the wrong type.
@@ -84,7 +165,7 @@ def override(cfg: C, overrides: list[str] | None) -> C:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
-        key = key.strip()
+        key = _field_name(type(cfg), key.strip())
         if key not in fields:
             raise ConfigError(f"unknown config key {key!r}; known: {', '.join(sorted(fields))}")
         changes[key] = _parse(raw.strip(), getattr(cfg, key), hints[key], key)
@@ -115,6 +196,17 @@ def preset(presets: dict[str, C], name: str) -> C:
     if name not in presets:
         raise ConfigError(f"unknown preset {name!r}; accepted: {', '.join(presets)}")
     return presets[name]
+
+
+def class_checks(what: str, classes: tuple[int, ...], n_classes: int | None
+                 ) -> list[tuple[bool, str]]:
+    """The checks of a task list's classes: each a label of the dataset (0..n_classes−1,
+    when the dataset is known) and none named twice."""
+    return [
+        (n_classes is None or all(0 <= c < n_classes for c in classes),
+         f"{what}: every class must be in 0..{(n_classes or 1) - 1}, got {classes}"),
+        (len(set(classes)) == len(classes), f"{what} names a class twice: {classes}"),
+    ]
 
 
 def diffusion_checks(cfg: Any) -> list[tuple[bool, str]]:

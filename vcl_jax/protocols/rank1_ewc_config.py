@@ -8,9 +8,11 @@ mode: ``naive``, ``replay``, ``distill``, ``diag``, ``rank1``, ``rank1_unit`` (c
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
-from vcl_jax.config import ConfigError, check_choice, checks, diffusion_checks
+from vcl_jax.config import ConfigError, check_choice, checks, class_checks, diffusion_checks
 from vcl_jax.data import variants
+from vcl_jax.data.sources import NUM_CLASSES
 from vcl_jax.models.layers import CONV_IMPLS
 
 PENALTIES = ("diag", "rank1", "rank1_unit")
@@ -100,6 +102,22 @@ class Rank1EWCConfig:
     classifier_epochs: int | None = None
     seed: int = 0
 
+    # Each field's section (vcl_jax.config): overrides may name it, `model.n_feat=32`.
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "data": ("dataset", "data_dir", "data_variant", "classes", "max_per_class",
+                 "validation_per_class", "image_size"),
+        "model": ("n_feat", "embed_dim", "conv_impl"),
+        "diffusion": ("T", "beta_1", "beta_T", "p_uncond"),
+        "optim": ("epochs", "batch_size", "learning_rate", "lr_decay", "unroll"),
+        "methods": ("methods",),
+        "ewc": ("ewc_lambda", "fisher_samples", "fisher_t_min", "fisher_t_max", "fisher_chunk"),
+        "replay": ("replay_per_class", "replay_batch", "replay_guidance", "ddim_steps",
+                   "distill_weight"),
+        "eval": ("eval_split", "eval_per_class", "eval_guidance", "eval_eta",
+                 "classifier_epochs"),
+        "run": ("seed",),
+    }
+
     def validate(self) -> Rank1EWCConfig:
         for m in self.methods:
             parse_method(m)
@@ -114,6 +132,7 @@ class Rank1EWCConfig:
             (len(self.classes) >= 2 and len(self.classes) % 2 == 0,
              f"classes must be an even number ≥ 2 (consecutive pairs are tasks), "
              f"got {self.classes}"),
+            *class_checks("classes", self.classes, NUM_CLASSES.get(self.dataset)),
             (self.image_size % 4 == 0, f"image_size must be divisible by 4, got {self.image_size}"),
             (self.epochs >= 1, f"epochs must be ≥ 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be ≥ 1, got {self.batch_size}"),

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
-from vcl_jax.config import check_choice, checks
+from vcl_jax.config import check_choice, checks, class_checks
 from vcl_jax.data import variants
 from vcl_jax.data.coreset import METHODS as CORESET_METHODS
+from vcl_jax.data.sources import NUM_CLASSES
 from vcl_jax.models.bayes_mlp import ESTIMATORS
 
 # A run is a method with an optional coreset: "vcl_random" = VCL + random coreset.
@@ -53,6 +55,20 @@ class SplitMNISTConfig:
     ewc_lambda: float = 1e4  # a 10% validation split could not separate 1e2..1e6 (BENCHMARKS.md)
     seed: int = 0
 
+    # Each field's section (vcl_jax.config): overrides may name it, `model.n_feat=32`.
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "data": ("dataset", "data_dir", "data_variant", "groups", "max_per_task",
+                 "max_test_per_task", "validation_fraction"),
+        "model": ("hidden", "head_init_std"),
+        "optim": ("epochs", "batch_size", "learning_rate"),
+        "methods": ("runs",),
+        "vcl": ("train_samples", "test_samples", "estimator", "tune_estimator", "log_var_init",
+                "prior_sigma", "kl_scale"),
+        "ewc": ("ewc_lambda",),
+        "coreset": ("coreset_size",),
+        "run": ("seed",),
+    }
+
     def validate(self) -> SplitMNISTConfig:
         check_choice("run(s)", self.runs, RUNS)
         check_choice("data_variant", self.data_variant, variants(self.dataset))
@@ -64,6 +80,8 @@ class SplitMNISTConfig:
              f"every task needs ≥ 2 classes for a classifier head, got {self.groups}"),
             (len({len(g) for g in self.groups}) == 1,
              f"every task needs the same number of classes (one head size), got {self.groups}"),
+            *class_checks("groups", tuple(c for g in self.groups for c in g),
+                          NUM_CLASSES.get(self.dataset)),
             (self.epochs >= 1, f"epochs must be ≥ 1, got {self.epochs}"),
             (self.batch_size is None or self.batch_size >= 1,
              f"batch_size must be ≥ 1 or none (full batch), got {self.batch_size}"),

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
-from vcl_jax.config import check_choice, checks, diffusion_checks
+from vcl_jax.config import check_choice, checks, class_checks, diffusion_checks
 from vcl_jax.continual.variational import DRAWS, ESTIMATORS
 from vcl_jax.data import variants
 from vcl_jax.data.coreset import METHODS as CORESET_METHODS
 from vcl_jax.data.preprocess import RANGES
+from vcl_jax.data.sources import NUM_CLASSES
 from vcl_jax.diffusion.generate import SAMPLERS
 from vcl_jax.models.layers import CONV_IMPLS, INITS
 from vcl_jax.models.unet import CONTEXTS
@@ -143,6 +145,24 @@ class VCLDiffusionConfig:
     # reproducibility
     seed: int = 0
 
+    # Each field's section (vcl_jax.config): overrides may name it, `model.n_feat=32`.
+    SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "data": ("dataset", "data_dir", "data_variant", "classes", "max_per_task",
+                 "pixel_range"),
+        "model": ("n_feat", "embed_dim", "context", "weight_init", "conv_impl"),
+        "diffusion": ("T", "beta_1", "beta_T", "p_uncond"),
+        "optim": ("epochs", "batch_size", "learning_rate", "lr_decay", "unroll"),
+        "methods": ("methods", "coreset_sizes"),
+        "vcl": ("train_samples", "estimator", "weight_draws", "eval_samples",
+                "eval_average_draws", "log_var_init", "prior_rel_std", "weight_noise",
+                "prior_sigma", "kl_scale", "variational_norms", "vcl_pretrain_epochs"),
+        "ewc": ("ewc_lambda", "fisher_samples", "fisher_t_min", "fisher_t_max", "fisher_chunk"),
+        "coreset": ("coreset_method", "coreset_mode", "coreset_epochs"),
+        "eval": ("classifier_epochs", "eval_per_class", "guidance", "sampler", "ddim_steps",
+                 "eval_eta"),
+        "run": ("seed",),
+    }
+
     def validate(self) -> VCLDiffusionConfig:
         checks([(len(self.methods) > 0, "methods must name at least one method")])
         for method in self.methods:
@@ -176,6 +196,7 @@ class VCLDiffusionConfig:
              f"prior_rel_std must be > 0 or none, got {self.prior_rel_std}"),
             (0 <= self.p_uncond < 1, f"p_uncond must be in [0, 1), got {self.p_uncond}"),
             (len(self.classes) >= 1, "classes must name at least one class"),
+            *class_checks("classes", self.classes, NUM_CLASSES.get(self.dataset)),
             (self.unroll >= 0, f"unroll must be ≥ 0, got {self.unroll}"),
             (self.vcl_pretrain_epochs >= 0,
              f"vcl_pretrain_epochs must be ≥ 0, got {self.vcl_pretrain_epochs}"),
