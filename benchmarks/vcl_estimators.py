@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from vcl_jax.config import override
-from vcl_jax.protocols import vcl_diffusion
+from vcl_jax.protocols import vcl_diffusion, vcl_diffusion_mle
 from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 from vcl_jax.training.epoch import EpochRunner
 from vcl_jax.training.state import TrainState, adam, make_train_step
@@ -76,7 +76,7 @@ def gradient_variance(n_feat: int, batch: int, k: int, estimators: list[str], dr
     setup = _setup(n_feat, batch, k, "paper", ["classes=0",
                                                f"vcl_pretrain_epochs={pretrain_epochs}"])
     x_all = vcl_diffusion.load_tasks(setup.cfg)[0]
-    params = vcl_diffusion.pretrain_mle(setup, setup.init_params(jax.random.key(0)), x_all,
+    params = vcl_diffusion_mle.pretrain_mle(setup, setup.init_params(jax.random.key(0)), x_all,
                                         jax.random.key(1), progress=False)
     data = {"x": jnp.asarray(x_all[:batch]), "task": jnp.zeros(batch, jnp.int32)}
     out = {}

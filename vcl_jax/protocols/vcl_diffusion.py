@@ -4,7 +4,9 @@
 task stream, evaluates after every task, checkpoints after every task, resumes
 from the last finished task, and writes the comparison (metrics, plots, grids,
 summary) to ``run_dir``. What a run builds from its config (model, losses,
-methods, evaluation) is in :mod:`vcl_jax.protocols.vcl_diffusion_setup`.
+methods, evaluation) is in :mod:`vcl_jax.protocols.vcl_diffusion_setup`; the MLE
+trainings outside the task loop (VCL's pre-training, the joint reference) in
+:mod:`vcl_jax.protocols.vcl_diffusion_mle`.
 """
 
 from __future__ import annotations
@@ -15,21 +17,17 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from vcl_jax import checkpoint
 from vcl_jax.config import to_dict
-from vcl_jax.continual import TrainData, mle
+from vcl_jax.continual import TrainData
 from vcl_jax.data import complement, identity, record
 from vcl_jax.eval.classifier import EvalClassifier, get_classifier
-from vcl_jax.protocols.vcl_diffusion_config import (
-    ADDED_FIELDS,
-    SPEED_ONLY,
+from vcl_jax.protocols import vcl_diffusion_mle as mle_runs
+from vcl_jax.protocols.vcl_diffusion_config import (  # noqa: F401 - the experiment's API
     VCLDiffusionConfig,
     has_vcl,
-    sub_run_config,
-    unrecorded_format,
+    open_checkpoints,
 )
 from vcl_jax.protocols.vcl_diffusion_setup import (  # noqa: F401 - the experiment's API
     Setup,
@@ -40,53 +38,16 @@ from vcl_jax.protocols.vcl_diffusion_setup import (  # noqa: F401 - the experime
     load_tasks,
     run_keys,
     score,
+    task_data,
 )
 from vcl_jax.run_lock import RunLock
 from vcl_jax.training.epoch import EpochRunner
-from vcl_jax.training.sequence import (
-    Schedule,
-    epoch_trainer,
-    fold_keys,
-    new_record,
-    run_sequence,
-    upgrade_record,
-)
-from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step, train_epochs
+from vcl_jax.training.sequence import Schedule, epoch_trainer, fold_keys, new_record, run_sequence
+from vcl_jax.training.state import TrainState, data_sharding, make_train_step
 
 
 def run_name(method: str, coreset: int) -> str:
     return "joint" if method == "joint" else f"{method}_coreset{coreset}"
-
-
-def open_checkpoints(folder: str, cfg: VCLDiffusionConfig, method: str,
-                     coreset_size: int, data: dict | None = None) -> checkpoint.Checkpoints:
-    """The checkpoints of one sub-run, refusing a folder written with another config or
-    (``data``, see :class:`~vcl_jax.checkpoint.Checkpoints`) other data."""
-    return checkpoint.Checkpoints(folder, sub_run_config(cfg, method, coreset_size),
-                                  ignore=SPEED_ONLY, data=data,
-                                  added=dict(ADDED_FIELDS, format=unrecorded_format(coreset_size)))
-
-
-def _task_data(xs: list[np.ndarray], task_ids: list[int]) -> dict:
-    x = np.concatenate(xs)
-    t = np.concatenate([np.full(len(a), d, np.int32) for a, d in zip(xs, task_ids, strict=True)])
-    return {"x": jnp.asarray(x), "task": jnp.asarray(t)}
-
-
-def pretrain_mle(setup: Setup, params: dict, x: np.ndarray, key: jax.Array, *,
-                 progress: bool) -> dict:
-    """MLE on the first task's data; the result becomes VCL's first prior means."""
-    cfg = setup.cfg
-    method = mle(setup.batch_loss)
-    opt = adam(cfg.learning_rate)
-    trainable, mstate = method.init(params)
-    state = TrainState(trainable, opt.init(trainable), mstate)
-    runner = EpochRunner(make_train_step(method, opt, data_sharding()), cfg.batch_size, cfg.unroll)
-    state, _ = train_epochs(runner, state, _task_data([x], [0]), key,
-                            epochs=cfg.vcl_pretrain_epochs, learning_rate=cfg.learning_rate,
-                            decay=cfg.lr_decay, desc="vcl MLE pre-training", progress=progress,
-                            where="vcl_diffusion vcl, MLE pre-training on task 1")
-    return state.trainable
 
 
 def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.ndarray],
@@ -117,8 +78,9 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
         t0 = time.perf_counter()
         # the first task without its coreset (the one the coreset member withholds)
         x0 = tasks[0][complement(setup.coreset_of(0, tasks[0], coreset_size), len(tasks[0]))]
-        pretrained = pretrain_mle(setup, params, x0, jax.random.fold_in(k_train, 100_000),
-                                  progress=progress)
+        pretrained = mle_runs.pretrain_mle(setup, params, x0,
+                                           jax.random.fold_in(k_train, 100_000),
+                                           progress=progress)
         # Kept for diagnostics (`vcl_diagnostics.swap_effect`): the first prior's means.
         pre = open_checkpoints(os.path.join(out_dir, "pretrained"), cfg, method_name,
                                coreset_size, data_id)
@@ -134,7 +96,7 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
         del state
         fisher = setup.fisher_data(method_name, tasks[d], d,
                                    jax.random.fold_in(k_train, 200_000 + d))
-        return TrainData(_task_data([tasks[d]], [d]), len(tasks[d]), end=fisher)
+        return TrainData(task_data([tasks[d]], [d]), len(tasks[d]), end=fisher)
 
     def evaluate_task(d, trainable):
         metrics, images, labels = evaluate(setup, method, trainable, d,
@@ -149,55 +111,6 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
         task_keys=fold_keys(k_train), ckpt=ckpt, out_dir=out_dir, keep_evaluated=True,
         name=name, record=record, progress=progress,
         describe=lambda m: f"avg uncertainty {m['avg_uncertainty']:.4f} nats, ")
-
-
-def run_joint(setup: Setup, tasks: list[np.ndarray], classifier: EvalClassifier,
-              out_dir: str, *, progress: bool = True, data_id: dict | None = None) -> dict:
-    """The paper's Figure 7 reference: one MLE model trained on every task's data at once
-    (``epochs`` epochs over the union: as many steps as MLE takes over the whole stream),
-    evaluated once on every class. Its entry "after task d" is that evaluation restricted to
-    the classes of tasks 0..d: what a model of this size and budget reaches without any
-    continual learning. Returns the record of :func:`run_one`; resumes from its checkpoint.
-    """
-    cfg, n = setup.cfg, len(tasks)
-    os.makedirs(out_dir, exist_ok=True)
-    ckpt = open_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, "joint", 0, data_id)
-    if ckpt.latest_step() is not None:
-        record = upgrade_record(ckpt.restore_meta(ckpt.latest_step())["record"])
-        ckpt.close()
-        return record
-    k_init, _, k_train, k_eval = run_keys(cfg)
-    params = setup.init_params(k_init)
-    method, opt = setup.method("joint", params), setup.optimizer("joint", params)
-    trainable, mstate = method.init(params)
-    state = TrainState(trainable, opt.init(trainable), mstate)
-    runner = EpochRunner(make_train_step(method, opt, data_sharding()), cfg.batch_size,
-                         setup.steps_per_call("joint"), multiple=max(cfg.unroll, 1))
-    t0 = time.perf_counter()
-    state, hist = train_epochs(runner, state, _task_data(tasks, list(range(n))), k_train,
-                               epochs=cfg.epochs, learning_rate=cfg.learning_rate,
-                               decay=cfg.lr_decay, desc=f"joint, {n} tasks at once",
-                               progress=progress, where=f"vcl_diffusion joint, {n} tasks at once")
-    jax.block_until_ready(state.trainable)
-    t1 = time.perf_counter()
-    _, images, labels = evaluate(setup, method, state.trainable, n - 1, k_eval, classifier)
-    history = []
-    for d in range(n):
-        sel = np.isin(labels, cfg.classes[:d + 1])
-        np.savez_compressed(os.path.join(out_dir, f"samples_task{d}.npz"), images=images[sel],
-                            labels=labels[sel])
-        history.append(dict(score(images[sel], labels[sel], d, classifier),
-                            train_final=hist[-1]))
-    record = new_record()
-    record.update(history=history)
-    record["seconds"].update(train=t1 - t0, eval=time.perf_counter() - t1)
-    ckpt.save(n - 1, {"train": state, "eval": state.trainable},
-              {"task": n - 1, "record": record})
-    ckpt.close()
-    if progress:
-        print(f"[joint] all {n} tasks: avg uncertainty {history[-1]['avg_uncertainty']:.4f} "
-              f"nats, loss {hist[-1]['loss']:.4f}", flush=True)
-    return record
 
 
 def sub_runs(cfg: VCLDiffusionConfig) -> list[tuple[str, int]]:
@@ -238,7 +151,7 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
             rn = run_name(name, size)
             out_dir = os.path.join(run_dir, rn)
             if name == "joint":
-                results[rn] = run_joint(setup, tasks, classifier, out_dir, **kw)
+                results[rn] = mle_runs.run_joint(setup, tasks, classifier, out_dir, **kw)
             else:
                 results[rn] = run_one(setup, name, size, tasks, classifier, out_dir, **kw)
         scores = {rn: report.continual_scores(rec["history"], cfg.classes)

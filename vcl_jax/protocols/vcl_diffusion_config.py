@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from vcl_jax.config import check_choice, checks, class_checks, diffusion_checks
+from vcl_jax.checkpoint import Checkpoints
+from vcl_jax.config import check_choice, checks, class_checks, diffusion_checks, to_dict
 from vcl_jax.continual.variational import DRAWS, ESTIMATORS
 from vcl_jax.data import variants
 from vcl_jax.data.coreset import METHODS as CORESET_METHODS
@@ -275,7 +276,6 @@ def unrecorded_format(coreset_size: int) -> int:
 
 def sub_run_config(cfg: VCLDiffusionConfig, method: str, coreset_size: int) -> dict:
     """The config fields that determine one (method, coreset size) sub-run."""
-    from vcl_jax.config import to_dict
 
     # where the data was read from is not part of a run's identity (its checksum is)
     drop = {"data_dir"} | set(SWEEP) | (set(VCL_ONLY) if not has_vcl(method) else set())
@@ -284,3 +284,11 @@ def sub_run_config(cfg: VCLDiffusionConfig, method: str, coreset_size: int) -> d
     out = {k: v for k, v in to_dict(cfg).items() if k not in drop}
     return dict(out, **(RETIRED if has_vcl(method) else {}), method=method,
                 coreset_size=coreset_size, format=FORMAT)
+
+
+def open_checkpoints(folder: str, cfg: VCLDiffusionConfig, method: str,
+                     coreset_size: int, data: dict | None = None) -> Checkpoints:
+    """The checkpoints of one sub-run, refusing a folder written with another config or
+    (``data``, see :class:`~vcl_jax.checkpoint.Checkpoints`) other data."""
+    return Checkpoints(folder, sub_run_config(cfg, method, coreset_size), ignore=SPEED_ONLY,
+                       data=data, added=dict(ADDED_FIELDS, format=unrecorded_format(coreset_size)))

@@ -228,3 +228,11 @@ def score(images: np.ndarray, labels: np.ndarray, task: int,
             "per_class_stderr": {str(k): v for k, v in se.items()},
             "samples_per_class": int(len(labels) // max(len(per_class), 1)),
             "sample_accuracy": float(np.mean(log_probs.argmax(-1) == labels))}
+
+
+def task_data(xs: list[np.ndarray], task_ids: list[int]) -> dict:
+    """The images of tasks ``task_ids`` (one array each) as one training set, each image
+    labelled with its task (what the U-Net is conditioned on)."""
+    x = np.concatenate(xs)
+    t = np.concatenate([np.full(len(a), d, np.int32) for a, d in zip(xs, task_ids, strict=True)])
+    return {"x": jnp.asarray(x), "task": jnp.asarray(t)}
