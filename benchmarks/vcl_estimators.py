@@ -1,4 +1,4 @@
-"""VCL-diffusion estimators: step cost and gradient variance (issue #6's VCL-cost item).
+"""VCL-diffusion estimators: step cost and gradient variance.
 
     python -m benchmarks.vcl_estimators [--n-feat 16] [--batch 64] [--k 8] [--draws 32]
 

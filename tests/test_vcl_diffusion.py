@@ -493,7 +493,7 @@ def test_one_cpu_task_matches_the_golden_file(env, tmp_path):
     processes on one host differ by ~1e-4 in the losses and 2.5e-3 in the KL (whose
     e⁻¹² prior variance magnifies the last bits of the means), and the evaluation classifier
     trained in each differs (98.79% against 98.84%), which moves the scores of a few samples
-    by more than any tolerance worth having (measured 2026-12-03). A change of the algorithm
+    by more than any tolerance worth having (BENCHMARKS.md). A change of the algorithm
     or its random numbers moves the losses and the KL by tens of percent."""
     from tests import golden
 

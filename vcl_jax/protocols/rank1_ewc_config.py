@@ -160,7 +160,7 @@ class Rank1EWCConfig:
 
 
 PRESETS = {
-    # The protocol at GPU scale (full datasets; n_feat 128). Not run here: no GPU was lent.
+    # The protocol at GPU scale (full datasets; n_feat 128).
     "paper": Rank1EWCConfig(),
     # Offline on the 2-core CPU: 500 training images per class, a 16-channel U-Net, T = 400,
     # 625 steps of 32 real (+ 16 replayed) images per task, 50 evaluation samples per class.
