@@ -226,3 +226,23 @@ def test_smoke_metrics_match_the_golden_file(smoke):
         name: {"accuracy": r["accuracy"],
                "final_losses": [{k: v for k, v in sorted(d.items())} for d in r["final_losses"]]}
         for name, r in metrics["runs"].items()})
+
+
+def test_natural_gradient_vcl_runs_and_reports_its_posterior_spread(smoke, tmp_path):
+    cfg, _, _ = smoke
+    cfg = override(cfg, ["runs=vcl,vcl_ng,vcl_ng_random", "ng_b2=0.5"])
+    metrics = split_mnist.run(cfg, str(tmp_path), progress=False)
+    for name in ("vcl", "vcl_ng", "vcl_ng_random"):
+        r = metrics["runs"][name]
+        assert all(0.0 <= a <= 1.0 for row in r["accuracy"] for a in row)
+        spread = json.load(open(tmp_path / "metrics.json"))["runs"][name]
+        assert spread["accuracy"] == r["accuracy"]
+    # the posterior's standard deviations per layer (5th, 50th, 95th percentile) after each
+    # task; natural-gradient VCL's leave the common value a task starts from, 1/√(1 + λ·h₀)
+    ng = metrics["runs"]["vcl_ng"]["posterior_std"][-1]
+    assert sorted(ng) == ["heads", "hidden0", "hidden1"]
+    lo, mid, hi = ng["hidden0"]
+    start = 1 / np.sqrt(1 + 64 * cfg.ng_hess_init)
+    assert 0 < lo < mid < hi and abs(mid - start) > 0.2 * start
+    with pytest.raises(ConfigError, match="kl_scale > 0"):
+        override(cfg, ["kl_scale=0"]).validate()

@@ -188,6 +188,63 @@ def test_bad_settings_are_clear_errors(env, tmp_path):
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
 
 
+def test_natural_gradient_vcl_learns_its_variances_and_resumes(env, tmp_path):
+    # vcl_ng on two smoke digits: its posterior's log-variances leave the value each task
+    # starts from (the prior's precision + λ·h₀), the checkpoints restore (its optimizer
+    # state is the natural-gradient one) and a re-run resumes without training
+    from vcl_jax.protocols.sampling import load_checkpoint
+
+    cfg = override(PRESETS["smoke"], ["methods=vcl_ng", "classes=0,1", "likelihood=sum",
+                                      "ng_b2=0.5"])
+    run_dir = str(tmp_path / "ng")
+    metrics = vcl_diffusion.run(cfg, run_dir, progress=False)
+    hist = metrics["runs"]["vcl_ng_coreset0"]["history"]
+    assert [h["task"] for h in hist] == [0, 1]
+    assert all(np.isfinite(h["avg_uncertainty"]) for h in hist)
+    loaded = load_checkpoint(run_dir, task=1, method="vcl_ng_coreset0")
+    q = loaded.restored["train"].trainable
+    lv = np.concatenate([np.ravel(a) for a, r in zip(
+        jax.tree.leaves(q.log_var), jax.tree.leaves(loaded.setup.mask(q.mean)), strict=True)
+        if r])
+    assert np.std(lv) > 0.1  # one value per weight, not the common start
+    assert loaded.setup.likelihood_scale == 28 * 28
+    start = time.perf_counter()
+    assert vcl_diffusion.run(cfg, run_dir, progress=False)["runs"] == metrics["runs"]
+    assert time.perf_counter() - start < 60
+    with pytest.raises(ConfigError, match="each train the model"):
+        override(cfg, ["methods=vcl+vcl_ng"]).validate()
+    with pytest.raises(ConfigError, match="kl_scale > 0"):
+        override(cfg, ["kl_scale=0"]).validate()
+    with pytest.raises(ConfigError, match="unknown likelihood 'max'"):
+        override(cfg, ["likelihood=max"]).validate()
+
+
+def test_a_coreset_is_selected_once_per_task(monkeypatch):
+    # VCL's pre-training withholds task 0's coreset and the coreset member asks for it again:
+    # one selection, the same indices; other images or another size select afresh
+    from vcl_jax.protocols import vcl_diffusion_setup as vds
+
+    calls = []
+    real = vds.coreset_indices
+
+    def counted(*args):
+        calls.append(args[2:4])
+        return real(*args)
+
+    monkeypatch.setattr(vds, "coreset_indices", counted)
+    setup = vcl_diffusion.build(override(PRESETS["smoke"], ["coreset_method=kcenter"]))
+    x = np.random.default_rng(0).random((30, 28, 28, 1), np.float32)
+    first = setup.coreset_of(0, x, 4)
+    np.testing.assert_array_equal(setup.coreset_of(0, x.copy(), 4), first)
+    assert len(calls) == 1
+    assert not first.flags.writeable
+    setup.coreset_of(0, x[::-1], 4)
+    setup.coreset_of(0, x, 5)
+    setup.coreset_of(1, x, 4)
+    assert len(calls) == 4
+    np.testing.assert_array_equal(first, real(setup.cfg, vds.run_keys(setup.cfg)[1], 0, x, 4))
+
+
 @pytest.mark.slow  # ~50 s: its own smoke run; `make test-all`
 def test_replay_mode_and_ddim_evaluation(env, tmp_path):
     # MLE (the coreset member acts on the data whatever trains; chain(vcl, coreset) is

@@ -28,8 +28,8 @@ class ConfigError(ValueError):
 # The sections of every experiment's config, in the order they are shown: where the data
 # and tasks come from, the network, the noise process, the optimiser, which methods run,
 # each method's own settings, the evaluation, and the run itself.
-SECTION_ORDER = ("data", "model", "diffusion", "optim", "methods", "vcl", "ewc", "coreset",
-                 "replay", "eval", "run")
+SECTION_ORDER = ("data", "model", "diffusion", "optim", "methods", "vcl", "vcl_ng", "ewc",
+                 "coreset", "replay", "eval", "run")
 
 
 def field_sections(cls: type) -> dict[str, str]:
@@ -224,4 +224,18 @@ def diffusion_checks(cfg: Any) -> list[tuple[bool, str]]:
         (all(finite(getattr(cfg, g)) for g in ("guidance", "eval_guidance", "replay_guidance")
              if hasattr(cfg, g)), "guidance weights must be finite numbers"),
         (cfg.seed >= 0, f"seed must be ≥ 0, got {cfg.seed}"),
+    ]
+
+
+def natural_gradient_checks(cfg: Any, used: bool) -> list[tuple[bool, str]]:
+    """The checks of the natural-gradient VCL fields (``ng_*``) every experiment shares;
+    ``used``: whether a run of the config trains by them (then ``kl_scale`` must be > 0)."""
+    return [
+        (cfg.kl_scale > 0 or not used,
+         "natural-gradient VCL needs kl_scale > 0 (its effective sample size is N/kl_scale)"),
+        (cfg.ng_learning_rate > 0, f"ng_learning_rate must be > 0, got {cfg.ng_learning_rate}"),
+        (cfg.ng_hess_init > 0, f"ng_hess_init must be > 0, got {cfg.ng_hess_init}"),
+        (0 <= cfg.ng_b1 < 1 and 0 <= cfg.ng_b2 < 1,
+         f"ng_b1 and ng_b2 must be in [0, 1), got {cfg.ng_b1}, {cfg.ng_b2}"),
+        (cfg.ng_clip is None or cfg.ng_clip > 0, f"ng_clip must be > 0 or none, got {cfg.ng_clip}"),
     ]

@@ -13,8 +13,9 @@ from vcl_jax.continual.fisher import (
 )
 from vcl_jax.continual.replay import coreset, generative_replay
 from vcl_jax.continual.sequential import mle
-from vcl_jax.continual.variational import VCLState, vcl
+from vcl_jax.continual.variational import VCLState, vcl, vcl_ng
 
 __all__ = ["FISHERS", "EWCState", "FisherStats", "Method", "Rank1", "TrainData", "VCLState",
            "View", "chain", "coreset", "diag_fisher", "distillation", "ewc", "fisher_stats",
-           "generative_replay", "gram_analysis", "gram_matrix", "mle", "per_example_grads", "vcl"]
+           "generative_replay", "gram_analysis", "gram_matrix", "mle", "per_example_grads", "vcl",
+           "vcl_ng"]

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import optax
 
 PyTree = Any
 BatchLoss = Callable[[PyTree, PyTree, jax.Array], jax.Array]
@@ -72,6 +73,10 @@ class Method(NamedTuple):
         dict like ``TrainData.data``) to fine-tune a copy of the trainables on before each
         evaluation (a coreset's ``finetune`` mode), or one such dict per task, each tuning a
         copy of its own (``finetune_each``); the next task continues from the untuned ones.
+      optimizer: None (the experiment's optimizer trains the trainables: Adam), or for a
+        method that owns its update rule ``learning_rate -> transformation``: an optax
+        transformation whose ``update(grads, opt_state, trainable, *, method_state)`` also
+        receives the method's state (natural-gradient VCL reads its prior's size from it).
     """
 
     name: str
@@ -83,6 +88,7 @@ class Method(NamedTuple):
     view: View | None = None
     prepare: Callable | None = None
     tune_data: Callable | None = None
+    optimizer: Callable | None = None
 
 
 def stack(params: PyTree, n: int) -> PyTree:
@@ -133,7 +139,8 @@ def chain(first: Method, *rest: Method) -> Method:
 
     The loss is the sum of the members' losses; each member keeps its own state (the
     chained state is a tuple, in order); ``begin_task`` and ``end_task`` run in order;
-    draws come from the owning member (else ``first``). Data-side members' ``prepare`` run
+    draws and the update rule (:attr:`Method.optimizer`) come from the owning member (else
+    ``first``), the update given that member's state. Data-side members' ``prepare`` run
     in order, each on the task as the previous one left it; ``tune_data`` is the first
     member's that gives any. Metric names of later members that
     clash are prefixed with their name.
@@ -195,8 +202,19 @@ def chain(first: Method, *rest: Method) -> Method:
                 return found
         return None
 
+    def optimizer_fn(learning_rate):  # the owner's update rule, given the owner's state
+        tx = owner.optimizer(learning_rate)
+        mine = methods.index(owner)
+
+        def update_fn(grads, opt_state, trainable=None, *, method_state, **extra):
+            return tx.update(grads, opt_state, trainable, method_state=method_state[mine],
+                             **extra)
+
+        return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
     data_side = any(m.prepare is not None for m in methods)
     tuning = any(m.tune_data is not None for m in methods)
     return Method("+".join(m.name for m in methods), init_fn, begin_task_fn, loss_fn,
                   end_task_fn, owner.draws, owner.view,
-                  prepare_fn if data_side else None, tune_data_fn if tuning else None)
+                  prepare_fn if data_side else None, tune_data_fn if tuning else None,
+                  optimizer_fn if owner.optimizer is not None else None)

@@ -27,9 +27,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from vcl_jax.continual.base import BatchLoss, Method, View
 from vcl_jax.vi import mean_field as mf
+from vcl_jax.vi.natural_gradient import natural_mean_field, with_curvature
 
 PyTree = Any
 ExpectedLoss = Callable[[mf.MeanField, PyTree, jax.Array], jax.Array]
@@ -64,6 +66,7 @@ def vcl(
     estimator: str = "paper",
     draws: str = "vmap",
     kl_scale: float = 1.0,
+    likelihood_scale: float = 1.0,
     prior_sigma: float = 1.0,
     log_var_init: float | Callable[[PyTree], PyTree] = -10.0,
     pretrained_prior: bool = False,
@@ -84,6 +87,11 @@ def vcl(
         longer compile, but no batched-kernel convolutions, which XLA:CPU runs slowly).
         The same estimate either way.
       kl_scale: multiplier of KL / N_d.
+      likelihood_scale: how many likelihood terms one example's loss stands for, when
+        ``batch_loss`` averages over several (the KL weight is ``kl_scale / (N_d ·
+        likelihood_scale)``): 1 keeps the loss as it is (the diffusion authors' code
+        averages the squared error over pixels), the number of pixels makes it the sum over
+        pixels of the VCL paper's equations 2–3 (a KL 784× lighter per example on MNIST).
       prior_sigma: σ₀ of the first task's prior N(0, σ₀² I).
       log_var_init: initial log-variance of the posterior: one number for every leaf, or a
         function ``params -> log-variance pytree`` (e.g. a width relative to each layer's
@@ -104,6 +112,8 @@ def vcl(
         raise ValueError(f"unknown VCL estimator {estimator!r}; accepted: {', '.join(ESTIMATORS)}")
     if draws not in DRAWS:
         raise ValueError(f"unknown VCL draws layout {draws!r}; accepted: {', '.join(DRAWS)}")
+    if likelihood_scale <= 0:
+        raise ValueError(f"VCL needs likelihood_scale > 0, got {likelihood_scale}")
 
     def init_fn(params):
         if callable(log_var_init):
@@ -117,7 +127,8 @@ def vcl(
         del task
         if n_data < 1:
             raise ValueError(f"a task needs data, got n_data={n_data}")
-        return q, state._replace(kl_weight=jnp.asarray(kl_scale / n_data, jnp.float32))
+        weight = kl_scale / (n_data * likelihood_scale)
+        return q, state._replace(kl_weight=jnp.asarray(weight, jnp.float32))
 
     def one_draw(q, k, batch):
         kw, kd = jax.random.split(k)
@@ -161,3 +172,62 @@ def vcl(
     # Params-level methods chained with VCL (EWC, distillation) act on the posterior means.
     means = View(lambda q: q.mean, lambda q, params: q._replace(mean=params))
     return Method("vcl", init_fn, begin_task_fn, loss_fn, end_task_fn, draws_fn, means)
+
+
+def vcl_ng(
+    batch_loss: BatchLoss,
+    *,
+    mask: PyTree | None = None,
+    hess_init: float = 0.1,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    clip: float | None = None,
+    deterministic_scale: float = 0.01,
+    floor: bool = True,
+    **vcl_kwargs,
+) -> Method:
+    """VCL trained by natural gradients (IVON's update, :mod:`vcl_jax.vi.natural_gradient`):
+    the same objective and posterior as :func:`vcl`, but the posterior's precisions are
+    learnt from the loss's curvature instead of by Adam on the log-variances.
+
+    The method owns its update (:attr:`Method.optimizer`): λ, the effective sample size, is
+    ``1 / kl_weight`` = N_d · likelihood_scale / kl_scale, so that the posterior is
+    N(m, 1/(λ(h + δ))) with δ the prior's precision per datum; the prior is the previous
+    task's posterior (per weight: its mean and precision P_{d−1}), so the precision after
+    task d is λ_d·h_d + P_{d−1}. At each task's start the precision is reset to P_{d−1} + λ_d·h₀
+    (IVON's initial Hessian h₀ = ``hess_init``). One weight draw per step is IVON's
+    setting (``n_samples=1``).
+
+    Args:
+      batch_loss, mask, **vcl_kwargs: as :func:`vcl` (``kl_scale`` must be > 0).
+      hess_init: h₀, the curvature per datum assumed at a task's start.
+      b1, b2, clip, deterministic_scale: the update's (:func:`natural_mean_field`).
+      floor: keep the curvature estimate ≥ 0, so that no weight's posterior is broader than
+        its prior (:func:`natural_mean_field`'s ``prior_log_var``); False is IVON's plain
+        update.
+    """
+    if vcl_kwargs.get("kl_scale", 1.0) <= 0:
+        raise ValueError("natural-gradient VCL needs kl_scale > 0 (its λ is N/kl_scale), got "
+                         f"{vcl_kwargs['kl_scale']}")
+    if hess_init <= 0:
+        raise ValueError(f"natural-gradient VCL needs hess_init > 0, got {hess_init}")
+    base = vcl(batch_loss, mask=mask, **vcl_kwargs)
+
+    def begin_task_fn(q, state, task, n_data):
+        q, state = base.begin_task(q, state, task, n_data)
+        return with_curvature(q, state.prior, 1.0 / state.kl_weight, hess_init, mask), state
+
+    def optimizer_fn(learning_rate):
+        tx = optax.inject_hyperparams(
+            lambda learning_rate: natural_mean_field(
+                learning_rate, b1=b1, b2=b2, clip=clip, mask=mask,
+                deterministic_scale=deterministic_scale))(learning_rate=learning_rate)
+
+        def update_fn(grads, opt_state, q=None, *, method_state, **extra):
+            del extra
+            return tx.update(grads, opt_state, q, ess=1.0 / method_state.kl_weight,
+                             prior_log_var=method_state.prior.log_var if floor else None)
+
+        return optax.GradientTransformationExtraArgs(tx.init, update_fn)
+
+    return base._replace(name="vcl_ng", begin_task=begin_task_fn, optimizer=optimizer_fn)

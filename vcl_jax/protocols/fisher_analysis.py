@@ -86,8 +86,7 @@ def load_run(run_dir: str, method: str | None = None, task: int | None = None,
         raise ConfigError(f"{method!r} has checkpoints after tasks {steps}, not {task}")
     m = setup.method(method)
     params = setup.init_params(jax.random.key(0))
-    trainable, mstate = m.init(params)
-    like = {"train": TrainState(trainable, adam(cfg.learning_rate).init(trainable), mstate)}
+    like = {"train": TrainState.create(m, adam(cfg.learning_rate), params)}
     restored, _ = ckpt.restore(task, like)
     ckpt.close()
     return setup, tasks, restored["train"].trainable, method, task

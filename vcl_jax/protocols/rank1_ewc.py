@@ -76,8 +76,7 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClas
     method = setup.method(name)
     spec = parse_method(name)
     opt = adam(cfg.learning_rate)
-    trainable, mstate = method.init(params)
-    state = TrainState(trainable, opt.init(trainable), mstate)
+    state = TrainState.create(method, opt, params)
     runner = EpochRunner(make_train_step(method, opt, data_sharding()), cfg.batch_size, cfg.unroll)
     ckpt = method_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, name, data=data_id)
 

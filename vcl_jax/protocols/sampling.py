@@ -62,11 +62,11 @@ def load_checkpoint(run_dir: str, *, task: int | None = None,
         raise ValueError(f"no checkpoint after task {task} in {ckpt_dir}; have {steps}")
     params = jax.eval_shape(setup.init_params, jax.random.key(0))  # shapes: a template only
     m = setup.method(base, params, size)
-    opt = setup.optimizer(base, params)
+    opt = setup.optimizer(m)
 
     def template(params):
-        trainable, mstate = m.init(params)
-        return {"train": TrainState(trainable, opt.init(trainable), mstate), "eval": trainable}
+        state = TrainState.create(m, opt, params)
+        return {"train": state, "eval": state.trainable}
 
     restored, _ = ckpt.restore(task, jax.eval_shape(template, params))
     ckpt.close()

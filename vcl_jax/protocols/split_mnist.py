@@ -46,6 +46,19 @@ def _accuracy(probs: jax.Array, y: np.ndarray) -> float:
     return float(jnp.mean(jnp.argmax(probs, -1) == jnp.asarray(y)))
 
 
+def posterior_spread(q, seen: int) -> dict:
+    """Percentiles (5th, 50th, 95th) of a mean-field MLP's posterior standard deviations per
+    layer: each hidden layer (weights and biases), and the heads of the ``seen`` tasks."""
+    def pct(leaves):
+        std = np.exp(0.5 * np.concatenate([np.ravel(np.asarray(a)) for a in leaves]))
+        return [float(v) for v in np.percentile(std, [5, 50, 95])]
+
+    lv = q.log_var
+    out = {f"hidden{i}": pct([layer["w"], layer["b"]]) for i, layer in enumerate(lv["hidden"])}
+    out["heads"] = pct([lv["heads"]["w"][:seen], lv["heads"]["b"][:seen]])
+    return out
+
+
 def _trained(fit: Trainer, where: str):
     """A :data:`~vcl_jax.training.sequence.TrainFn` of ``fit`` (a fresh Adam per task, the
     original code's), full-batch tasks padded to ``size`` rows; ``before`` changes the
@@ -113,11 +126,16 @@ def run_one(runner: Runner, name: str, tasks: list[TaskData], *,
 
     train, train_tune = _trained(fit, "split_mnist"), tune and _trained(tune, "split_mnist")
 
+    trained = {}  # the latest trained state (its posterior is reported, not a tuned copy)
+
     def train_task(state, data, key, t, label):
         new_head = None
         if is_vcl and t > 0:  # a fresh head for the new task
-            new_head = functools.partial(runner.new_head, runner.task_keys(t)[3], head=t)
-        return train(state, data, key, t, label, size=size, before=new_head)
+            log_var = runner.ng_head_log_var(data.n_data) if method.optimizer else None
+            new_head = functools.partial(runner.new_head, runner.task_keys(t)[3], head=t,
+                                         log_var=log_var)
+        trained["state"], hist = train(state, data, key, t, label, size=size, before=new_head)
+        return trained["state"], hist
 
     def evaluate(t, evaluated):
         k_eval, row = runner.task_keys(t)[5], []
@@ -129,7 +147,10 @@ def run_one(runner: Runner, name: str, tasks: list[TaskData], *,
             else:
                 probs = runner.predict_mle(q_i, test_x[i], i)
             row.append(_accuracy(probs[:len(tasks[i].y_test)], tasks[i].y_test))
-        return {"accuracy": row, "average": float(np.mean(row))}, None
+        metrics = {"accuracy": row, "average": float(np.mean(row))}
+        if is_vcl:  # the posterior that goes on to the next task (not a tuned copy)
+            metrics["posterior_std"] = posterior_spread(trained["state"].trainable, t + 1)
+        return metrics, None
 
     rec = run_sequence(
         method, TrainState(trainable, (), mstate), len(tasks), prepare=prepare,
@@ -143,6 +164,7 @@ def run_one(runner: Runner, name: str, tasks: list[TaskData], *,
     return {"accuracy": [h["accuracy"] for h in history],
             "average": [h["average"] for h in history],
             "final_losses": [h["train_final"] for h in history], **times,
+            **({"posterior_std": [h["posterior_std"] for h in history]} if is_vcl else {}),
             "total_s": sum(times.values())}
 
 

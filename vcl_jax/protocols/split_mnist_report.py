@@ -66,6 +66,21 @@ def summary(cfg: SplitMNISTConfig, metrics: dict) -> str:
               "|---|" + "---|" * len(task_names)]
     for name, r in metrics["runs"].items():
         lines.append(f"| {name} | " + " | ".join(f"{100 * a:.2f}" for a in r["average"]) + " |")
+    spreads = {n: r["posterior_std"][-1] for n, r in metrics["runs"].items()
+               if "posterior_std" in r}
+    if spreads:
+        lines += ["", "Posterior standard deviations after the last task, per layer "
+                  "(5th / 50th / 95th percentile):", "", "| run | layer | 5% | 50% | 95% |",
+                  "|---|---|---|---|---|"]
+        for name, spread in spreads.items():
+            for layer, (lo, mid, hi) in spread.items():
+                lines.append(f"| {name} | {layer} | {lo:.2e} | {mid:.2e} | {hi:.2e} |")
+    if any(n.startswith("vcl_ng") for n in metrics["runs"]):
+        lines += ["", f"Natural-gradient VCL: step {cfg.ng_learning_rate:g}, "
+                  f"{cfg.ng_train_samples} draw(s) per step ({cfg.ng_estimator} estimator), "
+                  f"h₀ {cfg.ng_hess_init:g}, "
+                  f"β₁ {cfg.ng_b1:g}, β₂ {cfg.ng_b2:g}, clip {cfg.ng_clip}, curvature floor "
+                  f"{cfg.ng_floor}."]
     return "\n".join(lines) + "\n"
 
 

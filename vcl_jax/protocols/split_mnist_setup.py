@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vcl_jax.continual import Method, chain, coreset, ewc, mle, vcl
+from vcl_jax.continual import Method, chain, coreset, ewc, mle, vcl, vcl_ng
 from vcl_jax.data import TaskStream, load, select, to_float
 from vcl_jax.models import bayes_mlp, mlp
 from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig
@@ -90,7 +90,9 @@ class Trainer:
 
     def __init__(self, method: Method, *, learning_rate: float, epochs: int,
                  batch_size: int | None):
-        self.opt = optax.adam(learning_rate)
+        # a method that owns its update (natural-gradient VCL) brings it; else Adam
+        self.opt = (method.optimizer(learning_rate) if method.optimizer is not None
+                    else optax.adam(learning_rate))
         step = make_train_step(method, self.opt)
 
         def train(state, data, key):
@@ -129,10 +131,10 @@ class Runner:
             nll = mlp.nll(mlp.apply(params, batch["x"], batch["head"]), batch["y"])
             return jnp.sum(nll * batch["w"]) / jnp.sum(batch["w"])
 
-        def expected_loss(estimator):
+        def expected_loss(estimator, n_samples=cfg.train_samples):
             return lambda q, batch, key: bayes_mlp.expected_nll(
                 q, batch["x"], batch["y"], batch["head"], key, estimator=estimator,
-                n_samples=cfg.train_samples, weight=batch["w"])
+                n_samples=n_samples, weight=batch["w"])
 
         def example_loss(params, ex):
             return mlp.nll(mlp.apply(params, ex["x"][None], ex["head"][None]), ex["y"][None])[0]
@@ -150,6 +152,12 @@ class Runner:
         # the coreset fine-tuning's VCL: the same objective with its own estimator
         self.vcl_tune = self.vcl if cfg.tune_estimator == cfg.estimator else vcl(
             None, **vcl_kw, expected_loss=expected_loss(cfg.tune_estimator))
+        ng_kw = dict(vcl_kw, n_samples=cfg.ng_train_samples, hess_init=cfg.ng_hess_init,
+                     b1=cfg.ng_b1, b2=cfg.ng_b2, clip=cfg.ng_clip, floor=cfg.ng_floor)
+        self.vcl_ng = vcl_ng(None, **ng_kw, expected_loss=expected_loss(
+            cfg.ng_estimator, cfg.ng_train_samples))
+        self.vcl_ng_tune = self.vcl_ng if cfg.tune_estimator == cfg.ng_estimator else vcl_ng(
+            None, **ng_kw, expected_loss=expected_loss(cfg.tune_estimator, cfg.ng_train_samples))
         self.fit_mle = self.trainer(self.mle)
         self._runs: dict = {}
         self.predict = jax.jit(bayes_mlp.predict_proba, static_argnames=("n_samples",))
@@ -157,8 +165,8 @@ class Runner:
 
     def trainer(self, method: Method) -> Trainer:
         cfg = self.cfg
-        return Trainer(method, learning_rate=cfg.learning_rate, epochs=cfg.epochs,
-                       batch_size=cfg.batch_size)
+        rate = cfg.ng_learning_rate if method.optimizer is not None else cfg.learning_rate
+        return Trainer(method, learning_rate=rate, epochs=cfg.epochs, batch_size=cfg.batch_size)
 
     def task_keys(self, task: int) -> jax.Array:
         """Task ``task``'s keys: coreset, MLE pre-fit, training, new head, tuning, evaluation."""
@@ -185,20 +193,34 @@ class Runner:
                            "w": jax.ShapeDtypeStruct((), jnp.float32)}
                 core = coreset(lambda t, ex: self.pick(kind, t, ex["x"]), self.cfg.coreset_size,
                                len(self.cfg.groups), example, mode="finetune_each")
-                method, tune = chain(self.vcl, core), chain(self.vcl_tune, core)
+                natural = name.startswith("vcl_ng")
+                base = self.vcl_ng if natural else self.vcl
+                method = chain(base, core)
+                tune = chain(self.vcl_ng_tune if natural else self.vcl_tune, core)
             else:
-                method, tune = self.vcl, None
+                method, tune = (self.vcl_ng if name.startswith("vcl_ng") else self.vcl), None
             fit = self.fit_mle if method is self.mle else self.trainer(method)
             self._runs[name] = (method, fit, tune and self.trainer(tune))
         return self._runs[name]
 
-    def new_head(self, key: jax.Array, q: mf.MeanField, head: int) -> mf.MeanField:
+    def new_head(self, key: jax.Array, q: mf.MeanField, head: int,
+                 log_var: float | None = None) -> mf.MeanField:
+        """Head ``head`` of ``q`` re-initialised: means ~ truncated N(0, head_init_std²),
+        log-variance ``log_var`` (default ``log_var_init``)."""
         cfg = self.cfg
         kw, kb = jax.random.split(key)
         d, o = q.mean["heads"]["w"].shape[1:]
         mean = {"w": mlp.truncated_normal(kw, (d, o), cfg.head_init_std),
                 "b": mlp.truncated_normal(kb, (o,), cfg.head_init_std)}
-        return bayes_mlp.reset_head(q, head, mean, cfg.log_var_init)
+        return bayes_mlp.reset_head(q, head, mean,
+                                    cfg.log_var_init if log_var is None else log_var)
+
+    def ng_head_log_var(self, n_data: int) -> float:
+        """A new head's log-variance under natural-gradient VCL: the precision its prior
+        N(0, σ₀²) gives plus λ·h₀, as every other weight's at a task's start."""
+        cfg = self.cfg
+        ess = n_data / cfg.kl_scale
+        return -float(np.log(cfg.prior_sigma ** -2 + ess * cfg.ng_hess_init))
 
     def unseen_heads_at_prior(self, q: mf.MeanField) -> mf.MeanField:
         """Heads of later tasks equal their prior N(0, σ₀²), so they add nothing to the KL."""

@@ -64,9 +64,8 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
     k_init, _, k_train, k_eval = run_keys(cfg)
     params = setup.init_params(k_init)
     method = setup.method(method_name, params, coreset_size)
-    opt = setup.optimizer(method_name, params)
-    trainable, mstate = method.init(params)
-    state = TrainState(trainable, opt.init(trainable), mstate)
+    opt = setup.optimizer(method)
+    state = TrainState.create(method, opt, params)
     step = make_train_step(method, opt, data_sharding())
     runner = EpochRunner(step, cfg.batch_size, setup.steps_per_call(method_name),
                          multiple=max(cfg.unroll, 1))
@@ -86,8 +85,7 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
                                coreset_size, data_id)
         pre.save(0, pretrained, {"what": "MLE pre-training: VCL's first prior means"})
         pre.close()
-        trainable, mstate = method.init(pretrained)
-        state = TrainState(trainable, opt.init(trainable), mstate)
+        state = TrainState.create(method, opt, pretrained)
         record = new_record(pretrain=time.perf_counter() - t0)
 
     def prepare(d, state):
@@ -106,8 +104,8 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
     trainer = functools.partial(epoch_trainer, runner, where="vcl_diffusion", progress=progress)
     return run_sequence(
         method, state, len(tasks), prepare=prepare, evaluate=evaluate_task,
-        train=trainer(Schedule(cfg.epochs, cfg.learning_rate, cfg.lr_decay)),
-        tune=trainer(Schedule(cfg.coreset_epochs, cfg.learning_rate, cfg.lr_decay)),
+        train=trainer(Schedule(cfg.epochs, setup.learning_rate(method), cfg.lr_decay)),
+        tune=trainer(Schedule(cfg.coreset_epochs, setup.learning_rate(method), cfg.lr_decay)),
         task_keys=fold_keys(k_train), ckpt=ckpt, out_dir=out_dir, keep_evaluated=True,
         name=name, record=record, progress=progress,
         describe=lambda m: f"avg uncertainty {m['avg_uncertainty']:.4f} nats, ")

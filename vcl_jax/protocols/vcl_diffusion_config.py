@@ -6,7 +6,14 @@ import dataclasses
 from typing import ClassVar
 
 from vcl_jax.checkpoint import Checkpoints
-from vcl_jax.config import check_choice, checks, class_checks, diffusion_checks, to_dict
+from vcl_jax.config import (
+    check_choice,
+    checks,
+    class_checks,
+    diffusion_checks,
+    natural_gradient_checks,
+    to_dict,
+)
 from vcl_jax.continual.variational import DRAWS, ESTIMATORS
 from vcl_jax.data import variants
 from vcl_jax.data.coreset import METHODS as CORESET_METHODS
@@ -18,10 +25,17 @@ from vcl_jax.models.unet import CONTEXTS
 
 # A method is "joint" (the paper's Figure 7 reference: one MLE model trained on every
 # task's data at once; opt-in) or members joined by "+", composed by
-# `vcl_jax.continual.chain`: "mle" or "vcl" (which train the model) and EWC penalties
-# ("ewc_diag", "ewc_rank1", "ewc_rank1_unit") on its params, e.g. "vcl+ewc_rank1" (EWC on
-# VCL's posterior means); an EWC penalty alone trains the params by MLE.
-MEMBERS = ("mle", "vcl", "ewc_diag", "ewc_rank1", "ewc_rank1_unit")
+# `vcl_jax.continual.chain`: "mle", "vcl" or "vcl_ng" (VCL trained by natural gradients),
+# which train the model, and EWC penalties ("ewc_diag", "ewc_rank1", "ewc_rank1_unit") on its
+# params, e.g. "vcl+ewc_rank1" (EWC on VCL's posterior means); an EWC penalty alone trains
+# the params by MLE.
+TRAINERS = ("mle", "vcl", "vcl_ng")
+VARIATIONAL = ("vcl", "vcl_ng")
+MEMBERS = (*TRAINERS, "ewc_diag", "ewc_rank1", "ewc_rank1_unit")
+# How VCL weighs the likelihood against the KL: "mean" — the per-example loss is the squared
+# error averaged over pixels, as the authors' code trains it; "sum" — summed over pixels, as
+# the paper's equations 2–3 write it (the KL per example 784× lighter on MNIST).
+LIKELIHOODS = ("mean", "sum")
 CORESET_MODES = ("finetune", "replay")
 
 
@@ -31,7 +45,13 @@ def members(method: str) -> tuple[str, ...]:
 
 
 def has_vcl(method: str) -> bool:
-    return "vcl" in members(method)
+    """Whether ``method`` trains a posterior (``vcl`` or ``vcl_ng``)."""
+    return any(m in VARIATIONAL for m in members(method))
+
+
+def has_ng(method: str) -> bool:
+    """Whether ``method`` is trained by natural gradients (a ``vcl_ng`` member)."""
+    return "vcl_ng" in members(method)
 
 
 def has_ewc(method: str) -> bool:
@@ -47,8 +67,9 @@ def check_method(method: str) -> None:
     checks([(not bad, f"unknown method {method!r}: {', '.join(map(repr, bad))} is not one of "
                       f"{', '.join(MEMBERS)} (joined by '+'), nor 'joint'"),
             (len(set(parts)) == len(parts), f"method {method!r} names a member twice"),
-            (not {"mle", "vcl"} <= set(parts),
-             f"method {method!r}: mle and vcl both train the model; name one")])
+            (len(set(parts) & set(TRAINERS)) <= 1,
+             f"method {method!r}: {' and '.join(p for p in parts if p in TRAINERS)} each "
+             "train the model; name one")])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,12 +143,24 @@ class VCLDiffusionConfig:
     weight_noise: bool = True
     prior_sigma: float = 1.0
     kl_scale: float = 1.0
+    likelihood: str = "mean"  # "mean" over pixels (the authors' code) or "sum" (the paper's)
     # GroupNorm scales/offsets inside the posterior and the KL (True) or deterministic
     # and unregularised like the per-task embeddings (False, the paper's code).
     variational_norms: bool = False
     # MLE epochs on the first task before VCL starts; their weights become the
     # first prior's means (log-variance log_var_init). 0: prior N(0, prior_sigma² I).
     vcl_pretrain_epochs: int = 0
+    # natural-gradient VCL (a vcl_ng member; vcl_jax.continual.vcl_ng): the step α of the
+    # preconditioned mean update (in place of learning_rate, decayed as it is), the curvature
+    # per datum at a task's start h₀, the momentum and curvature averaging β₁, β₂, and a bound
+    # on each weight's step (None: none). The deterministic leaves (per-task embeddings,
+    # norms) take Adam steps at learning_rate.
+    ng_learning_rate: float = 0.1
+    ng_hess_init: float = 0.1
+    ng_b1: float = 0.9
+    ng_b2: float = 0.999
+    ng_clip: float | None = None
+    ng_floor: bool = True  # the curvature kept ≥ 0: no posterior broader than its prior
     # EWC (methods with an ewc_* member; defaults: the rank-1 paper's): the penalty's λ, and
     # the Fisher of each finished task from fisher_samples of its training images, each at a
     # timestep uniform in fisher_t_min..fisher_t_max (None: T), in chunks of fisher_chunk
@@ -156,7 +189,9 @@ class VCLDiffusionConfig:
         "methods": ("methods", "coreset_sizes"),
         "vcl": ("train_samples", "estimator", "weight_draws", "eval_samples",
                 "eval_average_draws", "log_var_init", "prior_rel_std", "weight_noise",
-                "prior_sigma", "kl_scale", "variational_norms", "vcl_pretrain_epochs"),
+                "prior_sigma", "kl_scale", "likelihood", "variational_norms",
+                "vcl_pretrain_epochs"),
+        "vcl_ng": ("ng_learning_rate", "ng_hess_init", "ng_b1", "ng_b2", "ng_clip", "ng_floor"),
         "ewc": ("ewc_lambda", "fisher_samples", "fisher_t_min", "fisher_t_max", "fisher_chunk"),
         "coreset": ("coreset_method", "coreset_mode", "coreset_epochs"),
         "eval": ("classifier_epochs", "eval_per_class", "guidance", "sampler", "ddim_steps",
@@ -178,6 +213,7 @@ class VCLDiffusionConfig:
         check_choice("sampler", self.sampler, SAMPLERS)
         check_choice("coreset_method", self.coreset_method, CORESET_METHODS)
         check_choice("pixel_range", self.pixel_range, RANGES)
+        check_choice("likelihood", self.likelihood, LIKELIHOODS)
         checks(diffusion_checks(self) + [
             (all(s >= 0 for s in self.coreset_sizes),
              f"coreset sizes must be ≥ 0, got {self.coreset_sizes}"),
@@ -193,6 +229,7 @@ class VCLDiffusionConfig:
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (self.kl_scale >= 0, f"kl_scale must be ≥ 0, got {self.kl_scale}"),
             (self.prior_sigma > 0, f"prior_sigma must be > 0, got {self.prior_sigma}"),
+            *natural_gradient_checks(self, any(has_ng(m) for m in self.methods)),
             (self.prior_rel_std is None or self.prior_rel_std > 0,
              f"prior_rel_std must be > 0 or none, got {self.prior_rel_std}"),
             (0 <= self.p_uncond < 1, f"p_uncond must be in [0, 1), got {self.p_uncond}"),
@@ -243,14 +280,15 @@ PRESETS = {
 # one coreset size). A sub-run's checkpoints are keyed on the remaining fields.
 VCL_ONLY = ("train_samples", "eval_samples", "log_var_init", "prior_sigma", "kl_scale",
             "vcl_pretrain_epochs", "variational_norms", "eval_average_draws",
-            "estimator", "prior_rel_std", "weight_noise")
+            "estimator", "prior_rel_std", "weight_noise", "likelihood")
+NG_ONLY = ("ng_learning_rate", "ng_hess_init", "ng_b1", "ng_b2", "ng_clip", "ng_floor")
 EWC_ONLY = ("ewc_lambda", "fisher_samples", "fisher_t_min", "fisher_t_max", "fisher_chunk")
 # Fields added after run directories existed, with the value older runs implicitly had:
 # a checkpoint without the field matches a run with this value.
 ADDED_FIELDS = {"data_variant": "5k", "variational_norms": False, "eval_average_draws": False,
                 "context": "shared", "variational_lr_scale": 1.0, "estimator": "paper",
                 "weight_init": "paper", "prior_rel_std": None, "weight_noise": True,
-                "eval_eta": 0.0}
+                "eval_eta": 0.0, "likelihood": "mean"}
 # Fields retired after measuring no better (BENCHMARKS.md), with the one value runs now
 # have: part of a VCL sub-run's checkpoint key, so a run written with another value is
 # refused rather than continued without it.
@@ -280,6 +318,7 @@ def sub_run_config(cfg: VCLDiffusionConfig, method: str, coreset_size: int) -> d
     # where the data was read from is not part of a run's identity (its checksum is)
     drop = {"data_dir"} | set(SWEEP) | (set(VCL_ONLY) if not has_vcl(method) else set())
     drop |= set(EWC_ONLY) if not has_ewc(method) else set()
+    drop |= set(NG_ONLY) if not has_ng(method) else set()
     drop |= set(CORESET_ONLY) if coreset_size == 0 else set()
     out = {k: v for k, v in to_dict(cfg).items() if k not in drop}
     return dict(out, **(RETIRED if has_vcl(method) else {}), method=method,

@@ -25,8 +25,7 @@ def pretrain_mle(setup: Setup, params: dict, x: np.ndarray, key: jax.Array, *,
     cfg = setup.cfg
     method = mle(setup.batch_loss)
     opt = adam(cfg.learning_rate)
-    trainable, mstate = method.init(params)
-    state = TrainState(trainable, opt.init(trainable), mstate)
+    state = TrainState.create(method, opt, params)
     runner = EpochRunner(make_train_step(method, opt, data_sharding()), cfg.batch_size, cfg.unroll)
     state, _ = train_epochs(runner, state, task_data([x], [0]), key,
                             epochs=cfg.vcl_pretrain_epochs, learning_rate=cfg.learning_rate,
@@ -52,9 +51,9 @@ def run_joint(setup: Setup, tasks: list[np.ndarray], classifier: EvalClassifier,
         return record
     k_init, _, k_train, k_eval = run_keys(cfg)
     params = setup.init_params(k_init)
-    method, opt = setup.method("joint", params), setup.optimizer("joint", params)
-    trainable, mstate = method.init(params)
-    state = TrainState(trainable, opt.init(trainable), mstate)
+    method = setup.method("joint", params)
+    opt = setup.optimizer(method)
+    state = TrainState.create(method, opt, params)
     runner = EpochRunner(make_train_step(method, opt, data_sharding()), cfg.batch_size,
                          setup.steps_per_call("joint"), multiple=max(cfg.unroll, 1))
     t0 = time.perf_counter()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 from typing import Any
 
 import jax
@@ -15,7 +16,7 @@ import numpy as np
 import optax
 
 from vcl_jax.config import ConfigError
-from vcl_jax.continual import chain, coreset, ewc, mle, vcl
+from vcl_jax.continual import Method, chain, coreset, ewc, mle, vcl, vcl_ng
 from vcl_jax.data import TaskStream, load, select, to_float, to_unit
 from vcl_jax.diffusion.generate import generate
 from vcl_jax.diffusion.loss import batch_loss, example_loss_at, fisher_examples
@@ -33,10 +34,11 @@ from vcl_jax.protocols.vcl_diffusion_config import (
     VCLDiffusionConfig,
     check_method,
     has_ewc,
+    has_ng,
     has_vcl,
     members,
 )
-from vcl_jax.training.state import adam
+from vcl_jax.training.state import optimizer_for
 from vcl_jax.vi import mean_field as mf
 
 PyTree = Any
@@ -52,6 +54,10 @@ class Setup:
     shape: tuple[int, int, int]
     draws_model: ContextUNet  # the same network for VCL's vmapped weight draws in training
     draws_layout: str  # ``weight_draws`` resolved for this backend: "vmap" or "loop"
+    # Coresets already selected, by (task, size, digest of the images): VCL's pre-training
+    # withholds task 0's coreset and the coreset member asks for the same one again.
+    _coresets: dict = dataclasses.field(default_factory=dict, init=False, repr=False,
+                                        compare=False)
 
     def init_params(self, key: jax.Array) -> dict:
         return init_unet(self.model, key, self.shape)
@@ -70,20 +76,27 @@ class Setup:
         return example_loss_at(self.eps_fn(params), self.sched, example)
 
     def method(self, name: str, params: dict, coreset_size: int = 0):
-        """The method of a config name: "joint" or "mle" is MLE, "vcl" VCL, and each
-        ``ewc_*`` member an EWC penalty chained after the one that trains the model; with
-        a coreset size, a coreset (``coreset_mode``) chained last."""
+        """The method of a config name: "joint" or "mle" is MLE, "vcl" VCL, "vcl_ng" VCL
+        trained by natural gradients, and each ``ewc_*`` member an EWC penalty chained after
+        the one that trains the model; with a coreset size, a coreset (``coreset_mode``)
+        chained last."""
         cfg = self.cfg
         check_method(name)
         if has_vcl(name):
             draws_loss = functools.partial(self.batch_loss, model=self.draws_model)
             log_var = cfg.log_var_init if cfg.prior_rel_std is None else functools.partial(
                 mf.relative_log_var, fraction=cfg.prior_rel_std)
-            base = vcl(draws_loss, mask=self.mask(params), n_samples=cfg.train_samples,
-                       estimator=cfg.estimator, draws=self.draws_layout,
-                       kl_scale=cfg.kl_scale, prior_sigma=cfg.prior_sigma,
-                       log_var_init=log_var, weight_noise=cfg.weight_noise,
-                       pretrained_prior=cfg.vcl_pretrain_epochs > 0)
+            kw = dict(mask=self.mask(params), n_samples=cfg.train_samples,
+                      estimator=cfg.estimator, draws=self.draws_layout, kl_scale=cfg.kl_scale,
+                      likelihood_scale=self.likelihood_scale, prior_sigma=cfg.prior_sigma,
+                      log_var_init=log_var, weight_noise=cfg.weight_noise,
+                      pretrained_prior=cfg.vcl_pretrain_epochs > 0)
+            if has_ng(name):
+                base = vcl_ng(draws_loss, **kw, hess_init=cfg.ng_hess_init, b1=cfg.ng_b1,
+                              b2=cfg.ng_b2, clip=cfg.ng_clip, floor=cfg.ng_floor,
+                              deterministic_scale=cfg.learning_rate / cfg.ng_learning_rate)
+            else:
+                base = vcl(draws_loss, **kw)
         else:
             base = mle(self.batch_loss)
         rest = [ewc(None, self.example_loss, n_tasks=len(cfg.classes), lam=cfg.ewc_lambda,
@@ -98,8 +111,14 @@ class Setup:
 
     def coreset_of(self, task: int, x: np.ndarray, size: int) -> np.ndarray:
         """The indices of task ``task``'s coreset of ``size`` among its images ``x`` (the
-        run's coreset key: the same ones every time they are asked for)."""
-        return coreset_indices(self.cfg, run_keys(self.cfg)[1], task, x, size)
+        run's coreset key: the same ones every time they are asked for, selected once)."""
+        x = np.ascontiguousarray(x)
+        key = (task, size, x.shape, hashlib.blake2b(x.data, digest_size=16).hexdigest())
+        if key not in self._coresets:
+            picked = coreset_indices(self.cfg, run_keys(self.cfg)[1], task, x, size)
+            picked.flags.writeable = False  # shared by every caller
+            self._coresets[key] = picked
+        return self._coresets[key]
 
     def fisher_data(self, name: str, x: np.ndarray, task: int, key: jax.Array) -> dict | None:
         """What method ``name``'s ``end_task`` is given after ``task``: the examples of
@@ -110,10 +129,20 @@ class Setup:
         return fisher_examples(key, x, np.full(len(x), task, np.int32), cfg.fisher_samples,
                                T=cfg.T, t_min=cfg.fisher_t_min, t_max=cfg.fisher_t_max)
 
-    def optimizer(self, name: str, params: dict) -> optax.GradientTransformation:
-        """Adam for method ``name`` (the same for every method; its rate is set per epoch)."""
-        del name, params
-        return adam(self.cfg.learning_rate)
+    @property
+    def likelihood_scale(self) -> float:
+        """Likelihood terms per example for VCL's KL weight: 1 for the loss averaged over
+        pixels (``likelihood=mean``), the pixel count for their sum (``sum``)."""
+        return float(np.prod(self.shape)) if self.cfg.likelihood == "sum" else 1.0
+
+    def learning_rate(self, method: Method) -> float:
+        """The rate ``method`` trains at (decayed within a task when ``lr_decay``):
+        ``ng_learning_rate`` for natural-gradient VCL, else ``learning_rate``."""
+        return self.cfg.ng_learning_rate if method.optimizer else self.cfg.learning_rate
+
+    def optimizer(self, method: Method) -> optax.GradientTransformation:
+        """The update rule of ``method``: its own (natural-gradient VCL), else Adam."""
+        return optimizer_for(method, self.learning_rate(method))
 
     def mask(self, params: dict) -> dict:
         """Which leaves VCL treats as random (in the posterior and the KL)."""

@@ -24,10 +24,26 @@ class TrainState(NamedTuple):
     opt_state: PyTree
     method_state: PyTree
 
+    @classmethod
+    def create(cls, method: Method, opt: optax.GradientTransformation,
+               params: PyTree) -> TrainState:
+        """The state at the start of a method's first task: its trainable variables and
+        method state from ``params``, and a fresh optimizer state for those variables."""
+        trainable, method_state = method.init(params)
+        return cls(trainable, opt.init(trainable), method_state)
+
 
 def adam(learning_rate: float) -> optax.GradientTransformation:
     """Adam whose learning rate lives in the optimizer state (set per epoch, no retrace)."""
     return optax.inject_hyperparams(optax.adam)(learning_rate=learning_rate)
+
+
+def optimizer_for(method: Method, learning_rate: float) -> optax.GradientTransformation:
+    """The update rule that trains ``method``: its own (:attr:`Method.optimizer`, e.g.
+    natural-gradient VCL's), else :func:`adam`; the learning rate is set per epoch either way."""
+    if method.optimizer is not None:
+        return method.optimizer(learning_rate)
+    return adam(learning_rate)
 
 
 def set_learning_rate(state: TrainState, lr: float) -> TrainState:
@@ -56,7 +72,9 @@ def make_train_step(method: Method, opt: optax.GradientTransformation,
             batch = jax.lax.with_sharding_constraint(batch, sharding)
         grad_fn = jax.value_and_grad(method.loss, has_aux=True)
         (_, metrics), grads = grad_fn(state.trainable, state.method_state, batch, key)
-        updates, opt_state = opt.update(grads, state.opt_state, state.trainable)
+        # a method that owns its update rule is given its state (its prior, its data size)
+        extra = {} if method.optimizer is None else {"method_state": state.method_state}
+        updates, opt_state = opt.update(grads, state.opt_state, state.trainable, **extra)
         trainable = optax.apply_updates(state.trainable, updates)
         return TrainState(trainable, opt_state, state.method_state), metrics
 
