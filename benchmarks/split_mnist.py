@@ -127,6 +127,43 @@ def step_comparison(n_images: int = 12_000, repeats: int = 11) -> dict:
             for name, t in times.items()}
 
 
+def train_step_comparison(n_images: int = 12_000, repeats: int = 11) -> dict:
+    """One full-batch train step (gradient and update) of each method as the ``paper`` preset
+    builds it, on ``n_images`` images, timed interleaved (best and median of ``repeats``):
+    MLE and VCL with Adam, natural-gradient VCL with its own update under its default
+    estimator (``local``: noise per example) and under one shared weight draw (``grouped``,
+    K = 1, the cost floor of a variational step)."""
+    from vcl_jax.continual import vcl_ng
+    from vcl_jax.models import bayes_mlp, mlp
+    from vcl_jax.training.state import TrainState, make_train_step, optimizer_for
+
+    cfg = PRESETS["paper"]
+    runner = split_mnist.Runner(cfg)
+    key = jax.random.PRNGKey(0)
+    x = jax.random.uniform(key, (n_images, 784))
+    batch = split_mnist.task_batch(x, jnp.zeros((n_images,), jnp.int32), 0)
+    params = mlp.init_mlp(key, 784, cfg.hidden, len(cfg.groups), 2, cfg.head_init_std)
+
+    def one_draw(q, b, k):
+        return bayes_mlp.expected_nll(q, b["x"], b["y"], b["head"], k, estimator="grouped",
+                                      n_samples=1, weight=b["w"])
+
+    methods = {"mle": runner.mle, "vcl (grouped, K=10)": runner.vcl,
+               f"vcl_ng ({cfg.ng_estimator}, K={cfg.ng_train_samples})": runner.vcl_ng,
+               "vcl_ng (grouped, K=1)": vcl_ng(None, expected_loss=one_draw, log_var_init=-6.0)}
+    fns = {}
+    for name, method in methods.items():
+        opt = optimizer_for(method, 0.1 if method.optimizer else cfg.learning_rate)
+        state = TrainState.create(method, opt, params)
+        q, ms = method.begin_task(state.trainable, state.method_state, 0, n_images)
+        state = state._replace(trainable=q, method_state=ms)
+        step = jax.jit(make_train_step(method, opt))
+        fns[name] = functools.partial(_blocking, step, (state, batch, key))
+    times = interleaved_times(fns, repeats)
+    return {name: {"best_ms": 1e3 * min(t), "median_ms": 1e3 * sorted(t)[len(t) // 2]}
+            for name, t in times.items()}
+
+
 def _blocking(fn, args):
     jax.block_until_ready(fn(*args))
 
@@ -140,6 +177,8 @@ def main(argv=None) -> dict:
                         help="estimators whose gradient variance is measured ('' to skip)")
     parser.add_argument("--step-comparison", action="store_true",
                         help="also time the grouped VCL gradient vs MLE")
+    parser.add_argument("--train-steps", action="store_true",
+                        help="also time one train step of MLE, VCL and natural-gradient VCL")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__),
                                                       "split_mnist_results.json"))
     args = parser.parse_args(argv)
@@ -175,6 +214,13 @@ def main(argv=None) -> dict:
         mle_ms = steps["mle"]["median_ms"]
         for name, r in steps.items():
             print(f"{name} gradient, 12,000 images: best {r['best_ms']:.0f} ms, median "
+                  f"{r['median_ms']:.0f} ms ({r['median_ms'] / mle_ms:.2f}× MLE)", flush=True)
+    if args.train_steps:
+        steps = train_step_comparison()
+        results["train_step_comparison"] = steps
+        mle_ms = steps["mle"]["median_ms"]
+        for name, r in steps.items():
+            print(f"train step, {name}, 12,000 images: best {r['best_ms']:.0f} ms, median "
                   f"{r['median_ms']:.0f} ms ({r['median_ms'] / mle_ms:.2f}× MLE)", flush=True)
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)

@@ -242,7 +242,7 @@ def test_natural_gradient_vcl_runs_and_reports_its_posterior_spread(smoke, tmp_p
     ng = metrics["runs"]["vcl_ng"]["posterior_std"][-1]
     assert sorted(ng) == ["heads", "hidden0", "hidden1"]
     lo, mid, hi = ng["hidden0"]
-    start = 1 / np.sqrt(1 + 64 * cfg.ng_hess_init)
+    start = 1 / np.sqrt(1 + 64 / cfg.ng_kl_scale * cfg.ng_hess_init)
     assert 0 < lo < mid < hi and abs(mid - start) > 0.2 * start
-    with pytest.raises(ConfigError, match="kl_scale > 0"):
-        override(cfg, ["kl_scale=0"]).validate()
+    with pytest.raises(ConfigError, match="ng_kl_scale > 0"):
+        override(cfg, ["ng_kl_scale=0"]).validate()

@@ -230,9 +230,11 @@ def diffusion_checks(cfg: Any) -> list[tuple[bool, str]]:
 def natural_gradient_checks(cfg: Any, used: bool) -> list[tuple[bool, str]]:
     """The checks of the natural-gradient VCL fields (``ng_*``) every experiment shares;
     ``used``: whether a run of the config trains by them (then ``kl_scale`` must be > 0)."""
+    kl = getattr(cfg, "ng_kl_scale", cfg.kl_scale)  # split MNIST's vcl_ng has its own
+    name = "ng_kl_scale" if hasattr(cfg, "ng_kl_scale") else "kl_scale"
     return [
-        (cfg.kl_scale > 0 or not used,
-         "natural-gradient VCL needs kl_scale > 0 (its effective sample size is N/kl_scale)"),
+        (kl > 0 or not used,
+         f"natural-gradient VCL needs {name} > 0 (its effective sample size is N/{name})"),
         (cfg.ng_learning_rate > 0, f"ng_learning_rate must be > 0, got {cfg.ng_learning_rate}"),
         (cfg.ng_hess_init > 0, f"ng_hess_init must be > 0, got {cfg.ng_hess_init}"),
         (0 <= cfg.ng_b1 < 1 and 0 <= cfg.ng_b2 < 1,

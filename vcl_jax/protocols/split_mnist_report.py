@@ -78,7 +78,7 @@ def summary(cfg: SplitMNISTConfig, metrics: dict) -> str:
     if any(n.startswith("vcl_ng") for n in metrics["runs"]):
         lines += ["", f"Natural-gradient VCL: step {cfg.ng_learning_rate:g}, "
                   f"{cfg.ng_train_samples} draw(s) per step ({cfg.ng_estimator} estimator), "
-                  f"h₀ {cfg.ng_hess_init:g}, "
+                  f"KL weight {cfg.ng_kl_scale:g}, h₀ {cfg.ng_hess_init:g}, "
                   f"β₁ {cfg.ng_b1:g}, β₂ {cfg.ng_b2:g}, clip {cfg.ng_clip}, curvature floor "
                   f"{cfg.ng_floor}."]
     return "\n".join(lines) + "\n"

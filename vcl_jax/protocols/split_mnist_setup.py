@@ -152,7 +152,8 @@ class Runner:
         # the coreset fine-tuning's VCL: the same objective with its own estimator
         self.vcl_tune = self.vcl if cfg.tune_estimator == cfg.estimator else vcl(
             None, **vcl_kw, expected_loss=expected_loss(cfg.tune_estimator))
-        ng_kw = dict(vcl_kw, n_samples=cfg.ng_train_samples, hess_init=cfg.ng_hess_init,
+        ng_kw = dict(vcl_kw, kl_scale=cfg.ng_kl_scale, n_samples=cfg.ng_train_samples,
+                     hess_init=cfg.ng_hess_init,
                      b1=cfg.ng_b1, b2=cfg.ng_b2, clip=cfg.ng_clip, floor=cfg.ng_floor)
         self.vcl_ng = vcl_ng(None, **ng_kw, expected_loss=expected_loss(
             cfg.ng_estimator, cfg.ng_train_samples))
@@ -219,7 +220,7 @@ class Runner:
         """A new head's log-variance under natural-gradient VCL: the precision its prior
         N(0, σ₀²) gives plus λ·h₀, as every other weight's at a task's start."""
         cfg = self.cfg
-        ess = n_data / cfg.kl_scale
+        ess = n_data / cfg.ng_kl_scale
         return -float(np.log(cfg.prior_sigma ** -2 + ess * cfg.ng_hess_init))
 
     def unseen_heads_at_prior(self, q: mf.MeanField) -> mf.MeanField:
