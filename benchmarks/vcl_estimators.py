@@ -35,7 +35,7 @@ from vcl_jax.config import override
 from vcl_jax.protocols import vcl_diffusion, vcl_diffusion_mle
 from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 from vcl_jax.training.epoch import EpochRunner
-from vcl_jax.training.state import TrainState, adam, make_train_step
+from vcl_jax.training.state import TrainState, make_train_step
 
 
 def _setup(n_feat: int, batch: int, k: int, estimator: str, extra=()):
@@ -47,7 +47,7 @@ def _setup(n_feat: int, batch: int, k: int, estimator: str, extra=()):
 def step_ms(setup, method: str, data: dict, steps: int, repeats: int = 2) -> float:
     params = setup.init_params(jax.random.key(0))
     m = setup.method(method, params)
-    opt = adam(setup.cfg.learning_rate)
+    opt = setup.optimizer(m)  # Adam, or natural-gradient VCL's own update
     tr, ms = m.init(params)
     tr, ms = m.begin_task(tr, ms, 0, 500)
     state = [TrainState(tr, opt.init(tr), ms)]
@@ -116,6 +116,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--weight-draws", default="loop",
                         help="comma-separated layouts of the K draws to time (loop: the CPU "
                              "default; vmap needed > 18 GiB at 8 steps per call here once)")
+    parser.add_argument("--k1-only", action="store_true",
+                        help="time MLE, VCL and natural-gradient VCL at K = 1 only")
     parser.add_argument("--skip-variance", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__),
@@ -128,13 +130,16 @@ def main(argv=None) -> dict:
     b, steps = args.batch, args.steps
     data = {"x": jax.random.uniform(jax.random.key(1), (b * steps, 28, 28, 1)),
             "task": jnp.zeros(b * steps, jnp.int32)}
-    runs = [("mle", 1, "paper", "-"), ("vcl", 1, "paper", "-")] + [
+    # natural-gradient VCL as the digits 0-3 run trained it: norms in the posterior
+    runs = [("mle", 1, "paper", "-"), ("vcl", 1, "paper", "-"), ("vcl_ng", 1, "paper", "-")] + [
         ("vcl", args.k, est, layout) for layout in args.weight_draws.split(",")
-        for est in ("grouped", "paper")]
+        for est in ("grouped", "paper") if not args.k1_only]
     for impl in [] if args.skip_timing else filter(None, args.conv_impls.split(",")):
         for method, k, est, layout in runs:
-            name = "mle" if method == "mle" else f"vcl_K{k}" + (f"_{est}_{layout}" if k > 1 else "")
+            name = "mle" if method == "mle" else f"{method}_K{k}" + (
+                f"_{est}_{layout}" if k > 1 else "")
             extra = [f"conv_impl={impl}", f"unroll={steps}"]
+            extra += ["variational_norms=true"] if method == "vcl_ng" else []
             extra += [f"weight_draws={layout}"] if k > 1 else []
             setup = _setup(args.n_feat, b, k, est, extra)
             t = time.perf_counter()
