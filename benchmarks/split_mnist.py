@@ -121,10 +121,9 @@ def step_comparison(n_images: int = 12_000, repeats: int = 11) -> dict:
     fns = {"mle": (jax.jit(jax.grad(lambda p: jnp.mean(mlp.nll(mlp.apply(p, x, 0), y)))),
                    (params,)),
            "vcl": (vcl_grad(mf.sample_many), (q, key))}
-    times = interleaved_times({name: functools.partial(_blocking, fn, args)
-                               for name, (fn, args) in fns.items()}, repeats)
-    return {name: {"best_ms": 1e3 * min(t), "median_ms": 1e3 * sorted(t)[len(t) // 2]}
-            for name, t in times.items()}
+    return _best_and_median(interleaved_times(
+        {name: functools.partial(_blocking, fn, args) for name, (fn, args) in fns.items()},
+        repeats))
 
 
 def train_step_comparison(n_images: int = 12_000, repeats: int = 11) -> dict:
@@ -153,15 +152,26 @@ def train_step_comparison(n_images: int = 12_000, repeats: int = 11) -> dict:
                "vcl_ng (grouped, K=1)": vcl_ng(None, expected_loss=one_draw, log_var_init=-6.0)}
     fns = {}
     for name, method in methods.items():
-        opt = optimizer_for(method, 0.1 if method.optimizer else cfg.learning_rate)
+        opt = optimizer_for(method, runner.learning_rate(method))
         state = TrainState.create(method, opt, params)
         q, ms = method.begin_task(state.trainable, state.method_state, 0, n_images)
         state = state._replace(trainable=q, method_state=ms)
         step = jax.jit(make_train_step(method, opt))
         fns[name] = functools.partial(_blocking, step, (state, batch, key))
-    times = interleaved_times(fns, repeats)
+    return _best_and_median(interleaved_times(fns, repeats))
+
+
+def _best_and_median(times: dict[str, list[float]]) -> dict:
     return {name: {"best_ms": 1e3 * min(t), "median_ms": 1e3 * sorted(t)[len(t) // 2]}
             for name, t in times.items()}
+
+
+def _print_steps(what: str, steps: dict) -> None:
+    """One line per timed step: best and median, and the median over MLE's."""
+    mle_ms = steps["mle"]["median_ms"]
+    for name, r in steps.items():
+        print(f"{what.format(name=name)}, 12,000 images: best {r['best_ms']:.0f} ms, median "
+              f"{r['median_ms']:.0f} ms ({r['median_ms'] / mle_ms:.2f}× MLE)", flush=True)
 
 
 def _blocking(fn, args):
@@ -209,19 +219,11 @@ def main(argv=None) -> dict:
             ratio = f" ({v / base:.2f}× paper)" if base else ""
             print(f"gradient variance, {est} estimator: {v:.4g}{ratio}", flush=True)
     if args.step_comparison:
-        steps = step_comparison()
-        results["step_comparison"] = steps
-        mle_ms = steps["mle"]["median_ms"]
-        for name, r in steps.items():
-            print(f"{name} gradient, 12,000 images: best {r['best_ms']:.0f} ms, median "
-                  f"{r['median_ms']:.0f} ms ({r['median_ms'] / mle_ms:.2f}× MLE)", flush=True)
+        results["step_comparison"] = step_comparison()
+        _print_steps("{name} gradient", results["step_comparison"])
     if args.train_steps:
-        steps = train_step_comparison()
-        results["train_step_comparison"] = steps
-        mle_ms = steps["mle"]["median_ms"]
-        for name, r in steps.items():
-            print(f"train step, {name}, 12,000 images: best {r['best_ms']:.0f} ms, median "
-                  f"{r['median_ms']:.0f} ms ({r['median_ms'] / mle_ms:.2f}× MLE)", flush=True)
+        results["train_step_comparison"] = train_step_comparison()
+        _print_steps("train step, {name}", results["train_step_comparison"])
     with open(args.out, "w") as f:
         json.dump(results, f, indent=2)
     return results

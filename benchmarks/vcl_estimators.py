@@ -48,9 +48,9 @@ def step_ms(setup, method: str, data: dict, steps: int, repeats: int = 2) -> flo
     params = setup.init_params(jax.random.key(0))
     m = setup.method(method, params)
     opt = setup.optimizer(m)  # Adam, or natural-gradient VCL's own update
-    tr, ms = m.init(params)
-    tr, ms = m.begin_task(tr, ms, 0, 500)
-    state = [TrainState(tr, opt.init(tr), ms)]
+    state = TrainState.create(m, opt, params)
+    tr, ms = m.begin_task(state.trainable, state.method_state, 0, 500)
+    state = [state._replace(trainable=tr, method_state=ms)]
     runner = EpochRunner(make_train_step(m, opt), setup.cfg.batch_size,
                          setup.steps_per_call(method), multiple=max(setup.cfg.unroll, 1))
 

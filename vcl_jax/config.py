@@ -227,14 +227,15 @@ def diffusion_checks(cfg: Any) -> list[tuple[bool, str]]:
     ]
 
 
-def natural_gradient_checks(cfg: Any, used: bool) -> list[tuple[bool, str]]:
+def natural_gradient_checks(cfg: Any, used: bool, kl_field: str = "kl_scale"
+                            ) -> list[tuple[bool, str]]:
     """The checks of the natural-gradient VCL fields (``ng_*``) every experiment shares;
-    ``used``: whether a run of the config trains by them (then ``kl_scale`` must be > 0)."""
-    kl = getattr(cfg, "ng_kl_scale", cfg.kl_scale)  # split MNIST's vcl_ng has its own
-    name = "ng_kl_scale" if hasattr(cfg, "ng_kl_scale") else "kl_scale"
+    ``used``: whether a run of the config trains by them (then its KL weight, the field
+    ``kl_field``, must be > 0)."""
     return [
-        (kl > 0 or not used,
-         f"natural-gradient VCL needs {name} > 0 (its effective sample size is N/{name})"),
+        (getattr(cfg, kl_field) > 0 or not used,
+         f"natural-gradient VCL needs {kl_field} > 0 (its effective sample size is "
+         f"N/{kl_field})"),
         (cfg.ng_learning_rate > 0, f"ng_learning_rate must be > 0, got {cfg.ng_learning_rate}"),
         (cfg.ng_hess_init > 0, f"ng_hess_init must be > 0, got {cfg.ng_hess_init}"),
         (0 <= cfg.ng_b1 < 1 and 0 <= cfg.ng_b2 < 1,

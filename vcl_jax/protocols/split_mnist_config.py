@@ -122,7 +122,8 @@ class SplitMNISTConfig:
             (0.0 <= self.validation_fraction < 1.0,
              f"validation_fraction must be in [0, 1), got {self.validation_fraction}"),
             (self.ewc_lambda >= 0, f"ewc_lambda must be ≥ 0, got {self.ewc_lambda}"),
-            *natural_gradient_checks(self, any(r.startswith("vcl_ng") for r in self.runs)),
+            *natural_gradient_checks(self, any(r.startswith("vcl_ng") for r in self.runs),
+                                     kl_field="ng_kl_scale"),
             (self.max_per_task is None or self.max_per_task >= 1,
              f"max_per_task must be ≥ 1 or none, got {self.max_per_task}"),
         ])

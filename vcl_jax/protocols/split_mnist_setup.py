@@ -164,10 +164,16 @@ class Runner:
         self.predict = jax.jit(bayes_mlp.predict_proba, static_argnames=("n_samples",))
         self.predict_mle = jax.jit(lambda p, x, head: jax.nn.softmax(mlp.apply(p, x, head)))
 
+    def learning_rate(self, method: Method) -> float:
+        """``ng_learning_rate`` for a method that owns its update (natural-gradient VCL),
+        else Adam's ``learning_rate``."""
+        cfg = self.cfg
+        return cfg.ng_learning_rate if method.optimizer is not None else cfg.learning_rate
+
     def trainer(self, method: Method) -> Trainer:
         cfg = self.cfg
-        rate = cfg.ng_learning_rate if method.optimizer is not None else cfg.learning_rate
-        return Trainer(method, learning_rate=rate, epochs=cfg.epochs, batch_size=cfg.batch_size)
+        return Trainer(method, learning_rate=self.learning_rate(method), epochs=cfg.epochs,
+                       batch_size=cfg.batch_size)
 
     def task_keys(self, task: int) -> jax.Array:
         """Task ``task``'s keys: coreset, MLE pre-fit, training, new head, tuning, evaluation."""
@@ -183,6 +189,8 @@ class Runner:
         its own (``finetune_each``, the original's multi-head protocol)."""
         if name not in self._runs:
             kind = self.cfg.coreset_method(name)
+            natural = name.startswith("vcl_ng")
+            base = self.vcl_ng if natural else self.vcl
             if name == "mle":
                 method, tune = self.mle, None
             elif name == "ewc":
@@ -194,12 +202,10 @@ class Runner:
                            "w": jax.ShapeDtypeStruct((), jnp.float32)}
                 core = coreset(lambda t, ex: self.pick(kind, t, ex["x"]), self.cfg.coreset_size,
                                len(self.cfg.groups), example, mode="finetune_each")
-                natural = name.startswith("vcl_ng")
-                base = self.vcl_ng if natural else self.vcl
                 method = chain(base, core)
                 tune = chain(self.vcl_ng_tune if natural else self.vcl_tune, core)
             else:
-                method, tune = (self.vcl_ng if name.startswith("vcl_ng") else self.vcl), None
+                method, tune = base, None
             fit = self.fit_mle if method is self.mle else self.trainer(method)
             self._runs[name] = (method, fit, tune and self.trainer(tune))
         return self._runs[name]
