@@ -117,7 +117,8 @@ def main(argv=None) -> dict:
                         help="comma-separated layouts of the K draws to time (loop: the CPU "
                              "default; vmap needed > 18 GiB at 8 steps per call here once)")
     parser.add_argument("--k1-only", action="store_true",
-                        help="time MLE, VCL and natural-gradient VCL at K = 1 only")
+                        help="time MLE, VCL and natural-gradient VCL at K = 1 only (each VCL "
+                             "with deterministic and with sampled GroupNorm parameters)")
     parser.add_argument("--skip-variance", action="store_true")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__),
@@ -130,16 +131,18 @@ def main(argv=None) -> dict:
     b, steps = args.batch, args.steps
     data = {"x": jax.random.uniform(jax.random.key(1), (b * steps, 28, 28, 1)),
             "task": jnp.zeros(b * steps, jnp.int32)}
-    # natural-gradient VCL as the digits 0-3 run trained it: norms in the posterior
-    runs = [("mle", 1, "paper", "-"), ("vcl", 1, "paper", "-"), ("vcl_ng", 1, "paper", "-")] + [
-        ("vcl", args.k, est, layout) for layout in args.weight_draws.split(",")
+    # K = 1: VCL and natural-gradient VCL with the GroupNorm parameters deterministic
+    # (the preset) and drawn from the posterior (``norms``, as the vcl_ng runs train)
+    runs = [("mle", 1, "paper", "-", False)] + [
+        (m, 1, "paper", "-", norms) for m in ("vcl", "vcl_ng") for norms in (False, True)] + [
+        ("vcl", args.k, est, layout, False) for layout in args.weight_draws.split(",")
         for est in ("grouped", "paper") if not args.k1_only]
     for impl in [] if args.skip_timing else filter(None, args.conv_impls.split(",")):
-        for method, k, est, layout in runs:
+        for method, k, est, layout, norms in runs:
             name = "mle" if method == "mle" else f"{method}_K{k}" + (
-                f"_{est}_{layout}" if k > 1 else "")
+                f"_{est}_{layout}" if k > 1 else "") + ("_norms" if norms else "")
             extra = [f"conv_impl={impl}", f"unroll={steps}"]
-            extra += ["variational_norms=true"] if method == "vcl_ng" else []
+            extra += ["variational_norms=true"] if norms else []
             extra += [f"weight_draws={layout}"] if k > 1 else []
             setup = _setup(args.n_feat, b, k, est, extra)
             t = time.perf_counter()
