@@ -163,3 +163,26 @@ def test_vcl_ng_settings_are_checked():
         vcl_ng(_sq_loss, kl_scale=0.0)
     with pytest.raises(ValueError, match="hess_init > 0"):
         vcl_ng(_sq_loss, hess_init=0.0)
+    with pytest.raises(ValueError, match="prior_decay"):
+        vcl_ng(_sq_loss, prior_decay=1.5)
+
+
+@pytest.mark.parametrize("decay", [1.0, 0.25])
+def test_prior_decay_scales_the_next_priors_precision(decay):
+    from vcl_jax.continual import vcl_ng
+
+    params = {"w": jnp.zeros(3), "b": jnp.zeros(())}
+    m = vcl_ng(_sq_loss, n_samples=1, prior_sigma=1.0, hess_init=0.5, prior_decay=decay)
+    q, ms = m.init(params)
+    q = q._replace(mean={"w": jnp.array([1.0, 2.0, 3.0]), "b": jnp.ones(())},
+                   log_var={"w": jnp.array([-2.0, -3.0, -4.0]), "b": jnp.zeros(())})
+    ms = m.end_task(q, ms, 0)
+    # the means are kept; the precisions e^{-log σ²} are multiplied by γ
+    np.testing.assert_array_equal(ms.prior.mean["w"], q.mean["w"])
+    np.testing.assert_allclose(np.exp(-ms.prior.log_var["w"]),
+                               decay * np.exp(-np.asarray(q.log_var["w"])), rtol=1e-6)
+    # the next task starts from that prior's precision plus λ·h₀
+    q2, _ = m.begin_task(q, ms, 1, 64)
+    np.testing.assert_allclose(np.exp(-q2.log_var["w"]),
+                               decay * np.exp(-np.asarray(q.log_var["w"])) + 64 * 0.5,
+                               rtol=1e-5)

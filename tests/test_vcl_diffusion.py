@@ -452,6 +452,10 @@ def test_diagnostics_on_a_smoke_run(smoke_run):
                                         method="mle_coreset0")
     assert [r["n"] for r in rows] == [2, 2, 1]
     assert all(r["uncertainty"] >= 0 and 0 <= r["accuracy"] <= 1 for r in rows)
+    # a VCL checkpoint adds draws of its own posterior
+    rows = vcl_diagnostics.noise_effect(run_dir, 1, 1, [], n=2, draws=2, method="vcl_coreset0")
+    assert [r["weights"] for r in rows] == ["point estimate",
+                                            "2 draws, the posterior, one per image"]
     # putting parameter groups back: nothing swapped = the checkpoint; "all" = the source
     loaded = vcl_diagnostics.load_checkpoint(run_dir, task=0, method="vcl_coreset0")
     pre = vcl_diagnostics.pretrained_params(run_dir, loaded)

@@ -22,6 +22,7 @@ per-pixel-mean loss). After each task the posterior becomes the prior.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -72,6 +73,7 @@ def vcl(
     pretrained_prior: bool = False,
     weight_noise: bool = True,
     expected_loss: ExpectedLoss | None = None,
+    prior_decay: float = 1.0,
 ) -> Method:
     """Builds the VCL method.
 
@@ -105,6 +107,11 @@ def vcl(
       weight_noise: False trains the likelihood at the posterior means (no draws) while the
         KL still acts: a diagnostic that separates the KL's pull from the weight noise (the
         log-variances then follow the KL alone, to the prior's).
+      prior_decay: γ ∈ (0, 1], the next task's prior is the posterior with its precisions
+        multiplied by γ (its means kept): 1 is VCL's exact recursion; below 1 the earlier
+        tasks hold the weights less and a new task is learnt more freely, as online EWC's
+        decay of the old penalty. (A KL weight does not do this once the precisions are
+        learnt: scaling the KL scales the new task's and the old tasks' precisions alike.)
     """
     if n_samples < 1:
         raise ValueError(f"VCL needs n_samples ≥ 1, got {n_samples}")
@@ -114,6 +121,8 @@ def vcl(
         raise ValueError(f"unknown VCL draws layout {draws!r}; accepted: {', '.join(DRAWS)}")
     if likelihood_scale <= 0:
         raise ValueError(f"VCL needs likelihood_scale > 0, got {likelihood_scale}")
+    if not 0 < prior_decay <= 1:
+        raise ValueError(f"VCL needs 0 < prior_decay ≤ 1, got {prior_decay}")
 
     def init_fn(params):
         if callable(log_var_init):
@@ -161,7 +170,9 @@ def vcl(
 
     def end_task_fn(q, state, task, data=None):
         del task, data
-        return state._replace(prior=jax.tree.map(jnp.copy, q))
+        # precision × γ is log-variance − log γ
+        prior = q._replace(log_var=jax.tree.map(lambda lv: lv - math.log(prior_decay), q.log_var))
+        return state._replace(prior=jax.tree.map(jnp.copy, prior))
 
     # Inner functions are named *_fn: a closure looks names up when it runs, so a `def draws`
     # here would replace the `draws` argument inside `weight_draws`.

@@ -10,7 +10,7 @@ weight noise does to the samples.
 * :func:`noise_effect` — classifier uncertainty of one digit's samples at the
   checkpoint's point estimate (MLE params or VCL posterior mean), at draws of
   ``N(mean, exp(log_var))`` (one draw per image, or ε averaged over the draws),
-  for chosen log-variances.
+  for chosen log-variances and, for a VCL checkpoint, at draws of its own posterior.
 * :func:`swap_effect` — which parameters carry a change: one digit scored at the
   checkpoint's point estimate with chosen parameter groups (null context, norms,
   per-task conditioning, the KL-held weights) put back to their values at an earlier
@@ -139,13 +139,16 @@ def noise_effect(run_dir: str, task: int, digit: int, log_vars: list[float], *, 
                 "accuracy": float(np.mean(lp.argmax(-1) == digit)), "n": m}
 
     rows = [score("point estimate", jax.tree.map(lambda a: a[None], point), n)]
-    for lv in log_vars:
-        q = mf.init_from_params(point, lv)
+    posterior = loaded.restored["eval"]
+    named = [(f"log-var {lv:g}", mf.init_from_params(point, lv)) for lv in log_vars]
+    if isinstance(posterior, mf.MeanField):  # the checkpoint's own (learnt) variances
+        named.append(("the posterior", posterior))
+    for name, q in named:
         stack = jax.vmap(lambda k, q=q: mf.sample(k, q, mask))(
             jax.random.split(jax.random.fold_in(key, 7), draws))
-        rows.append(score(f"{draws} draws, log-var {lv:g}, one per image", stack, n))
+        rows.append(score(f"{draws} draws, {name}, one per image", stack, n))
         if average:
-            rows.append(score(f"{draws} draws, log-var {lv:g}, ε averaged", stack,
+            rows.append(score(f"{draws} draws, {name}, ε averaged", stack,
                               max(n // 2, 1), avg=True))
     return rows
 

@@ -144,6 +144,8 @@ class VCLDiffusionConfig:
     prior_sigma: float = 1.0
     kl_scale: float = 1.0
     likelihood: str = "mean"  # "mean" over pixels (the authors' code) or "sum" (the paper's)
+    # γ: each task's prior is the previous posterior with its precisions × γ (1: VCL)
+    prior_decay: float = 1.0
     # GroupNorm scales/offsets inside the posterior and the KL (True) or deterministic
     # and unregularised like the per-task embeddings (False, the paper's code).
     variational_norms: bool = False
@@ -189,8 +191,8 @@ class VCLDiffusionConfig:
         "methods": ("methods", "coreset_sizes"),
         "vcl": ("train_samples", "estimator", "weight_draws", "eval_samples",
                 "eval_average_draws", "log_var_init", "prior_rel_std", "weight_noise",
-                "prior_sigma", "kl_scale", "likelihood", "variational_norms",
-                "vcl_pretrain_epochs"),
+                "prior_sigma", "kl_scale", "likelihood", "prior_decay",
+                "variational_norms", "vcl_pretrain_epochs"),
         "vcl_ng": ("ng_learning_rate", "ng_hess_init", "ng_b1", "ng_b2", "ng_clip", "ng_floor"),
         "ewc": ("ewc_lambda", "fisher_samples", "fisher_t_min", "fisher_t_max", "fisher_chunk"),
         "coreset": ("coreset_method", "coreset_mode", "coreset_epochs"),
@@ -229,6 +231,7 @@ class VCLDiffusionConfig:
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (self.kl_scale >= 0, f"kl_scale must be ≥ 0, got {self.kl_scale}"),
             (self.prior_sigma > 0, f"prior_sigma must be > 0, got {self.prior_sigma}"),
+            (0 < self.prior_decay <= 1, f"prior_decay must be in (0, 1], got {self.prior_decay}"),
             *natural_gradient_checks(self, any(has_ng(m) for m in self.methods)),
             (self.prior_rel_std is None or self.prior_rel_std > 0,
              f"prior_rel_std must be > 0 or none, got {self.prior_rel_std}"),
@@ -280,7 +283,7 @@ PRESETS = {
 # one coreset size). A sub-run's checkpoints are keyed on the remaining fields.
 VCL_ONLY = ("train_samples", "eval_samples", "log_var_init", "prior_sigma", "kl_scale",
             "vcl_pretrain_epochs", "variational_norms", "eval_average_draws",
-            "estimator", "prior_rel_std", "weight_noise", "likelihood")
+            "estimator", "prior_rel_std", "weight_noise", "likelihood", "prior_decay")
 NG_ONLY = ("ng_learning_rate", "ng_hess_init", "ng_b1", "ng_b2", "ng_clip", "ng_floor")
 EWC_ONLY = ("ewc_lambda", "fisher_samples", "fisher_t_min", "fisher_t_max", "fisher_chunk")
 # Fields added after run directories existed, with the value older runs implicitly had:
@@ -288,7 +291,7 @@ EWC_ONLY = ("ewc_lambda", "fisher_samples", "fisher_t_min", "fisher_t_max", "fis
 ADDED_FIELDS = {"data_variant": "5k", "variational_norms": False, "eval_average_draws": False,
                 "context": "shared", "variational_lr_scale": 1.0, "estimator": "paper",
                 "weight_init": "paper", "prior_rel_std": None, "weight_noise": True,
-                "eval_eta": 0.0, "likelihood": "mean"}
+                "eval_eta": 0.0, "likelihood": "mean", "prior_decay": 1.0}
 # Fields retired after measuring no better (BENCHMARKS.md), with the one value runs now
 # have: part of a VCL sub-run's checkpoint key, so a run written with another value is
 # refused rather than continued without it.

@@ -90,7 +90,7 @@ class Setup:
                       estimator=cfg.estimator, draws=self.draws_layout, kl_scale=cfg.kl_scale,
                       likelihood_scale=self.likelihood_scale, prior_sigma=cfg.prior_sigma,
                       log_var_init=log_var, weight_noise=cfg.weight_noise,
-                      pretrained_prior=cfg.vcl_pretrain_epochs > 0)
+                      pretrained_prior=cfg.vcl_pretrain_epochs > 0, prior_decay=cfg.prior_decay)
             if has_ng(name):
                 base = vcl_ng(draws_loss, **kw, hess_init=cfg.ng_hess_init, b1=cfg.ng_b1,
                               b2=cfg.ng_b2, clip=cfg.ng_clip, floor=cfg.ng_floor,
