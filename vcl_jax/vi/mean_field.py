@@ -165,24 +165,29 @@ def sample(key: jax.Array, q: MeanField, mask: PyTree | None = None) -> PyTree:
     """
     means, treedef = jax.tree.flatten(q.mean)
     log_vars = treedef.flatten_up_to(q.log_var)
-    out = [m if e is None else m + _scaled(e, lv)
+    out = [m if e is None else m + _scaled(e, jnp.exp(0.5 * lv), lv.ndim)
            for m, lv, e in zip(means, log_vars, _noise(key, q, mask), strict=True)]
     return jax.tree.unflatten(treedef, out)
 
 
-def _scaled(eps: jax.Array, log_var: jax.Array) -> jax.Array:
-    """``σ·ε``, computed once into its own buffer (``+ 0`` through a reduction).
+def _scaled(eps: jax.Array, std: jax.Array, leaf_ndim: int) -> jax.Array:
+    """``σ·ε`` of one leaf; a vector leaf's (``leaf_ndim`` ≤ 1) computed once into a buffer.
 
     XLA fuses cheap elementwise producers into every consumer, even into one that
-    broadcasts them. Written as a plain product, a GroupNorm scale's 16 draws (the normal's
-    ``erf_inv`` polynomial of the random bits) were re-computed for each of the 64·28·28·16
-    activations they multiply (BENCHMARKS.md has the cost). XLA:CPU does not fuse a
-    reduction into its consumers, so summing ``[σ·ε, 0]`` over its leading axis makes the
-    draw a buffer, at one pass over the weights, and leaves every value as it was
-    (``x + 0 = x``). ``jax.lax.optimization_barrier`` would say this
-    more plainly, but XLA:CPU removes it before fusion.
+    broadcasts them. Vectors (biases, GroupNorm scales and offsets, FiLM vectors) are
+    broadcast over the activations: written as a plain product, a GroupNorm scale's 16
+    draws (the normal's ``erf_inv`` polynomial of the random bits) were re-computed for each
+    of the 64·28·28·16 activations they multiply (BENCHMARKS.md has the cost). XLA:CPU does
+    not fuse a reduction into its consumers, so summing ``[σ·ε, 0]`` over a leading axis
+    makes the draw a buffer and leaves every value as it was (``x + 0 = x``). Matrices and
+    kernels feed a contraction, which reads its operands from buffers anyway; buffering
+    them too would only add a pass over the largest leaves (measured on split MNIST's
+    10-draw step). ``jax.lax.optimization_barrier`` would say this more plainly, but XLA:CPU
+    removes it before fusion.
     """
-    draw = jnp.exp(0.5 * log_var) * eps
+    draw = std * eps
+    if leaf_ndim > 1:
+        return draw
     return jnp.stack([draw, jnp.zeros_like(draw)]).sum(0)
 
 
@@ -224,7 +229,8 @@ def sample_many(keys: jax.Array, q: MeanField, mask: PyTree | None = None) -> Py
     means, treedef = jax.tree.flatten(q.mean)
     log_vars = treedef.flatten_up_to(q.log_var)
     eps = jax.vmap(lambda k: _noise(k, q, mask))(keys)
-    out = [_tile(m, n) if e is None else _tile(m, n) + _scaled(e, _tile(lv, n))
+    out = [_tile(m, n) if e is None else
+           _tile(m, n) + _scaled(e, _tile(jnp.exp(0.5 * lv), n), lv.ndim)
            for m, lv, e in zip(means, log_vars, eps, strict=True)]
     return jax.tree.unflatten(treedef, out)
 
