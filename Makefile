@@ -58,6 +58,7 @@ bench:
 	$(PY) -m benchmarks.split_mnist --step-comparison
 	$(PY) -m benchmarks.fisher
 	$(PY) -m benchmarks.vcl_estimators
+	$(PY) -m benchmarks.cpu_preset
 
 clean-cache:
 	rm -rf $(HOME)/.cache/vcl_jax

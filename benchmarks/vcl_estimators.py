@@ -34,7 +34,6 @@ import jax.numpy as jnp
 from vcl_jax.config import override
 from vcl_jax.protocols import vcl_diffusion, vcl_diffusion_mle
 from vcl_jax.protocols.vcl_diffusion_config import PRESETS
-from vcl_jax.training.epoch import EpochRunner
 from vcl_jax.training.state import TrainState, make_train_step
 
 
@@ -51,8 +50,7 @@ def step_ms(setup, method: str, data: dict, steps: int, repeats: int = 2) -> flo
     state = TrainState.create(m, opt, params)
     tr, ms = m.begin_task(state.trainable, state.method_state, 0, 500)
     state = [state._replace(trainable=tr, method_state=ms)]
-    runner = EpochRunner(make_train_step(m, opt), setup.cfg.batch_size,
-                         setup.steps_per_call(method), multiple=max(setup.cfg.unroll, 1))
+    runner = setup.runner(make_train_step(m, opt), method)
 
     def epoch():
         state[0], metrics = runner(state[0], data, jax.random.key(2))

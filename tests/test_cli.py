@@ -98,3 +98,29 @@ def test_a_task_grouping_is_given_as_slash_joined_classes():
         override(SPLIT["smoke"], ["groups=0/1,1/2"]).validate()
     with pytest.raises(ConfigError, match="classes names a class twice"):
         override(PRESETS["cpu"], ["classes=0,1,0"]).validate()
+
+
+def test_experiments_turn_on_the_persistent_compilation_cache(tmp_path, monkeypatch):
+    import jax
+
+    from vcl_jax.cli import COMPILE_CACHE_ENV, enable_compile_cache
+
+    before = (jax.config.jax_compilation_cache_dir,
+              jax.config.jax_persistent_cache_min_compile_time_secs)
+    try:
+        monkeypatch.setenv(COMPILE_CACHE_ENV, "0")
+        assert enable_compile_cache() is None
+        assert jax.config.jax_compilation_cache_dir == before[0]  # left as it was
+        monkeypatch.setenv(COMPILE_CACHE_ENV, str(tmp_path / "jit"))
+        monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
+        assert enable_compile_cache() == str(tmp_path / "jit")
+        assert jax.config.jax_compilation_cache_dir == str(tmp_path / "jit")
+        assert jax.config.jax_persistent_cache_min_compile_time_secs == 1.0
+        # without the variable: JAX's own, else the cache root's jit/
+        monkeypatch.delenv(COMPILE_CACHE_ENV)
+        monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+        monkeypatch.setenv("VCL_JAX_CACHE_DIR", str(tmp_path / "root"))
+        assert enable_compile_cache() == os.path.join(str(tmp_path / "root"), "jit")
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])

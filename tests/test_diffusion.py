@@ -142,3 +142,48 @@ def test_generate_averages_noise_over_draws():
     spread = generate(model, stack(p1, p2), s, key, tasks, (28, 28, 1))
     assert mixed.shape == (3, 28, 28, 1)
     assert not np.allclose(mixed, one, atol=1e-3) and not np.allclose(mixed, spread, atol=1e-3)
+
+
+def test_call_batches():
+    from vcl_jax.diffusion.generate import call_batches
+
+    assert call_batches(0) == [] and call_batches(0, 64) == []
+    assert call_batches(50) == [50] and call_batches(50, 64) == [50]
+    assert call_batches(130, 64) == [64, 64, 2] and call_batches(128, 64) == [64, 64]
+
+
+class _Toy:
+    """A stand-in noise predictor with the U-Net's call (params, x, t, task, keep): cheap to
+    compile, its output depends on every input."""
+
+    @staticmethod
+    def apply(variables, x, t, task, keep):
+        w = variables["params"]["w"]
+        shift = jnp.where(keep, task.astype(x.dtype), -1.0)[:, None, None, None]
+        return w * jnp.tanh(x) + 0.1 * t[:, None, None, None] + 0.05 * shift
+
+
+def test_generate_batches_keep_each_images_noise():
+    from vcl_jax.diffusion.generate import generate
+
+    s, key = linear_schedule(10), jax.random.key(3)
+    draws = {"w": jnp.asarray([0.3])}
+    tasks = np.arange(20) % 3
+    kw = dict(sampler="ddim", ddim_steps=5, eta=1.0)
+    whole = generate(_Toy, draws, s, key, tasks, (4, 4, 1), **kw)
+    # An image's noise does not depend on how many are sampled with it: the first three agree.
+    first = generate(_Toy, draws, s, key, tasks[:3], (4, 4, 1), **kw)
+    np.testing.assert_allclose(first, whole[:3], atol=1e-6)
+    # Calls of at most 8: the first call's images as before, the later calls' new noise.
+    chunked = generate(_Toy, draws, s, key, tasks, (4, 4, 1), max_batch=8, **kw)
+    np.testing.assert_allclose(chunked[:8], whole[:8], atol=1e-6)
+    assert np.all(np.isfinite(chunked)) and not np.allclose(chunked[8:], whole[8:], atol=1e-3)
+    assert chunked.shape == whole.shape == (20, 4, 4, 1)
+    # Two draws spread round-robin: draw 0 samples the even images as it would alone.
+    two = {"w": jnp.asarray([0.3, -0.2])}
+    spread = generate(_Toy, two, s, key, tasks, (4, 4, 1), max_batch=4, **kw)
+    alone = generate(_Toy, draws, s, key, tasks[0::2], (4, 4, 1), max_batch=4, **kw)
+    np.testing.assert_allclose(spread[0::2], alone, atol=1e-6)
+    assert not np.allclose(spread[1::2], whole[1::2], atol=1e-3)
+    with pytest.raises(ValueError, match="max_batch"):
+        generate(_Toy, draws, s, key, tasks, (4, 4, 1), max_batch=0, **kw)

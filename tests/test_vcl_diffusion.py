@@ -565,3 +565,24 @@ def test_one_cpu_task_matches_the_golden_file(env, tmp_path):
         name: [{k: h["train_final"][k] for k in ("loss", "kl") if k in h["train_final"]}
                for h in r["history"]]
         for name, r in metrics["runs"].items()}, rtol=1e-2)
+
+
+def test_epochs_run_as_one_rolled_scan_where_our_kernels_cover_the_unet():
+    # Our kernels run as fast in a loop as unrolled, XLA's convolutions do not: the `cpu`
+    # preset's epochs are one rolled scan with them and calls of `unroll` steps without,
+    # both with epochs of a multiple of `unroll` steps (the same training).
+    from vcl_jax.kernels import conv3x3
+
+    cpu = PRESETS["cpu"]
+    step = lambda state, batch, key: (state, {})
+    xla = vcl_diffusion.build(override(cpu, ["conv_impl=xla"]))
+    assert [xla.steps_per_call(m) for m in ("mle", "vcl", "vcl_ng")] == [8, 8, 8]
+    assert (xla.runner(step, "mle").unroll, xla.runner(step, "mle").multiple) == (8, 8)
+    smoke = vcl_diffusion.build(PRESETS["smoke"])  # n_feat 8: not the kernels' width
+    assert smoke.steps_per_call("mle") == 1
+    if not conv3x3.available()[0]:
+        pytest.skip("our CPU convolution kernels do not build here")
+    ours = vcl_diffusion.build(cpu)
+    assert ours.model.impl == "ffi"
+    assert [ours.steps_per_call(m) for m in ("mle", "vcl", "vcl_ng")] == [0, 0, 0]
+    assert (ours.runner(step, "vcl").unroll, ours.runner(step, "vcl").multiple) == (0, 8)

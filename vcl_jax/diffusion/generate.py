@@ -39,10 +39,20 @@ def _sampler(model, sampler: str, shape: tuple, guidance: float, ddim_steps: int
     return jax.jit(run)
 
 
+def call_batches(n: int, max_batch: int | None = None) -> list[int]:
+    """The batch of each sampler call that ``generate`` makes for ``n`` images of one weight
+    set: full calls of ``max_batch`` images (None: no limit), then the rest. No padding: a
+    sampler compiles in ~2 s (once per machine with the persistent cache), while padding to
+    powers of two had cost 22-30% of the `cpu` preset's sampling time."""
+    full, rest = divmod(n, max_batch) if max_batch else (0, n)
+    return [max_batch] * full + ([rest] if rest else [])
+
+
 def generate(model, draws: PyTree, sched: Schedule, key: jax.Array, tasks: np.ndarray,
              shape: tuple[int, int, int], *, sampler: str = "ddpm", guidance: float = 2.0,
              ddim_steps: int = 50, eta: float = 0.0,
-             clip: tuple[float, float] | None = None, average: bool = False) -> np.ndarray:
+             clip: tuple[float, float] | None = None, average: bool = False,
+             max_batch: int | None = None) -> np.ndarray:
     """Samples ``tasks [N]`` (one image each), spread round-robin over the weight draws,
     or, with ``average``, each with the noise prediction averaged over all draws at every
     step (the VCL-diffusion authors' code; costs M network calls per step).
@@ -56,6 +66,13 @@ def generate(model, draws: PyTree, sched: Schedule, key: jax.Array, tasks: np.nd
       shape: ``(H, W, C)``.
       clip: DDIM only: clip the predicted x_0 to this range at every step.
       average: average ε over the draws instead of spreading the samples over them.
+      max_batch: at most this many images per sampler call (None: all of a draw's at once).
+        On a CPU a batch whose activations stay in the caches samples faster per image than
+        one of hundreds (1.4× at 128 against 512 images on the project's 2-core machine;
+        BENCHMARKS.md). The images of the first call, and
+        every image when all fit in one call, get the noise they get without the limit (a
+        draw's noise is prefix-consistent: ``threefry_partitionable``); a later call c
+        draws its own from ``fold_in(draw key, c)``.
 
     Returns:
       ``[N, H, W, C]`` samples in model space, in the order of ``tasks``.
@@ -68,13 +85,16 @@ def generate(model, draws: PyTree, sched: Schedule, key: jax.Array, tasks: np.nd
     tasks = np.asarray(tasks, np.int32)
     out = np.zeros((len(tasks), *shape), np.float32)
     groups = 1 if average else m
+    if max_batch is not None and max_batch < 1:
+        raise ValueError(f"max_batch must be ≥ 1 or None, got {max_batch}")
     for j in range(groups):
         sel = np.arange(j, len(tasks), groups)
-        if sel.size == 0:
-            continue
-        # Pad to a power of two so that growing evaluations reuse a few compiled shapes.
-        padded = np.zeros(1 << int(np.ceil(np.log2(sel.size))), np.int32)
-        padded[: sel.size] = tasks[sel]
-        x = run(draws, j, sched, jax.random.fold_in(key, j), jnp.asarray(padded))
-        out[sel] = np.asarray(x)[: sel.size]
+        key_j = jax.random.fold_in(key, j)
+        start = 0
+        for c, size in enumerate(call_batches(sel.size, max_batch)):
+            part = sel[start:start + size]
+            x = run(draws, j, sched, jax.random.fold_in(key_j, c) if c else key_j,
+                    jnp.asarray(tasks[part]))
+            out[part] = np.asarray(x)
+            start += size
     return out

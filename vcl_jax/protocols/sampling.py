@@ -98,7 +98,7 @@ def sample_from_run(run_dir: str, *, task: int | None = None, digits: list[int] 
     x = generate(setup.model, draws, setup.sched, jax.random.fold_in(key, 1), task_ids,
                  setup.shape, sampler=cfg.sampler, guidance=cfg.guidance,
                  ddim_steps=cfg.ddim_steps, eta=cfg.eval_eta,
-                 average=setup.average_draws(base, average_draws))
+                 average=setup.average_draws(base, average_draws), max_batch=cfg.eval_batch)
     images = to_unit(x, cfg.pixel_range)[..., 0]
     labels = np.asarray(cfg.classes)[task_ids]
     out = out or os.path.join(run_dir, f"sample_{method}_task{task}.png")
@@ -165,7 +165,8 @@ def rescore(run_dir: str, *, method: str | None = None, n: int = 50, seed: int =
         seen = np.repeat(np.arange(d + 1), n)
         x = generate(setup.model, draws, setup.sched, jax.random.fold_in(key, 1), seen,
                      setup.shape, sampler=sampler, guidance=guidance, ddim_steps=ddim_steps,
-                     eta=eta, average=weights == "average" and setup.eval_draws(m.name) > 1)
+                     eta=eta, average=weights == "average" and setup.eval_draws(m.name) > 1,
+                     max_batch=cfg.eval_batch)
         images = to_unit(x, cfg.pixel_range)
         history.append(vcl_diffusion.score(images, np.asarray(cfg.classes)[seen], d,
                                            classifier))

@@ -131,7 +131,8 @@ def noise_effect(run_dir: str, task: int, digit: int, log_vars: list[float], *, 
     def score(name, stack, m, avg=False):
         x = generate(setup.model, stack, setup.sched, key, np.full(m, seen.index(digit)),
                      setup.shape, sampler=cfg.sampler, guidance=cfg.guidance,
-                     ddim_steps=cfg.ddim_steps, eta=cfg.eval_eta, average=avg)
+                     ddim_steps=cfg.ddim_steps, eta=cfg.eval_eta, average=avg,
+                     max_batch=cfg.eval_batch)
         lp = clf.log_probs(to_unit(x, cfg.pixel_range))
         u = classifier_uncertainty(lp, np.full(m, digit))
         return {"weights": name, "uncertainty": float(u.mean()),
@@ -230,7 +231,8 @@ def swap_effect(run_dir: str, task: int, digit: int, swaps: list[tuple[str, ...]
         params = traverse_util.unflatten_dict(mixed)
         x = generate(setup.model, jax.tree.map(lambda a: a[None], params), setup.sched, key,
                      np.full(n, seen.index(digit)), setup.shape, sampler=cfg.sampler,
-                     guidance=cfg.guidance, ddim_steps=cfg.ddim_steps, eta=cfg.eval_eta)
+                     guidance=cfg.guidance, ddim_steps=cfg.ddim_steps, eta=cfg.eval_eta,
+                     max_batch=cfg.eval_batch)
         lp = clf.log_probs(to_unit(x, cfg.pixel_range))
         u = classifier_uncertainty(lp, np.full(n, digit))
         name = ("checkpoint as it is" if not sw else

@@ -41,7 +41,6 @@ from vcl_jax.protocols.vcl_diffusion_setup import (  # noqa: F401 - the experime
     task_data,
 )
 from vcl_jax.run_lock import RunLock
-from vcl_jax.training.epoch import EpochRunner
 from vcl_jax.training.sequence import Schedule, epoch_trainer, fold_keys, new_record, run_sequence
 from vcl_jax.training.state import TrainState, data_sharding, make_train_step
 
@@ -67,8 +66,7 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
     opt = setup.optimizer(method)
     state = TrainState.create(method, opt, params)
     step = make_train_step(method, opt, data_sharding())
-    runner = EpochRunner(step, cfg.batch_size, setup.steps_per_call(method_name),
-                         multiple=max(cfg.unroll, 1))
+    runner = setup.runner(step, method_name)
     name = run_name(method_name, coreset_size)
     ckpt = open_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, method_name, coreset_size,
                             data_id)

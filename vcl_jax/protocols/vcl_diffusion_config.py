@@ -178,6 +178,10 @@ class VCLDiffusionConfig:
     sampler: str = "ddpm"
     ddim_steps: int = 100
     eval_eta: float = 0.0  # DDIM's η (1: stochastic, DDPM-like steps; 0: deterministic)
+    # images per sampler call (None: every image of a weight draw in one call). A speed
+    # setting: a small batch keeps the activations in a CPU's caches; the samples beyond
+    # the first call's draw other noise, from the same distribution.
+    eval_batch: int | None = None
     # reproducibility
     seed: int = 0
 
@@ -197,7 +201,7 @@ class VCLDiffusionConfig:
         "ewc": ("ewc_lambda", "fisher_samples", "fisher_t_min", "fisher_t_max", "fisher_chunk"),
         "coreset": ("coreset_method", "coreset_mode", "coreset_epochs"),
         "eval": ("classifier_epochs", "eval_per_class", "guidance", "sampler", "ddim_steps",
-                 "eval_eta"),
+                 "eval_eta", "eval_batch"),
         "run": ("seed",),
     }
 
@@ -228,6 +232,8 @@ class VCLDiffusionConfig:
             (self.eval_samples >= 1, f"eval_samples must be ≥ 1, got {self.eval_samples}"),
             (self.eval_per_class >= 1, f"eval_per_class must be ≥ 1, got {self.eval_per_class}"),
             (0.0 <= self.eval_eta <= 1.0, f"eval_eta must be in [0, 1], got {self.eval_eta}"),
+            (self.eval_batch is None or self.eval_batch >= 1,
+             f"eval_batch must be ≥ 1 or none, got {self.eval_batch}"),
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
             (self.kl_scale >= 0, f"kl_scale must be ≥ 0, got {self.kl_scale}"),
             (self.prior_sigma > 0, f"prior_sigma must be > 0, got {self.prior_sigma}"),
@@ -266,7 +272,7 @@ PRESETS = {
     "cpu": VCLDiffusionConfig(
         data_variant="full", n_feat=16, embed_dim=32, context="film", weight_init="pytorch",
         epochs=3, batch_size=64, learning_rate=2e-3, unroll=8, train_samples=1,
-        eval_per_class=50, sampler="ddim", ddim_steps=100, eval_eta=1.0,
+        eval_per_class=50, sampler="ddim", ddim_steps=100, eval_eta=1.0, eval_batch=128,
         vcl_pretrain_epochs=3, eval_average_draws=False,
         # EWC as the rank-1 experiment's cpu preset chose it on a validation split
         ewc_lambda=1e2, fisher_samples=500, fisher_t_min=300),
@@ -298,7 +304,7 @@ ADDED_FIELDS = {"data_variant": "5k", "variational_norms": False, "eval_average_
 RETIRED = {"variational_lr_scale": 1.0}
 # Fields that change speed, not results (tested: both convolution forms agree); a
 # checkpoint written with another value is still this run's.
-SPEED_ONLY = ("conv_impl", "weight_draws")
+SPEED_ONLY = ("conv_impl", "weight_draws", "eval_batch")
 SWEEP = ("methods", "coreset_sizes")
 CORESET_ONLY = ("coreset_method", "coreset_mode", "coreset_epochs")
 

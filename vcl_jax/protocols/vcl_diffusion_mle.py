@@ -14,7 +14,6 @@ from vcl_jax.continual import mle
 from vcl_jax.eval.classifier import EvalClassifier
 from vcl_jax.protocols.vcl_diffusion_config import open_checkpoints
 from vcl_jax.protocols.vcl_diffusion_setup import Setup, evaluate, run_keys, score, task_data
-from vcl_jax.training.epoch import EpochRunner
 from vcl_jax.training.sequence import new_record, upgrade_record
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step, train_epochs
 
@@ -26,7 +25,7 @@ def pretrain_mle(setup: Setup, params: dict, x: np.ndarray, key: jax.Array, *,
     method = mle(setup.batch_loss)
     opt = adam(cfg.learning_rate)
     state = TrainState.create(method, opt, params)
-    runner = EpochRunner(make_train_step(method, opt, data_sharding()), cfg.batch_size, cfg.unroll)
+    runner = setup.runner(make_train_step(method, opt, data_sharding()), "mle")
     state, _ = train_epochs(runner, state, task_data([x], [0]), key,
                             epochs=cfg.vcl_pretrain_epochs, learning_rate=cfg.learning_rate,
                             decay=cfg.lr_decay, desc="vcl MLE pre-training", progress=progress,
@@ -54,8 +53,7 @@ def run_joint(setup: Setup, tasks: list[np.ndarray], classifier: EvalClassifier,
     method = setup.method("joint", params)
     opt = setup.optimizer(method)
     state = TrainState.create(method, opt, params)
-    runner = EpochRunner(make_train_step(method, opt, data_sharding()), cfg.batch_size,
-                         setup.steps_per_call("joint"), multiple=max(cfg.unroll, 1))
+    runner = setup.runner(make_train_step(method, opt, data_sharding()), "joint")
     t0 = time.perf_counter()
     state, hist = train_epochs(runner, state, task_data(tasks, list(range(n))), k_train,
                                epochs=cfg.epochs, learning_rate=cfg.learning_rate,

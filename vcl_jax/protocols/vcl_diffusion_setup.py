@@ -28,6 +28,7 @@ from vcl_jax.eval.metrics import (
     per_class_mean,
     per_class_stderr,
 )
+from vcl_jax.kernels import conv3x3 as cpu_conv
 from vcl_jax.models.layers import resolve_impl
 from vcl_jax.models.unet import ContextUNet, init_unet, variational_mask
 from vcl_jax.protocols.vcl_diffusion_config import (
@@ -38,6 +39,7 @@ from vcl_jax.protocols.vcl_diffusion_config import (
     has_vcl,
     members,
 )
+from vcl_jax.training.epoch import EpochRunner
 from vcl_jax.training.state import optimizer_for
 from vcl_jax.vi import mean_field as mf
 
@@ -152,18 +154,32 @@ class Setup:
         return self.cfg.eval_samples if has_vcl(name) else 1
 
     def steps_per_call(self, name: str) -> int:
-        """Train steps per jitted call of method ``name`` (``EpochRunner``'s ``unroll``).
+        """Train steps per jitted call of method ``name`` (``EpochRunner``'s ``unroll``;
+        0: the whole epoch in one rolled scan).
 
-        ``cfg.unroll`` counts U-Net copies in one compiled call: VCL with looped weight
-        draws has K copies per step, so it runs the largest divisor of ``unroll`` that is
-        ≤ ``unroll // K`` steps per call, at least 1 (the compile's memory grows with the
-        copies; BENCHMARKS.md has the figures). Epochs keep ``unroll``'s step
-        count (``EpochRunner(multiple=unroll)``), so they are those of ``vmap``-ed draws.
+        With our CPU convolution kernels covering the U-Net (``conv_impl`` resolved to
+        ``ffi``, ``n_feat`` a multiple of their vector width) the epoch is one rolled scan:
+        the kernels run as fast inside a loop as unrolled, and the step compiles once instead
+        of ``unroll`` times (VCL's step: 21 against 82 s; BENCHMARKS.md). Otherwise
+        ``cfg.unroll`` counts U-Net copies in one compiled call (XLA:CPU's own convolutions
+        are an order of magnitude slower in a loop): VCL with looped weight draws has K
+        copies per step, so it runs the largest divisor of ``unroll`` that is ≤
+        ``unroll // K`` steps per call, at least 1 (the compile's memory grows with the
+        copies). Either way an epoch has ``unroll``'s step count (:meth:`runner`), so the
+        training is the same.
         """
         u, k = self.cfg.unroll, self.cfg.train_samples
+        if u and self.model.impl == "ffi" and cpu_conv.supports(self.cfg.n_feat):
+            return 0
         if not has_vcl(name) or k == 1 or not u or self.draws_layout != "loop":
             return u
         return max(d for d in range(1, max(u // k, 1) + 1) if u % d == 0)
+
+    def runner(self, step, name: str) -> EpochRunner:
+        """The epoch runner of train step ``step`` of method ``name``: ``steps_per_call``
+        steps per jitted call, epochs rounded up to a multiple of ``unroll`` steps."""
+        return EpochRunner(step, self.cfg.batch_size, self.steps_per_call(name),
+                           multiple=max(self.cfg.unroll, 1))
 
     def average_draws(self, name: str, override: bool | None = None) -> bool:
         """Whether sampling averages ε over the weight draws (``override``: None keeps
@@ -235,7 +251,8 @@ def evaluate(setup: Setup, method, trainable, task: int, key: jax.Array,
     draws = method.draws(trainable, k_draw, setup.eval_draws(method.name))
     x = generate(setup.model, draws, setup.sched, k_sample, seen, setup.shape,
                  sampler=cfg.sampler, guidance=cfg.guidance, ddim_steps=cfg.ddim_steps,
-                 eta=cfg.eval_eta, average=setup.average_draws(method.name))
+                 eta=cfg.eval_eta, average=setup.average_draws(method.name),
+                 max_batch=cfg.eval_batch)
     images = to_unit(x, cfg.pixel_range)
     labels = np.asarray(cfg.classes)[seen]
     return score(images, labels, task, classifier), _squeeze(images), labels
