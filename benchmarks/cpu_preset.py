@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from benchmarks.run import gemm_gflops, make_epoch
+from benchmarks.run import gemm_gflops, make_epoch, unrolled_steps
 from benchmarks.timing import interleaved_times
 from vcl_jax.config import override
 from vcl_jax.diffusion import generate as gen
@@ -83,22 +83,11 @@ def train_rows(cfg, gemm: float, rounds: int) -> list[dict]:
 
 def _train_cost(cfg, method: str, batch: int) -> dict:
     """XLA's cost analysis of one compiled call of the preset's unrolled steps, per image."""
-    from vcl_jax.training.epoch import scan_steps
-    from vcl_jax.training.state import TrainState, adam, make_train_step
-
-    setup = vcl_diffusion.build(cfg)
-    params = setup.init_params(jax.random.key(0))
-    m = setup.method(method, params)
-    opt = adam(cfg.learning_rate)
-    tr, ms = m.init(params)
-    state = TrainState(tr, opt.init(tr), m.begin_task(tr, ms, 0, 500)[1])
-    steps = cfg.unroll
-    data = {"x": jnp.zeros((batch * steps, 28, 28, 1)), "task": jnp.zeros(batch * steps, jnp.int32)}
-    idx = jnp.arange(batch * steps).reshape(steps, batch)
-    call = jax.jit(lambda s, d, i, k: scan_steps(make_train_step(m, opt), s, d, i, k, unroll=True))
-    c = _cost(call.lower(state, data, idx, jax.random.key(1)).compile())
-    return {"xla_flops_per_image": c["xla_flops"] / (batch * steps),
-            "xla_bytes_per_image": c["xla_bytes"] / (batch * steps)}
+    call, *args = unrolled_steps(vcl_diffusion.build(cfg), method)
+    c = _cost(jax.jit(call).lower(*args).compile())
+    images = batch * cfg.unroll
+    return {"xla_flops_per_image": c["xla_flops"] / images,
+            "xla_bytes_per_image": c["xla_bytes"] / images}
 
 
 def sampler_rows(cfg, gemm: float, batches: list[int], steps: int, rounds: int) -> list[dict]:

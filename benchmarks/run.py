@@ -116,17 +116,26 @@ def compile_times(n_feat: int = 16) -> dict:
     key = jax.random.key(1)
     out = {"n_feat": n_feat, "random_leaves": sum(jax.tree.leaves(mask)),
            "draw_grouped_s": seconds(lambda k, q: mf.sample(k, q, mask), key, q)}
+    for method in ("mle", "vcl"):
+        out[f"{method}_{cfg.unroll}_steps_s"] = seconds(*unrolled_steps(setup, method))
+    return out
+
+
+def unrolled_steps(setup, method: str) -> tuple:
+    """``(call, *args)``: one jitted call of ``setup.cfg.unroll`` unrolled train steps of
+    ``method`` (Adam, K = 1 as configured) on zero images, for compile times and XLA's cost
+    analysis."""
+    cfg = setup.cfg
+    params = setup.init_params(jax.random.key(0))
+    m = setup.method(method, params)
+    opt = adam(cfg.learning_rate)
+    tr, ms = m.init(params)
+    state = TrainState(tr, opt.init(tr), m.begin_task(tr, ms, 0, 500)[1])
     batch, steps = cfg.batch_size, cfg.unroll
     data = {"x": jnp.zeros((batch * steps, 28, 28, 1)), "task": jnp.zeros(batch * steps, jnp.int32)}
     idx = jnp.arange(batch * steps).reshape(steps, batch)
-    for method in ("mle", "vcl"):
-        m = setup.method(method, params)
-        opt = adam(cfg.learning_rate)
-        tr, ms = m.init(params)
-        state = TrainState(tr, opt.init(tr), m.begin_task(tr, ms, 0, 500)[1])
-        call = functools.partial(scan_steps, make_train_step(m, opt), unroll=True)
-        out[f"{method}_{steps}_steps_s"] = seconds(call, state, data, idx, key)
-    return out
+    call = functools.partial(scan_steps, make_train_step(m, opt), unroll=True)
+    return call, state, data, idx, jax.random.key(1)
 
 
 def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:

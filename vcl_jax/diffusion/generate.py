@@ -68,25 +68,24 @@ def generate(model, draws: PyTree, sched: Schedule, key: jax.Array, tasks: np.nd
       average: average ε over the draws instead of spreading the samples over them.
       max_batch: at most this many images per sampler call (None: all of a draw's at once).
         On a CPU a batch whose activations stay in the caches samples faster per image than
-        one of hundreds (1.4× at 128 against 512 images on the project's 2-core machine;
-        BENCHMARKS.md). The images of the first call, and
-        every image when all fit in one call, get the noise they get without the limit (a
-        draw's noise is prefix-consistent: ``threefry_partitionable``); a later call c
-        draws its own from ``fold_in(draw key, c)``.
+        one of hundreds (1.8× at 128 against 512 images on the project's 2-core machine;
+        BENCHMARKS.md). The images of the first call, and every image when all fit in one
+        call, get the noise they get without the limit (a draw's noise is prefix-consistent:
+        ``threefry_partitionable``); a later call c draws its own from ``fold_in(draw key, c)``.
 
     Returns:
       ``[N, H, W, C]`` samples in model space, in the order of ``tasks``.
     """
     if clip is not None and sampler != "ddim":
         raise ValueError("clip applies to the DDIM sampler only")
+    if max_batch is not None and max_batch < 1:
+        raise ValueError(f"max_batch must be ≥ 1 or None, got {max_batch}")
     run = _sampler(model, sampler, tuple(shape), float(guidance), int(ddim_steps), float(eta),
                    None if clip is None else tuple(map(float, clip)), bool(average))
     m = jax.tree.leaves(draws)[0].shape[0]
     tasks = np.asarray(tasks, np.int32)
     out = np.zeros((len(tasks), *shape), np.float32)
     groups = 1 if average else m
-    if max_batch is not None and max_batch < 1:
-        raise ValueError(f"max_batch must be ≥ 1 or None, got {max_batch}")
     for j in range(groups):
         sel = np.arange(j, len(tasks), groups)
         key_j = jax.random.fold_in(key, j)

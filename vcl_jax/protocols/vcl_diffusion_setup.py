@@ -160,7 +160,7 @@ class Setup:
         With our CPU convolution kernels covering the U-Net (``conv_impl`` resolved to
         ``ffi``, ``n_feat`` a multiple of their vector width) the epoch is one rolled scan:
         the kernels run as fast inside a loop as unrolled, and the step compiles once instead
-        of ``unroll`` times (VCL's step: 21 against 82 s; BENCHMARKS.md). Otherwise
+        of ``unroll`` times (VCL's step: 17 against 79 s; BENCHMARKS.md). Otherwise
         ``cfg.unroll`` counts U-Net copies in one compiled call (XLA:CPU's own convolutions
         are an order of magnitude slower in a loop): VCL with looped weight draws has K
         copies per step, so it runs the largest divisor of ``unroll`` that is ≤
