@@ -1,11 +1,15 @@
 """Several seeds of a VCL-diffusion experiment side by side (reads their metrics.json).
 
-    python -m experiments.seeds runs/cpu10_s0 runs/cpu10_s1 runs/cpu10_s2 [--out seeds.json]
+    python -m experiments.seeds results/vcl_diffusion/coreset_s0 results/vcl_diffusion/coreset_s1 \
+        [--out seeds.json] [--figures DIR] [--markdown table.md]
 
 Prints, per sub-run, the average uncertainty and the samples' accuracy after each task as the
 mean over seeds ± its standard error over seeds, right-after quality and forgetting, each
-sub-run's ratio to MLE, and whether VCL meets the issue's targets on every seed; ``--out``
-also writes them as JSON.
+sub-run's ratio to MLE (at coreset 0, and at its own coreset size), and whether VCL meets the
+issue's targets on every seed; ``--out`` also writes them as JSON, ``--figures`` draws the
+seed paper's Figure 2 (one panel per coreset size, linear and log) and the per-digit curves,
+``--markdown`` writes the table the README shows. The committed runs under ``results/``
+regenerate every table from the repository.
 """
 
 from __future__ import annotations
@@ -14,8 +18,37 @@ import argparse
 import json
 import os
 
+import numpy as np
+
 from vcl_jax.cli import command
-from vcl_jax.protocols.vcl_diffusion_report import across_seeds, vcl_targets
+from vcl_jax.protocols.vcl_diffusion_report import (
+    across_seeds,
+    seed_figures,
+    split_name,
+    vcl_targets,
+)
+
+
+def markdown(metrics: list[dict], out: dict) -> str:
+    """Per sub-run (grouped by coreset size): average uncertainty after each task (mean over
+    seeds ± SE), its ratio to MLE at the same coreset size, the samples' accuracy after the
+    last task, right-after quality, forgetting and the mean wall time per seed."""
+    seeds = out["runs"][next(iter(out["runs"]))]["seeds"]
+    n = len(next(iter(out["runs"].values()))["after_task"])
+    fmt = lambda p: f"{p[0]:.2f} ± {p[1]:.2f}"  # noqa: E731
+    lines = [f"Seeds {', '.join(map(str, seeds))}; nats, mean over seeds ± SE over seeds.", "",
+             "| run | " + " | ".join(f"after {d + 1}" for d in range(n))
+             + " | ÷ MLE after 10 | accuracy after 10 | right after | forgetting | min/seed |",
+             "|---|" + "---|" * (n + 5)]
+    for name, r in sorted(out["runs"].items(), key=lambda kv: split_name(kv[0])[::-1]):
+        method, size = split_name(name)
+        ref = out["runs"].get(f"mle_coreset{size}")
+        ratio = f"{r['after_task'][-1][0] / ref['after_task'][-1][0]:.2f}" if ref else "–"
+        minutes = np.mean([sum(m["runs"][name]["seconds"].values()) for m in metrics]) / 60
+        lines.append(f"| {name} | " + " | ".join(fmt(p) for p in r["after_task"])
+                     + f" | {ratio} | {100 * r['accuracy_after_task'][-1][0]:.0f}%"
+                     + f" | {fmt(r['right_after'])} | {fmt(r['forgetting'])} | {minutes:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> dict:
@@ -23,6 +56,8 @@ def main(argv=None) -> dict:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", help="run directories of experiments.vcl_diffusion")
     parser.add_argument("--out", default=None, help="also write the figures to this JSON file")
+    parser.add_argument("--figures", default=None, help="draw the coreset panels in this folder")
+    parser.add_argument("--markdown", default=None, help="write the table to this .md file")
     args = parser.parse_args(argv)
     metrics = []
     for run in args.runs:
@@ -46,12 +81,25 @@ def main(argv=None) -> dict:
             if n != "mle_coreset0":
                 ratios = [p[0] / m for p, m in zip(r["after_task"], mle, strict=False)]
                 print(f"{n} / MLE: " + ", ".join(f"{x:.3g}" for x in ratios))
+    for n, r in out["runs"].items():
+        method, size = split_name(n)
+        ref = out["runs"].get(f"mle_coreset{size}")
+        if size and method != "mle" and ref:
+            ratios = [p[0] / q[0] for p, q in zip(r["after_task"], ref["after_task"],
+                                                   strict=False)]
+            print(f"{n} / mle_coreset{size}: " + ", ".join(f"{x:.3g}" for x in ratios))
     if {"mle_coreset0", "vcl_coreset0"} <= set(names):
         out["targets"] = vcl_targets(metrics)
         print(json.dumps(out["targets"], indent=1))
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=2)
+    if args.figures:
+        print("wrote " + ", ".join(seed_figures(metrics, args.figures)))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(metrics, out))
+        print(f"wrote {args.markdown}")
     return out
 
 

@@ -187,3 +187,177 @@ def test_generate_batches_keep_each_images_noise():
     assert not np.allclose(spread[1::2], whole[1::2], atol=1e-3)
     with pytest.raises(ValueError, match="max_batch"):
         generate(_Toy, draws, s, key, tasks, (4, 4, 1), max_batch=0, **kw)
+
+
+# --- the samplers against the reverse process of Gaussian data, known in closed form ---
+#
+# With x_0 ~ N(μ_d, s²) per pixel for task d, x_t = √ᾱ_t x_0 + √(1−ᾱ_t) ε gives
+# E[ε | x_t] = k_t (x_t − √ᾱ_t μ_d) with k_t = √(1−ᾱ_t) / (ᾱ_t s² + 1 − ᾱ_t): the exact noise
+# predictor is linear in x_t, so every sampler step is x' = A x + B + σ z and the chain's
+# mean and variance follow from m' = A m + B, v' = A² v + σ², computed here in float64
+# from the DDPM and DDIM papers' update rules.
+
+_MU, _S2, _T = np.array([-0.5, 0.8]), 0.09, 400
+
+
+def _exact_eps(sched, mu, s2):
+    """E[ε | x_t] of Gaussian data (per-task means ``mu``), as the sampler calls it."""
+    mu = jnp.asarray(mu, jnp.float32)
+
+    def eps_fn(x, t, task, keep):
+        del keep
+        ab = sched.alpha_bar[jnp.round(t * sched.T).astype(jnp.int32) - 1][:, None, None, None]
+        k = jnp.sqrt(1 - ab) / (ab * s2 + 1 - ab)
+        return k * (x - jnp.sqrt(ab) * mu[task][:, None, None, None])
+
+    return eps_fn
+
+
+def _linear_eps(ab, mu, s2):
+    """(k, c) of ε = k x + c at ᾱ = ``ab`` (float64)."""
+    k = np.sqrt(1 - ab) / (ab * s2 + 1 - ab)
+    return k, -k * np.sqrt(ab) * mu
+
+
+def _start(sched, task, shape, key):
+    """x_T from the forward marginal N(√ᾱ_T μ_d, ᾱ_T s² + 1 − ᾱ_T), and its moments."""
+    ab = float(sched.alpha_bar[-1])
+    m, v = np.sqrt(ab) * _MU, ab * _S2 + 1 - ab
+    z = jax.random.normal(key, (len(task), *shape))
+    return jnp.asarray(m, jnp.float32)[task][:, None, None, None] + np.sqrt(v) * z, m, v
+
+
+def _ddpm_moments(sched, m, v, guidance=0.0, mu_uncond=None):
+    beta = np.asarray(sched.beta, np.float64)
+    ab = np.cumprod(1 - beta)
+    for t in range(sched.T, 0, -1):
+        i = t - 1
+        k, c = _linear_eps(ab[i], _MU, _S2)
+        if guidance:
+            ku, cu = _linear_eps(ab[i], mu_uncond, _S2)
+            k, c = (1 + guidance) * k - guidance * ku, (1 + guidance) * c - guidance * cu
+        # μ_θ = (x − β/√(1−ᾱ) ε) / √(1−β), σ² = β (none at t = 1)
+        a = (1 - beta[i] / np.sqrt(1 - ab[i]) * k) / np.sqrt(1 - beta[i])
+        b = -beta[i] / np.sqrt(1 - ab[i]) * c / np.sqrt(1 - beta[i])
+        m, v = a * m + b, a * a * v + (beta[i] if t > 1 else 0.0)
+    return m, v
+
+
+def _ddim_moments(sched, m, v, steps, eta):
+    ab = np.cumprod(1 - np.asarray(sched.beta, np.float64))
+    ts = np.asarray(ddim_timesteps(sched.T, steps))
+    for j, t in enumerate(ts):
+        a_t = ab[t - 1]
+        a_p = ab[ts[j + 1] - 1] if j + 1 < len(ts) else 1.0
+        k, c = _linear_eps(a_t, _MU, _S2)
+        # DDIM eq. 12: x' = √ᾱ' x̂_0 + √(1−ᾱ'−σ²) ε + σ z, x̂_0 = (x − √(1−ᾱ) ε)/√ᾱ
+        sigma2 = eta**2 * (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+        d = np.sqrt(1 - a_p - sigma2)
+        a = np.sqrt(a_p / a_t) * (1 - np.sqrt(1 - a_t) * k) + d * k
+        b = -np.sqrt(a_p / a_t) * np.sqrt(1 - a_t) * c + d * c
+        m, v = a * m + b, a * a * v + sigma2
+    return m, v
+
+
+def _per_task_moments(x, task):
+    x = np.asarray(x, np.float64)
+    return (np.array([x[task == d].mean() for d in (0, 1)]),
+            np.array([x[task == d].var() for d in (0, 1)]))
+
+
+_TASK = np.repeat([0, 1], 2048)  # 2,048 images of 8×8 per task: 131,072 values each
+
+
+def test_ddpm_samples_gaussian_data_with_its_mean_and_variance():
+    sched = linear_schedule(_T)
+    task = jnp.asarray(_TASK)
+    x_t, m, v = _start(sched, task, (8, 8, 1), jax.random.key(0))
+    run = jax.jit(lambda k, x: ddpm_sample(_exact_eps(sched, _MU, _S2), sched, k, task,
+                                           (8, 8, 1), guidance=0.0, x_init=x))
+    mean, var = _per_task_moments(run(jax.random.key(1), x_t), _TASK)
+    m_chain, v_chain = _ddpm_moments(sched, m, v)
+    # the chain's moments (σ² = β_t would give 0.963·s² with β̃_t instead): within ~5 SE
+    np.testing.assert_allclose(mean, m_chain, atol=0.005)
+    np.testing.assert_allclose(var, v_chain, rtol=0.02)
+    # and 400 steps of it bring back the data's: μ_d exactly, s² within 1.1%
+    np.testing.assert_allclose(m_chain, _MU, atol=1e-9)
+    np.testing.assert_allclose(v_chain, _S2, rtol=0.011)
+    np.testing.assert_allclose(var, _S2, rtol=0.03)
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_samples_gaussian_data_with_its_chains_moments(eta):
+    sched = linear_schedule(_T)
+    task = jnp.asarray(_TASK)
+    x_t, m, v = _start(sched, task, (8, 8, 1), jax.random.key(0))
+    run = jax.jit(lambda k, x: ddim_sample(_exact_eps(sched, _MU, _S2), sched, k, task,
+                                           (8, 8, 1), steps=100, eta=eta, guidance=0.0,
+                                           x_init=x))
+    mean, var = _per_task_moments(run(jax.random.key(1), x_t), _TASK)
+    m_chain, v_chain = _ddim_moments(sched, m, v, 100, eta)
+    np.testing.assert_allclose(mean, _MU, atol=0.005)
+    np.testing.assert_allclose(m_chain, _MU, atol=1e-9)
+    # DDIM-100's discrete chain shrinks the variance (0.95·s² at η = 0, 0.88·s² at η = 1):
+    # the samples must show the chain's value, not the data's
+    np.testing.assert_allclose(var, v_chain, rtol=0.02)
+    assert abs(float(v_chain) / _S2 - 1) > 0.04
+
+
+def test_ddpm_guidance_follows_the_combined_prediction():
+    # guided ε̂ = (1+α) ε(x, d) − α ε(x, ∅) (the paper's eq. 4); with the unconditional
+    # prediction that of data at mean μ_∅, ε̂ is linear too and the chain's mean is known
+    sched = linear_schedule(_T)
+    task = jnp.asarray(_TASK)
+    mu_u, alpha = np.array([0.1, 0.1]), 2.0
+    cond, uncond = _exact_eps(sched, _MU, _S2), _exact_eps(sched, mu_u, _S2)
+
+    def eps_fn(x, t, task, keep):
+        return jnp.where(keep[:, None, None, None], cond(x, t, task, keep),
+                         uncond(x, t, task, keep))
+
+    x_t, m, v = _start(sched, task, (8, 8, 1), jax.random.key(0))
+    run = jax.jit(lambda k, x: ddpm_sample(eps_fn, sched, k, task, (8, 8, 1),
+                                           guidance=alpha, x_init=x))
+    mean, var = _per_task_moments(run(jax.random.key(1), x_t), _TASK)
+    m_chain, v_chain = _ddpm_moments(sched, m, v, alpha, mu_u)
+    np.testing.assert_allclose(mean, m_chain, atol=0.005)
+    np.testing.assert_allclose(var, v_chain, rtol=0.02)
+    assert np.all(np.abs(m_chain - _MU) > 0.1)  # guidance moved the means away from μ_d
+
+
+class _Recorder:
+    """A noise predictor ε = w·x that reports each weight it is called with."""
+
+    seen: list = []
+
+    @staticmethod
+    def apply(variables, x, t, task, keep):
+        w = variables["params"]["w"]
+        jax.debug.callback(lambda w: _Recorder.seen.append(float(w)), w)
+        return w * x
+
+
+def test_generate_draws_fresh_weights_at_every_step():
+    from vcl_jax.diffusion.generate import fresh_draws, generate
+
+    def sample(source, key, n):  # n weight draws around the source's mean
+        return {"w": source["w"] + 0.1 * jax.random.normal(key, (n,))}
+
+    s, key, tasks = linear_schedule(10), jax.random.key(3), np.array([0, 1, 1])
+    kw = dict(sampler="ddim", ddim_steps=5, eta=0.0, average=True)
+    source, k_w = {"w": jnp.asarray(0.3)}, jax.random.key(4)
+    _Recorder.seen = []
+    fresh = generate(_Recorder, (source, k_w), s, key, tasks, (4, 4, 1),
+                     redraw=fresh_draws(sample, 2), **kw)
+    fresh_seen = list(_Recorder.seen)
+    assert len(fresh_seen) == 5 * 2 and len(set(fresh_seen)) == 10  # 2 new draws per step
+    _Recorder.seen = []
+    once = generate(_Recorder, sample(source, k_w, 2), s, key, tasks, (4, 4, 1), **kw)
+    assert len(_Recorder.seen) == 10 and len(set(_Recorder.seen)) == 2  # the same 2 each step
+    assert not np.allclose(fresh, once, atol=1e-4)
+    again = generate(_Recorder, (source, k_w), s, key, tasks, (4, 4, 1),
+                     redraw=fresh_draws(sample, 2), **kw)
+    np.testing.assert_array_equal(again, fresh)  # reproducible from its keys
+    with pytest.raises(ValueError, match="average"):
+        generate(_Recorder, (source, k_w), s, key, tasks, (4, 4, 1),
+                 redraw=fresh_draws(sample, 2), sampler="ddim", ddim_steps=5)

@@ -85,6 +85,32 @@ def curves(path: str, series: dict[str, list[float]], *, xlabel: str, ylabel: st
     plt.close(fig)
 
 
+def panels(path: str, panels: dict[str, dict[str, tuple[list[float], list[float]]]], *,
+           xlabel: str, ylabel: str, title: str, log: bool = False) -> None:
+    """One panel per key of ``panels`` (side by side, a shared y axis), each with one line
+    per series ``name: (values, standard errors)`` against 1..len(values)."""
+    from matplotlib.ticker import MaxNLocator
+
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4), squeeze=False,
+                             sharey=True)
+    for ax, (panel, series) in zip(axes[0], panels.items(), strict=True):
+        for name, (ys, err) in series.items():
+            ax.errorbar(np.arange(1, len(ys) + 1), ys, yerr=err, marker="o", capsize=3,
+                        label=name)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if log:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_title(panel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0][0].set_ylabel(ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
 def per_class_curves(path: str, per_class: dict[str, dict[int, list[float]]], *, ylabel: str,
                      title: str) -> None:
     """One panel per run: each class's metric after each task from the one it was learned in."""

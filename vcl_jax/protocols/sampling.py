@@ -12,12 +12,11 @@ import numpy as np
 from vcl_jax.config import ConfigError, from_dict
 from vcl_jax.continual.base import Method
 from vcl_jax.data import to_unit
-from vcl_jax.diffusion.generate import generate
 from vcl_jax.eval import plots
 from vcl_jax.protocols import vcl_diffusion
 from vcl_jax.protocols.vcl_diffusion_config import ADDED_FIELDS, RETIRED, VCLDiffusionConfig
+from vcl_jax.protocols.vcl_diffusion_setup import WEIGHTS
 from vcl_jax.training.state import TrainState
-from vcl_jax.vi import mean_field as mf
 
 
 def load_config(run_dir: str) -> VCLDiffusionConfig:
@@ -86,7 +85,6 @@ def sample_from_run(run_dir: str, *, task: int | None = None, digits: list[int] 
       ``images [N, H, W]`` in [0, 1] and ``labels [N]``).
     """
     cfg, setup, m, method, task, restored = load_checkpoint(run_dir, task=task, method=method)
-    base = m.name
     seen = list(cfg.classes[: task + 1])
     digits = seen if digits is None else digits
     unseen = [d for d in digits if d not in seen]
@@ -94,11 +92,9 @@ def sample_from_run(run_dir: str, *, task: int | None = None, digits: list[int] 
         raise ValueError(f"digit(s) {unseen} not learned by task {task}; seen: {seen}")
     task_ids = np.repeat([seen.index(d) for d in digits], n)
     key = jax.random.key(seed)
-    draws = m.draws(restored["eval"], jax.random.fold_in(key, 0), setup.eval_draws(base))
-    x = generate(setup.model, draws, setup.sched, jax.random.fold_in(key, 1), task_ids,
-                 setup.shape, sampler=cfg.sampler, guidance=cfg.guidance,
-                 ddim_steps=cfg.ddim_steps, eta=cfg.eval_eta,
-                 average=setup.average_draws(base, average_draws), max_batch=cfg.eval_batch)
+    weights = None if average_draws is None else ("average" if average_draws else "draws")
+    x = setup.sample(m, restored["eval"], jax.random.fold_in(key, 0),
+                     jax.random.fold_in(key, 1), task_ids, weights=weights)
     images = to_unit(x, cfg.pixel_range)[..., 0]
     labels = np.asarray(cfg.classes)[task_ids]
     out = out or os.path.join(run_dir, f"sample_{method}_task{task}.png")
@@ -110,10 +106,6 @@ def sample_from_run(run_dir: str, *, task: int | None = None, digits: list[int] 
                           f"{digits} (one row each)",
                           row_labels=[f"digit {d}" for d in digits])
     return out
-
-
-
-WEIGHTS = ("draws", "mean", "average")
 
 
 def rescore(run_dir: str, *, method: str | None = None, n: int = 50, seed: int = 1,
@@ -129,8 +121,9 @@ def rescore(run_dir: str, *, method: str | None = None, n: int = 50, seed: int =
       seed: sampling seed.
       tasks: 0-based checkpoints to score (default: every one).
       weights: ``draws`` (the run's evaluation: one posterior draw per image), ``mean``
-        (the posterior mean; for MLE the params either way) or ``average`` (ε averaged
-        over the ``eval_samples`` draws at every step, the authors' sampler).
+        (the posterior mean; for MLE the params either way), ``average`` (ε averaged
+        over ``eval_samples`` draws fresh at every step, the authors' sampler) or
+        ``average_once`` (over ``eval_samples`` draws made once per task's scoring).
       sampler, ddim_steps, eta, guidance: default: the run's (``eta`` is DDIM's η,
         ``guidance`` the classifier-free guidance weight α).
       classifier: the evaluation classifier (default: the run's dataset and variant).
@@ -158,15 +151,10 @@ def rescore(run_dir: str, *, method: str | None = None, n: int = 50, seed: int =
                                                                 method=first.run)
         setup, m, trainable = loaded.setup, loaded.method, loaded.restored["eval"]
         key = jax.random.fold_in(jax.random.key(seed), d)
-        if weights == "mean" and isinstance(trainable, mf.MeanField):
-            draws = jax.tree.map(lambda a: a[None], trainable.mean)
-        else:
-            draws = m.draws(trainable, jax.random.fold_in(key, 0), setup.eval_draws(m.name))
         seen = np.repeat(np.arange(d + 1), n)
-        x = generate(setup.model, draws, setup.sched, jax.random.fold_in(key, 1), seen,
-                     setup.shape, sampler=sampler, guidance=guidance, ddim_steps=ddim_steps,
-                     eta=eta, average=weights == "average" and setup.eval_draws(m.name) > 1,
-                     max_batch=cfg.eval_batch)
+        x = setup.sample(m, trainable, jax.random.fold_in(key, 0), jax.random.fold_in(key, 1),
+                         seen, weights=weights, sampler=sampler, ddim_steps=ddim_steps,
+                         eta=eta, guidance=guidance)
         images = to_unit(x, cfg.pixel_range)
         history.append(vcl_diffusion.score(images, np.asarray(cfg.classes)[seen], d,
                                            classifier))

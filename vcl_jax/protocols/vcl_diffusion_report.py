@@ -89,6 +89,51 @@ def across_seeds(metrics: list[dict], run: str) -> dict:
     return out
 
 
+def split_name(run: str) -> tuple[str, int]:
+    """``(method, coreset size)`` of a sub-run's name (``vcl_ng_coreset200``; ``joint``: 0)."""
+    method, _, size = run.rpartition("_coreset")
+    return (method, int(size)) if method else (run, 0)
+
+
+def seed_figures(metrics: list[dict], out_dir: str) -> list[str]:
+    """The seed paper's Figure 2 (and its appendix's per-digit figures) from several seeds'
+    ``metrics.json``: one panel per coreset size with each method's average uncertainty
+    after each task (mean over seeds ± SE over seeds), linear and log, and one panel per
+    sub-run with each digit's uncertainty (mean over seeds) from the task it was learned in.
+
+    Returns:
+      The paths written.
+    """
+    names = [n for n in metrics[0]["runs"] if n != "joint"
+             and all(n in m["runs"] for m in metrics)]
+    by_size: dict[str, dict] = {}
+    for n in names:
+        method, size = split_name(n)
+        r = across_seeds(metrics, n)
+        by_size.setdefault(f"coreset {size} per task", {})[method] = (
+            [p[0] for p in r["after_task"]], [p[1] for p in r["after_task"]])
+    seeds = ", ".join(str(m["config"]["seed"]) for m in metrics)
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for log in (False, True):
+        paths.append(os.path.join(out_dir, f"coreset_panels{'_log' if log else ''}.png"))
+        plots.panels(paths[-1], by_size, xlabel="tasks seen",
+                     ylabel="avg classifier uncertainty (nats)", log=log,
+                     title=f"Average uncertainty over seen digits, mean ± SE over seeds {seeds}")
+    classes = metrics[0]["config"]["classes"]
+    per_class = {}
+    for n in names:
+        hists = [m["runs"][n]["history"] for m in metrics]
+        length = min(len(h) for h in hists)
+        per_class[n] = {c: (i, [float(np.mean([h[d]["per_class"][str(c)] for h in hists]))
+                                for d in range(i, length)])
+                        for i, c in enumerate(classes[:length])}
+    paths.append(os.path.join(out_dir, "coreset_per_digit.png"))
+    plots.per_class_curves(paths[-1], per_class, ylabel="classifier uncertainty (nats)",
+                           title=f"Per-digit uncertainty after each task, mean over seeds {seeds}")
+    return paths
+
+
 def vcl_targets(metrics: list[dict], first_task: int = 4) -> dict:
     """The VCL-diffusion issue's targets over seeds: VCL's average uncertainty below MLE's
     after every task from ``first_task`` (1-based) on each seed; VCL's forgetting ≤ 1/3 of

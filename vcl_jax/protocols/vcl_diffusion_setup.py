@@ -18,7 +18,7 @@ import optax
 from vcl_jax.config import ConfigError
 from vcl_jax.continual import Method, chain, coreset, ewc, mle, vcl, vcl_ng
 from vcl_jax.data import TaskStream, load, select, to_float, to_unit
-from vcl_jax.diffusion.generate import generate
+from vcl_jax.diffusion.generate import fresh_draws, generate
 from vcl_jax.diffusion.loss import batch_loss, example_loss_at, fisher_examples
 from vcl_jax.diffusion.schedule import linear_schedule
 from vcl_jax.eval.classifier import EvalClassifier
@@ -44,6 +44,8 @@ from vcl_jax.training.state import optimizer_for
 from vcl_jax.vi import mean_field as mf
 
 PyTree = Any
+# How sampling uses a posterior's weights (:meth:`Setup.sample`).
+WEIGHTS = ("draws", "mean", "average", "average_once")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +189,49 @@ class Setup:
         wanted = self.cfg.eval_average_draws if override is None else override
         return wanted and self.eval_draws(name) > 1
 
+    def sample(self, method: Method, trainable, k_draw: jax.Array, k_sample: jax.Array,
+               tasks: np.ndarray, *, weights: str | None = None, sampler: str | None = None,
+               ddim_steps: int | None = None, eta: float | None = None,
+               guidance: float | None = None) -> np.ndarray:
+        """Samples ``tasks [N]`` (one image each) from a method's trainables.
+
+        Args:
+          k_draw: the key of the weight draws; k_sample: that of the sampler's noise.
+          weights: ``draws`` (one of ``eval_draws`` posterior draws per image,
+            round-robin), ``mean`` (the posterior means), ``average`` (ε averaged over
+            ``eval_draws`` draws fresh at every step: the authors' sampler) or
+            ``average_once`` (averaged over draws made once, reused at every step). None:
+            ``average`` if the config's ``eval_average_draws``, else ``draws``. A point
+            estimate samples from its params whatever this says.
+          sampler, ddim_steps, eta, guidance: None: the config's.
+
+        Returns:
+          ``[N, H, W, C]`` samples in model space.
+        """
+        cfg = self.cfg
+        if weights is not None and weights not in WEIGHTS:
+            raise ValueError(f"unknown weights {weights!r}; accepted: {', '.join(WEIGHTS)}")
+        m = self.eval_draws(method.name)
+        weights = weights or ("average" if self.average_draws(method.name) else "draws")
+        if m == 1 and weights.startswith("average"):
+            weights = "draws"
+        redraw = None
+        if weights == "mean" and isinstance(trainable, mf.MeanField):
+            draws = jax.tree.map(lambda a: a[None], trainable.mean)
+        elif weights == "average":
+            draws, redraw = (trainable, k_draw), fresh_draws(method.draws, m)
+        else:
+            draws = method.draws(trainable, k_draw, m)
+        return generate(self.model, draws, self.sched, k_sample, tasks, self.shape,
+                        sampler=sampler or cfg.sampler, guidance=_given(guidance, cfg.guidance),
+                        ddim_steps=ddim_steps or cfg.ddim_steps, eta=_given(eta, cfg.eval_eta),
+                        average=weights.startswith("average"), redraw=redraw,
+                        max_batch=cfg.eval_batch)
+
+
+def _given(value, default):
+    return default if value is None else value
+
 
 def build(cfg: VCLDiffusionConfig, shape: tuple[int, int, int] = (28, 28, 1)) -> Setup:
     cfg.validate()
@@ -248,11 +293,7 @@ def evaluate(setup: Setup, method, trainable, task: int, key: jax.Array,
     cfg = setup.cfg
     seen = np.repeat(np.arange(task + 1), cfg.eval_per_class)
     k_draw, k_sample = jax.random.split(key)
-    draws = method.draws(trainable, k_draw, setup.eval_draws(method.name))
-    x = generate(setup.model, draws, setup.sched, k_sample, seen, setup.shape,
-                 sampler=cfg.sampler, guidance=cfg.guidance, ddim_steps=cfg.ddim_steps,
-                 eta=cfg.eval_eta, average=setup.average_draws(method.name),
-                 max_batch=cfg.eval_batch)
+    x = setup.sample(method, trainable, k_draw, k_sample, seen)
     images = to_unit(x, cfg.pixel_range)
     labels = np.asarray(cfg.classes)[seen]
     return score(images, labels, task, classifier), _squeeze(images), labels
