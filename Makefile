@@ -25,7 +25,7 @@ help:
 install:
 	python3 -m venv .venv
 	.venv/bin/pip install -q --upgrade pip
-	.venv/bin/pip install -q -e '.[dev]'
+	.venv/bin/pip install -q -e '.[dev,tensorboard]'
 
 # Two workers, each test file whole in one (its module fixtures run once): a clean clone's
 # default suite took 404 s this way against 552-628 s in one process (2 cores; BENCHMARKS.md).

@@ -1,7 +1,7 @@
 """Re-sample and re-score the checkpoints of a VCL-diffusion run (nothing is overwritten).
 
     python -m experiments.rescore --run DIR [--method vcl_coreset0] [--n 50] [--seed 1]
-        [--tasks 0,3] [--weights draws|mean|average|average_once]
+        [--tasks 0,3] [--weights draws|mean|average]
         [--sampler ddim --ddim-steps 100 --eta 1] [--guidance 0]
 
 Writes ``rescore_<method>_<weights>_<sampler>[_a<guidance>]_n<n>_s<seed>.json`` in the run directory

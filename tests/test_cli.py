@@ -124,3 +124,15 @@ def test_experiments_turn_on_the_persistent_compilation_cache(tmp_path, monkeypa
     finally:
         jax.config.update("jax_compilation_cache_dir", before[0])
         jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+
+
+def test_default_run_dir_names_what_differs_from_the_preset(tmp_path, monkeypatch):
+    seen, run = _capture(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    main = lambda *a: experiment_main(list(a), doc="", name="x", presets=PRESETS, run=run)  # noqa: E731
+    main("--preset", "cpu", "--quiet")
+    assert seen["run_dir"] == os.path.join("runs", "x_cpu")
+    main("--preset", "cpu", "seed=1", "coreset_sizes=0,200", "--data-dir", str(tmp_path))
+    assert seen["run_dir"] == os.path.join("runs", "x_cpu-coreset_sizes=0,200-seed=1")
+    main("--preset", "cpu", "epochs=3")  # the preset's own value: no new directory
+    assert seen["run_dir"] == os.path.join("runs", "x_cpu")

@@ -32,8 +32,12 @@ def smoke_run(env, tmp_path_factory):
 
 def test_smoke_writes_every_output(smoke_run):
     run_dir, cfg, metrics = smoke_run
-    for f in ("config.json", "metrics.json", "summary.md", "fd.png"):
+    for f in ("config.json", "metrics.json", "summary.md", "fd.png", "log.jsonl"):
         assert os.path.isfile(os.path.join(run_dir, f)), f
+    assert metrics["provenance"]["versions"]["flax"] and metrics["provenance"]["cpu"]
+    with open(os.path.join(run_dir, "log.jsonl")) as f:
+        kinds = [json.loads(ln)["kind"] for ln in f]
+    assert kinds.count("task") == 2 * len(cfg.methods) and kinds.count("epoch") > 0
     for name in cfg.methods:
         d = rank1_ewc.method_dir(name)
         assert os.path.isfile(os.path.join(run_dir, f"grid_{d}.png"))

@@ -178,8 +178,9 @@ def smoke(tmp_path_factory):
 def test_smoke_run_end_to_end(smoke):
     cfg, run_dir, metrics = smoke
     for name in ("config.json", "metrics.json", "summary.md", "accuracy_heatmap.png",
-                 "average_accuracy.png"):
+                 "average_accuracy.png", "log.jsonl"):
         assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
+    assert metrics["provenance"]["devices"] and metrics["provenance"]["command"]
     assert set(metrics["runs"]) == set(cfg.runs)
     for r in metrics["runs"].values():
         acc = r["accuracy"]

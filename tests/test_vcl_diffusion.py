@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -49,6 +50,74 @@ def test_smoke_writes_every_output(smoke_run):
             assert sorted(set(z["labels"].tolist())) == [0, 1, 2]
     saved = json.load(open(os.path.join(run_dir, "config.json")))
     assert saved["coreset_sizes"] == [0, 4] and saved["seed"] == cfg.seed
+
+
+def _tb_scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
+    """The scalars of every TensorBoard event file in ``folder`` (TFRecords of Event protos)."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out: dict[str, list] = {}
+    for name in sorted(os.listdir(folder)):
+        data = open(os.path.join(folder, name), "rb").read()
+        i = 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i:i + 8])
+            event = event_pb2.Event()
+            event.ParseFromString(data[i + 12:i + 12 + n])
+            i += 12 + n + 4
+            for v in event.summary.value:
+                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+    return out
+
+
+def test_smoke_run_logs_every_epoch_and_task_with_its_provenance(smoke_run):
+    run_dir, cfg, metrics = smoke_run
+    lines = [json.loads(ln) for ln in open(os.path.join(run_dir, "log.jsonl"))]
+    assert lines[0]["kind"] == "start" and lines[-1]["kind"] == "end"
+    prov = lines[0]["provenance"]
+    assert prov == {**metrics["provenance"], "command": prov["command"]}
+    assert set(prov["versions"]) >= {"python", "jax", "jaxlib", "flax", "optax",
+                                     "orbax-checkpoint"}
+    assert prov["versions"]["jax"] == jax.__version__ and prov["devices"] and prov["cpu"]
+    assert len(prov["git_commit"] or "0" * 40) == 40  # None outside a git checkout
+    epochs = [ln for ln in lines if ln["kind"] == "epoch"]
+    for name, size in [("mle", 0), ("vcl", 0), ("mle", 4), ("vcl", 4)]:
+        run = f"{name}_coreset{size}"
+        train = [e for e in epochs if e["run"] == run and e["phase"] == "train"]
+        tune = [e for e in epochs if e["run"] == run and e["phase"] == "tune"]
+        pre = cfg.vcl_pretrain_epochs if name == "vcl" else 0
+        assert len(train) == 3 * cfg.epochs + pre  # every epoch of every task, pre-training
+        assert len(tune) == (3 * cfg.coreset_epochs if size else 0)
+        steps = [e["step"] for e in train]
+        assert steps == sorted(steps) and len(set(steps)) == len(steps)
+        assert all(np.isfinite(e["loss"]) and e["samples_per_s"] > 0 and e["lr"] > 0
+                   for e in train)
+        assert ("kl" in train[-1]) == (name == "vcl")
+        tasks = [ln for ln in lines if ln["kind"] == "task" and ln["run"] == run]
+        assert [t["task"] for t in tasks] == [1, 2, 3]
+        assert [t["avg_uncertainty"] for t in tasks] == [
+            h["avg_uncertainty"] for h in metrics["runs"][run]["history"]]
+    if importlib.util.find_spec("tensorboardX") is None:
+        pytest.skip("tensorboardX (the `tensorboard` extra) is not installed")
+    tb = _tb_scalars(os.path.join(run_dir, "tb"))
+    assert len(tb["vcl_coreset0/train/loss"]) == 3 * cfg.epochs + cfg.vcl_pretrain_epochs
+    assert [v for _, v in tb["mle_coreset4/task/avg_uncertainty"]] == pytest.approx(
+        [h["avg_uncertainty"] for h in metrics["runs"]["mle_coreset4"]["history"]])
+
+
+def test_run_log_lines_are_readable_while_the_run_goes(tmp_path):
+    from vcl_jax import runlog
+
+    path = tmp_path / "log.jsonl"
+    with runlog.open_log(str(tmp_path), units=2, progress=False) as log:
+        assert runlog.current() is log
+        log.epoch("mle_coreset0 task 1/2", 1, 1, 10, 640, 2.0, 1e-3, {"loss": 0.5})
+        lines = path.read_text().splitlines()  # before the log is closed
+        assert [json.loads(ln)["kind"] for ln in lines] == ["start", "epoch"]
+        assert json.loads(lines[1])["samples_per_s"] == 320.0
+    assert runlog.current() is None
 
 
 def test_no_forgetting_bound_averages_each_digit_right_after_it_was_learned(smoke_run):

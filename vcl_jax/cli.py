@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 
 from vcl_jax.checkpoint import CheckpointError, ConfigMismatchError
-from vcl_jax.config import ConfigError, describe, override, preset
+from vcl_jax.config import ConfigError, describe, override, preset, to_dict
 from vcl_jax.data.errors import DataError
 from vcl_jax.interrupt import Terminated, on_signal, stop_if_requested
 from vcl_jax.run_lock import RunLockedError
@@ -75,6 +75,17 @@ def enable_compile_cache() -> str | None:
     return folder
 
 
+def default_run_dir(name: str, preset_name: str, base, cfg) -> str:
+    """``runs/<name>_<preset>``, followed by every setting that differs from the preset
+    (``runs/vcl_diffusion_cpu-seed=1``), so that each config gets a directory of its own;
+    the data folder is not part of it."""
+    want, have = to_dict(base), to_dict(cfg)
+    fmt = lambda v: ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)  # noqa: E731
+    changed = [f"{k}={fmt(v)}" for k, v in have.items() if k != "data_dir" and v != want[k]]
+    folder = "-".join([f"{name}_{preset_name}", *changed])
+    return os.path.join("runs", folder.replace(os.sep, "_").replace(" ", ""))
+
+
 def experiment_main(argv: list[str] | None, *, doc: str, name: str, presets: dict,
                     run: Callable[..., dict]) -> dict:
     """Parses ``--preset --run-dir --data-dir --quiet --show-config key=value…``, runs, prints
@@ -83,14 +94,16 @@ def experiment_main(argv: list[str] | None, *, doc: str, name: str, presets: dic
     Args:
       argv: command-line arguments (None: ``sys.argv``).
       doc: the entry point's docstring (its ``--help``).
-      name: experiment name; the default run directory is ``runs/<name>_<preset>``.
+      name: experiment name; the default run directory is ``runs/<name>_<preset>`` with
+        the settings that differ from the preset (:func:`default_run_dir`).
       presets: the experiment's presets.
       run: ``run(cfg, run_dir, progress=...) -> metrics``, writing ``summary.md``.
     """
     parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu", help=f"one of {', '.join(presets)}")
-    parser.add_argument("--run-dir", default=None, help=f"default: runs/{name}_<preset>")
+    parser.add_argument("--run-dir", default=None,
+                        help=f"default: runs/{name}_<preset>[-key=value for each override]")
     parser.add_argument("--data-dir", default=None, help="folder with local dataset files")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--show-config", action="store_true",
@@ -99,13 +112,14 @@ def experiment_main(argv: list[str] | None, *, doc: str, name: str, presets: dic
                         help="config overrides, key=value or section.key=value")
     # Intermixed: overrides may stand before, between or after the options.
     args = parser.parse_intermixed_args(argv)
-    cfg = override(preset(presets, args.preset), args.overrides)
+    base = preset(presets, args.preset)
+    cfg = override(base, args.overrides)
     if args.data_dir:
         cfg = override(cfg, [f"data_dir={args.data_dir}"])
     if args.show_config:
         print(describe(cfg.validate()))
         return {}
-    run_dir = args.run_dir or os.path.join("runs", f"{name}_{args.preset}")
+    run_dir = args.run_dir or default_run_dir(name, args.preset, base, cfg)
     enable_compile_cache()
     metrics = run(cfg, run_dir, progress=not args.quiet)
     with open(os.path.join(run_dir, "summary.md")) as f:

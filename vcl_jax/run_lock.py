@@ -60,7 +60,7 @@ class RunLock:
         except FileExistsError:
             return False
         holder = {"host": socket.gethostname(), "pid": os.getpid(),
-                  "since": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+                  "since": datetime.datetime.now(datetime.UTC).isoformat()}
         with os.fdopen(fd, "w") as f:
             json.dump(holder, f)
         return True

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vcl_jax import checkpoint
+from vcl_jax import checkpoint, runlog
 from vcl_jax.config import to_dict
 from vcl_jax.continual import TrainData
 from vcl_jax.data import identity, record
@@ -141,11 +141,13 @@ def run(cfg: Rank1EWCConfig, run_dir: str, *, progress: bool = True) -> dict:
         ref_stats = [gaussian_stats(classifier.features(t.reference)) for t in tasks]
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
-        results = {name: run_one(setup, name, tasks, classifier, ref_stats,
-                                 os.path.join(run_dir, method_dir(name)), progress=progress,
-                                 data_id=identity(data))
-                   for name in cfg.methods}
-        metrics = {"config": to_dict(cfg), "data": data, "classifier": classifier.info,
+        with runlog.open_log(run_dir, len(cfg.methods) * len(tasks), progress=progress):
+            results = {name: run_one(setup, name, tasks, classifier, ref_stats,
+                                     os.path.join(run_dir, method_dir(name)),
+                                     progress=progress, data_id=identity(data))
+                       for name in cfg.methods}
+        metrics = {"config": to_dict(cfg), "provenance": runlog.provenance(), "data": data,
+                   "classifier": classifier.info,
                    "reference_images_per_task": [len(t.reference) for t in tasks],
                    "runs": results}
         with open(os.path.join(run_dir, "metrics.json"), "w") as f:

@@ -121,9 +121,8 @@ def rescore(run_dir: str, *, method: str | None = None, n: int = 50, seed: int =
       seed: sampling seed.
       tasks: 0-based checkpoints to score (default: every one).
       weights: ``draws`` (the run's evaluation: one posterior draw per image), ``mean``
-        (the posterior mean; for MLE the params either way), ``average`` (ε averaged
-        over ``eval_samples`` draws fresh at every step, the authors' sampler) or
-        ``average_once`` (over ``eval_samples`` draws made once per task's scoring).
+        (the posterior mean; for MLE the params either way) or ``average`` (ε averaged
+        over ``eval_samples`` draws fresh at every step, the authors' sampler).
       sampler, ddim_steps, eta, guidance: default: the run's (``eta`` is DDIM's η,
         ``guidance`` the classifier-free guidance weight α).
       classifier: the evaluation classifier (default: the run's dataset and variant).

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vcl_jax import runlog
 from vcl_jax.checkpoint import config_diff
 from vcl_jax.config import ConfigError, to_dict
 from vcl_jax.continual import TrainData
@@ -200,8 +201,10 @@ def run(cfg: SplitMNISTConfig, run_dir: str, *, progress: bool = True) -> dict:
         with open(os.path.join(run_dir, "config.json"), "w") as f:
             json.dump(to_dict(cfg), f, indent=2)
         runner = Runner(cfg)
-        results = {name: run_one(runner, name, tasks, progress=progress) for name in cfg.runs}
-        metrics = {"config": to_dict(cfg), "devices": [str(d) for d in jax.devices()],
+        with runlog.open_log(run_dir, len(cfg.runs) * len(tasks), progress=progress):
+            results = {name: run_one(runner, name, tasks, progress=progress)
+                       for name in cfg.runs}
+        metrics = {"config": to_dict(cfg), "provenance": runlog.provenance(),
                    "data": record(cfg.dataset, cfg.data_dir, cfg.data_variant,
                                   [len(t.y) for t in tasks], [t.x for t in tasks]),
                    "train_sizes": [len(t.y) for t in tasks],

@@ -19,6 +19,7 @@ import time
 import jax
 import numpy as np
 
+from vcl_jax import runlog
 from vcl_jax.config import to_dict
 from vcl_jax.continual import TrainData
 from vcl_jax.data import complement, identity, record
@@ -77,7 +78,7 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
         x0 = tasks[0][complement(setup.coreset_of(0, tasks[0], coreset_size), len(tasks[0]))]
         pretrained = mle_runs.pretrain_mle(setup, params, x0,
                                            jax.random.fold_in(k_train, 100_000),
-                                           progress=progress)
+                                           progress=progress, name=name)
         # Kept for diagnostics (`vcl_diagnostics.swap_effect`): the first prior's means.
         pre = open_checkpoints(os.path.join(out_dir, "pretrained"), cfg, method_name,
                                coreset_size, data_id)
@@ -143,18 +144,21 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
             json.dump(to_dict(cfg), f, indent=2)
         results = {}
         kw = dict(progress=progress, data_id=identity(data))
-        for name, size in sub_runs(cfg):
-            rn = run_name(name, size)
-            out_dir = os.path.join(run_dir, rn)
-            if name == "joint":
-                results[rn] = mle_runs.run_joint(setup, tasks, classifier, out_dir, **kw)
-            else:
-                results[rn] = run_one(setup, name, size, tasks, classifier, out_dir, **kw)
+        units = sum(len(tasks) for name, _ in sub_runs(cfg) if name != "joint")
+        with runlog.open_log(run_dir, units, progress=progress) as log:
+            for name, size in sub_runs(cfg):
+                rn = run_name(name, size)
+                out_dir = os.path.join(run_dir, rn)
+                if name == "joint":
+                    results[rn] = mle_runs.run_joint(setup, tasks, classifier, out_dir, **kw)
+                else:
+                    results[rn] = run_one(setup, name, size, tasks, classifier, out_dir, **kw)
         scores = {rn: report.continual_scores(rec["history"], cfg.classes)
                   for rn, rec in results.items() if rn != "joint"}
         over_mle = report.ratios(results)
-        metrics = {"config": to_dict(cfg), "data": data, "classifier": classifier.info,
-                   "runs": results, "continual": scores, "over_mle": over_mle}
+        metrics = {"config": to_dict(cfg), "provenance": runlog.provenance(), "data": data,
+                   "classifier": classifier.info, "runs": results, "continual": scores,
+                   "over_mle": over_mle, "log": os.path.basename(log.path)}
         with open(os.path.join(run_dir, "metrics.json"), "w") as f:
             json.dump(metrics, f, indent=2)
         report.write(run_dir, cfg, results, data, classifier.info, scores, over_mle)

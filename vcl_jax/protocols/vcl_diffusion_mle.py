@@ -19,8 +19,9 @@ from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_s
 
 
 def pretrain_mle(setup: Setup, params: dict, x: np.ndarray, key: jax.Array, *,
-                 progress: bool) -> dict:
-    """MLE on the first task's data; the result becomes VCL's first prior means."""
+                 progress: bool, name: str = "vcl") -> dict:
+    """MLE on the first task's data; the result becomes VCL's first prior means (``name``:
+    the sub-run's, in progress bars and the run's log)."""
     cfg = setup.cfg
     method = mle(setup.batch_loss)
     opt = adam(cfg.learning_rate)
@@ -28,8 +29,9 @@ def pretrain_mle(setup: Setup, params: dict, x: np.ndarray, key: jax.Array, *,
     runner = setup.runner(make_train_step(method, opt, data_sharding()), "mle")
     state, _ = train_epochs(runner, state, task_data([x], [0]), key,
                             epochs=cfg.vcl_pretrain_epochs, learning_rate=cfg.learning_rate,
-                            decay=cfg.lr_decay, desc="vcl MLE pre-training", progress=progress,
-                            where="vcl_diffusion vcl, MLE pre-training on task 1")
+                            decay=cfg.lr_decay, desc=f"{name} MLE pre-training",
+                            progress=progress,
+                            where=f"vcl_diffusion {name}, MLE pre-training on task 1")
     return state.trainable
 
 

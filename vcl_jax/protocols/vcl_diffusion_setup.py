@@ -45,7 +45,7 @@ from vcl_jax.vi import mean_field as mf
 
 PyTree = Any
 # How sampling uses a posterior's weights (:meth:`Setup.sample`).
-WEIGHTS = ("draws", "mean", "average", "average_once")
+WEIGHTS = ("draws", "mean", "average")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,9 +198,8 @@ class Setup:
         Args:
           k_draw: the key of the weight draws; k_sample: that of the sampler's noise.
           weights: ``draws`` (one of ``eval_draws`` posterior draws per image,
-            round-robin), ``mean`` (the posterior means), ``average`` (ε averaged over
-            ``eval_draws`` draws fresh at every step: the authors' sampler) or
-            ``average_once`` (averaged over draws made once, reused at every step). None:
+            round-robin), ``mean`` (the posterior means) or ``average`` (ε averaged over
+            ``eval_draws`` draws fresh at every step: the authors' sampler). None:
             ``average`` if the config's ``eval_average_draws``, else ``draws``. A point
             estimate samples from its params whatever this says.
           sampler, ddim_steps, eta, guidance: None: the config's.
@@ -213,7 +212,7 @@ class Setup:
             raise ValueError(f"unknown weights {weights!r}; accepted: {', '.join(WEIGHTS)}")
         m = self.eval_draws(method.name)
         weights = weights or ("average" if self.average_draws(method.name) else "draws")
-        if m == 1 and weights.startswith("average"):
+        if m == 1 and weights == "average":
             weights = "draws"
         redraw = None
         if weights == "mean" and isinstance(trainable, mf.MeanField):
@@ -225,7 +224,7 @@ class Setup:
         return generate(self.model, draws, self.sched, k_sample, tasks, self.shape,
                         sampler=sampler or cfg.sampler, guidance=_given(guidance, cfg.guidance),
                         ddim_steps=ddim_steps or cfg.ddim_steps, eta=_given(eta, cfg.eval_eta),
-                        average=weights.startswith("average"), redraw=redraw,
+                        average=weights == "average", redraw=redraw,
                         max_batch=cfg.eval_batch)
 
 

@@ -23,6 +23,13 @@ PyTree = Any
 StepFn = Callable[[PyTree, PyTree, jax.Array], tuple[PyTree, dict]]
 
 
+def epoch_steps(n: int, batch_size: int, multiple: int = 1) -> int:
+    """Steps in an epoch of ``n`` examples: every example at least once, in full batches,
+    rounded up to a multiple of ``multiple``."""
+    steps = -(-n // batch_size)
+    return -(-steps // multiple) * multiple
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def epoch_indices(key: jax.Array, n: int, batch_size: int, multiple: int = 1) -> jax.Array:
     """A shuffled epoch as ``[steps, batch_size]`` indices.
@@ -31,8 +38,7 @@ def epoch_indices(key: jax.Array, n: int, batch_size: int, multiple: int = 1) ->
     number of steps rounded up to a multiple of ``multiple``) with examples of
     a second permutation, so every batch is full and every call has one shape.
     """
-    steps = -(-n // batch_size)
-    steps = -(-steps // multiple) * multiple
+    steps = epoch_steps(n, batch_size, multiple)
     k1, k2 = jax.random.split(key)
     perm = jax.random.permutation(k1, n)
     extra = steps * batch_size - n

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vcl_jax import runlog
 from vcl_jax.checkpoint import Checkpoints
 from vcl_jax.continual.base import Method, TrainData
 from vcl_jax.training.epoch import EpochRunner
@@ -172,6 +173,9 @@ def run_sequence(
         restored, meta = ckpt.restore(ckpt.latest_step(), like)
         state, start = restored["train"], ckpt.latest_step() + 1
         record = upgrade_record(meta["record"])
+    log = runlog.current()
+    if log is not None and start:
+        log.skip(start)
 
     for d in range(start, n_tasks):
         label = f"{name} task {d + 1}/{n_tasks}"
@@ -213,6 +217,9 @@ def run_sequence(
         if progress:
             print(f"[{name}] task {d + 1}: {describe(metrics)}loss {hist[-1]['loss']:.4f}",
                   flush=True)
+        if log is not None:
+            log.task(name, d + 1, n_tasks, metrics,
+                     {p: record["task_seconds"][p][-1] for p in PHASES})
     if ckpt is not None:
         ckpt.close()
     return record

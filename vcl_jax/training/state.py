@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -9,9 +10,10 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from vcl_jax import runlog
 from vcl_jax.continual.base import Method
 from vcl_jax.interrupt import stop_if_requested
-from vcl_jax.training.epoch import EpochRunner, pad_rows, row_bucket
+from vcl_jax.training.epoch import EpochRunner, epoch_steps, pad_rows, row_bucket
 from vcl_jax.training.guard import check_finite
 
 PyTree = Any
@@ -100,13 +102,19 @@ def train_epochs(runner: EpochRunner, state: TrainState, data: PyTree, key: jax.
     data = pad_rows(data, row_bucket(n))  # one compiled epoch for tasks/coresets of many sizes
     history = []
     bar = tqdm(range(epochs), desc=desc, disable=not progress, leave=False)
+    log = runlog.current()
     for e in bar:
         stop_if_requested()
         lr = learning_rate * (1.0 - e / epochs) if decay else learning_rate
         state = set_learning_rate(state, lr)
+        t0 = time.perf_counter()
         state, metrics = runner(state, data, jax.random.fold_in(key, e), shared, n=n)
         metrics = {k: float(v) for k, v in metrics.items()}
         check_finite(metrics, state.trainable, f"{where or desc}, epoch {e + 1}/{epochs}")
         history.append(metrics)
+        if log is not None:
+            steps = epoch_steps(n, runner.batch_size, runner.multiple)
+            log.epoch(desc, e + 1, epochs, steps, steps * runner.batch_size,
+                      time.perf_counter() - t0, lr, metrics)
         bar.set_postfix({k: f"{v:.4g}" for k, v in metrics.items()})
     return state, history
