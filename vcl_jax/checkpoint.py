@@ -13,6 +13,7 @@ import shutil
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from vcl_jax import interrupt
@@ -58,18 +59,28 @@ class Checkpoints:
         checksum; not the folder), stored under the key ``data`` of the config, so the same
         data read from another folder resumes and other data is refused. Checkpoints written
         before it was recorded take this run's. Read-only tools leave it out.
+      local: files of this process alone (a cache) in a multi-process run; by default every
+        process takes part in each save and restore, as Orbax coordinates them.
     """
 
     def __init__(self, directory: str, config: dict, *, ignore: tuple[str, ...] = (),
-                 added: dict | None = None, data: dict | None = None):
+                 added: dict | None = None, data: dict | None = None, local: bool = False):
         self.directory = os.path.abspath(directory)
         extra = {} if data is None else {"data": data}
         self.config = json.loads(json.dumps({**config, **extra}))
         self._ignore = ignore
         self._added = json.loads(json.dumps({**(added or {}), **extra}))
+        # local: this process's own files (e.g. a cache), with no other process taking part
+        # in a multi-process run; else Orbax coordinates every process's save and restore
+        me, self._local = jax.process_index(), local
+        processes = (ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+                     if local else ocp.options.MultiprocessingOptions())
+        if local:
+            os.makedirs(self.directory, exist_ok=True)  # Orbax creates only shared folders
         self._manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=None, create=not local,
+                                                 multiprocessing_options=processes),
         )
         latest = self._manager.latest_step()
         if latest is not None:
@@ -149,7 +160,14 @@ class Checkpoints:
         Raises:
           CheckpointError: the step's files cannot be read (naming it and the way out).
         """
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        # Restored onto this run's devices, whatever topology wrote them: replicated over
+        # every process's devices, or a local checkpoint onto this process's first device.
+        where = (jax.sharding.SingleDeviceSharding(jax.local_devices()[0]) if self._local
+                 else jax.sharding.NamedSharding(jax.sharding.Mesh(np.asarray(jax.devices()),
+                                                                   ("all",)),
+                                                 jax.sharding.PartitionSpec()))
+        abstract = jax.tree.map(
+            lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where), like)
         try:
             out = self._manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))

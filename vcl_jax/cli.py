@@ -15,6 +15,7 @@ import signal
 import sys
 from collections.abc import Callable
 
+from vcl_jax import distributed
 from vcl_jax.checkpoint import CheckpointError, ConfigMismatchError
 from vcl_jax.config import ConfigError, describe, override, preset, to_dict
 from vcl_jax.data.errors import DataError
@@ -108,6 +109,11 @@ def experiment_main(argv: list[str] | None, *, doc: str, name: str, presets: dic
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--show-config", action="store_true",
                         help="print the config, by section, and exit without running")
+    parser.add_argument("--coordinator", default=None,
+                        help="several processes (hosts): process 0's host:port, or 'auto' "
+                             "for the cluster's own description (vcl_jax.distributed)")
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
     parser.add_argument("overrides", nargs="*",
                         help="config overrides, key=value or section.key=value")
     # Intermixed: overrides may stand before, between or after the options.
@@ -120,8 +126,12 @@ def experiment_main(argv: list[str] | None, *, doc: str, name: str, presets: dic
         print(describe(cfg.validate()))
         return {}
     run_dir = args.run_dir or default_run_dir(name, args.preset, base, cfg)
+    if args.coordinator:
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     enable_compile_cache()
-    metrics = run(cfg, run_dir, progress=not args.quiet)
-    with open(os.path.join(run_dir, "summary.md")) as f:
-        print(f.read())
+    primary = distributed.is_primary()
+    metrics = run(cfg, run_dir, progress=not args.quiet and primary)
+    if primary:
+        with open(os.path.join(run_dir, "summary.md")) as f:
+            print(f.read())
     return metrics

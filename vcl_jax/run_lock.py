@@ -17,6 +17,8 @@ import os
 import socket
 import warnings
 
+from vcl_jax import distributed
+
 LOCK_NAME = ".lock"
 
 
@@ -67,6 +69,8 @@ class RunLock:
 
     def acquire(self) -> RunLock:
         os.makedirs(self.run_dir, exist_ok=True)
+        if not distributed.is_primary():  # one run of several processes: process 0 holds it
+            return self
         for _ in range(3):  # a stale lock removed by a concurrent run: try again
             if self._create():
                 self._held = True

@@ -162,9 +162,15 @@ class RunLog:
 
 @contextlib.contextmanager
 def open_log(run_dir: str, units: int, *, progress: bool = True,
-             meta: dict | None = None) -> Iterator[RunLog]:
+             meta: dict | None = None) -> Iterator[RunLog | None]:
     """Opens ``run_dir``'s log for the duration of the block (appending: a resumed run adds
-    to its log), its first line the :func:`provenance` and ``meta``."""
+    to its log), its first line the :func:`provenance` and ``meta``. In a multi-process run
+    only process 0 logs (the others' block gets None)."""
+    from vcl_jax import distributed
+
+    if not distributed.is_primary():
+        yield None
+        return
     log = RunLog(run_dir, units, progress)
     log.write("start", provenance=provenance(), **(meta or {}))
     token = _CURRENT.set(log)

@@ -52,10 +52,10 @@ def resolve_impl(impl: str, vmapped_kernels: bool) -> str:
     ``ffi``).
 
     ``auto`` is ``xla`` on accelerators. On the CPU it is ``ffi`` where our kernels build
-    (`vcl_jax.kernels.conv3x3.available`); without them, ``im2col`` where the kernels are
-    ``vmap``-ped (VCL's weight draws: ``vmap`` turns a batched kernel into a grouped
-    convolution, which XLA:CPU runs ~40× slower than the plain one, ``BENCHMARKS.md``) and
-    ``xla`` elsewhere. Asking for ``ffi`` where the kernels cannot run is an error that says why.
+    (`vcl_jax.kernels.conv3x3.available`) and the run has one device; otherwise ``im2col``
+    where the kernels are ``vmap``-ped (VCL's weight draws: ``vmap`` turns a batched kernel
+    into a grouped convolution, which XLA:CPU runs ~40× slower than the plain one,
+    ``BENCHMARKS.md``) and ``xla`` elsewhere. Asking for ``ffi`` where the kernels cannot run is an error that says why.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv impl {impl!r}; accepted: {', '.join(CONV_IMPLS)}")
@@ -67,7 +67,9 @@ def resolve_impl(impl: str, vmapped_kernels: bool) -> str:
         return impl
     if jax.default_backend() != "cpu":
         return "xla"
-    if cpu_conv.available()[0]:
+    # Our kernels are custom calls, which XLA does not split over devices: with several
+    # (data parallel, or several processes) each device would convolve the whole batch.
+    if cpu_conv.available()[0] and jax.device_count() == 1:
         return "ffi"
     return "im2col" if vmapped_kernels else "xla"
 

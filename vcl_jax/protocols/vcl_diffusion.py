@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from vcl_jax import runlog
+from vcl_jax import distributed, runlog
 from vcl_jax.config import to_dict
 from vcl_jax.continual import TrainData
 from vcl_jax.data import complement, identity, record
@@ -136,16 +136,21 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
     tasks = load_tasks(cfg)
     data = record(cfg.dataset, cfg.data_dir, cfg.data_variant, [len(x) for x in tasks], tasks)
     check_run_dir(run_dir, cfg, identity(data))
+    primary = distributed.is_primary()
     with RunLock(run_dir):
+        if not primary:  # the others load the classifier process 0 trained and cached
+            distributed.sync("evaluation classifier")
         classifier = get_classifier(cfg.dataset, data_dir=cfg.data_dir,
                                     variant=cfg.data_variant, epochs=cfg.classifier_epochs,
-                                    progress=progress)
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2)
+                                    progress=progress and primary)
+        if primary:
+            distributed.sync("evaluation classifier")
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(to_dict(cfg), f, indent=2)
         results = {}
         kw = dict(progress=progress, data_id=identity(data))
         units = sum(len(tasks) for name, _ in sub_runs(cfg) if name != "joint")
-        with runlog.open_log(run_dir, units, progress=progress) as log:
+        with runlog.open_log(run_dir, units, progress=progress):
             for name, size in sub_runs(cfg):
                 rn = run_name(name, size)
                 out_dir = os.path.join(run_dir, rn)
@@ -158,8 +163,10 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
         over_mle = report.ratios(results)
         metrics = {"config": to_dict(cfg), "provenance": runlog.provenance(), "data": data,
                    "classifier": classifier.info, "runs": results, "continual": scores,
-                   "over_mle": over_mle, "log": os.path.basename(log.path)}
-        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-        report.write(run_dir, cfg, results, data, classifier.info, scores, over_mle)
+                   "over_mle": over_mle, "log": "log.jsonl"}
+        if primary:
+            with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
+            report.write(run_dir, cfg, results, data, classifier.info, scores, over_mle)
+        distributed.sync("outputs written")
     return metrics

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vcl_jax import runlog
+from vcl_jax import distributed, runlog
 from vcl_jax.checkpoint import Checkpoints
 from vcl_jax.continual.base import Method, TrainData
 from vcl_jax.training.epoch import EpochRunner
@@ -206,7 +206,7 @@ def run_sequence(
         clock.lap("tune", evaluated)
         metrics, samples = evaluate(d, evaluated)
         clock.lap("eval")
-        if samples is not None:
+        if samples is not None and distributed.is_primary():
             os.makedirs(out_dir, exist_ok=True)
             np.savez_compressed(os.path.join(out_dir, f"samples_task{d}.npz"), **samples)
         metrics["train_final"] = hist[-1]

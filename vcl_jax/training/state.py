@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -54,11 +55,13 @@ def set_learning_rate(state: TrainState, lr: float) -> TrainState:
 
 
 def data_sharding() -> NamedSharding | None:
-    """Batch sharding over all local devices (None on one device)."""
-    devices = jax.local_devices()
+    """Batch sharding over every device of every process (None on one device): in a
+    multi-process run (:mod:`vcl_jax.distributed`) the gradients are reduced across
+    processes, not only across a process's own devices."""
+    devices = jax.devices()
     if len(devices) == 1:
         return None
-    return NamedSharding(Mesh(devices, ("data",)), PartitionSpec("data"))
+    return NamedSharding(Mesh(np.asarray(devices), ("data",)), PartitionSpec("data"))
 
 
 def make_train_step(method: Method, opt: optax.GradientTransformation,
