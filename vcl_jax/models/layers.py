@@ -55,7 +55,8 @@ def resolve_impl(impl: str, vmapped_kernels: bool) -> str:
     (`vcl_jax.kernels.conv3x3.available`) and the run has one device; otherwise ``im2col``
     where the kernels are ``vmap``-ped (VCL's weight draws: ``vmap`` turns a batched kernel
     into a grouped convolution, which XLA:CPU runs ~40× slower than the plain one,
-    ``BENCHMARKS.md``) and ``xla`` elsewhere. Asking for ``ffi`` where the kernels cannot run is an error that says why.
+    ``BENCHMARKS.md``) and ``xla`` elsewhere. Asking for ``ffi`` where the kernels cannot
+    run is an error that says why.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"unknown conv impl {impl!r}; accepted: {', '.join(CONV_IMPLS)}")
