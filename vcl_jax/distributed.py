@@ -38,6 +38,17 @@ def is_primary() -> bool:
     return jax.process_index() == 0
 
 
+def primary_first(fn, name: str):
+    """``fn()`` on process 0 first, then on the others (e.g. a cache that process 0 fills
+    and the others then read); in one process, just ``fn()``."""
+    if not is_primary():
+        sync(name)
+    out = fn()
+    if is_primary():
+        sync(name)
+    return out
+
+
 _BARRIERS: dict[str, int] = {}
 
 

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vcl_jax import checkpoint, runlog
+from vcl_jax import checkpoint, distributed, runlog
 from vcl_jax.config import to_dict
 from vcl_jax.continual import TrainData
 from vcl_jax.data import identity, record
@@ -134,13 +134,15 @@ def run(cfg: Rank1EWCConfig, run_dir: str, *, progress: bool = True) -> dict:
                   [a for t in tasks for a in (t.x, t.c)])
     check_run_dir(run_dir, cfg, identity(data))
     setup = build(cfg, data_shape)
+    primary = distributed.is_primary()
     with RunLock(run_dir):
-        classifier = get_classifier(cfg.dataset, data_dir=cfg.data_dir,
-                                    variant=cfg.data_variant, epochs=cfg.classifier_epochs,
-                                    progress=progress)
+        classifier = distributed.primary_first(lambda: get_classifier(
+            cfg.dataset, data_dir=cfg.data_dir, variant=cfg.data_variant,
+            epochs=cfg.classifier_epochs, progress=progress), "classifier")
         ref_stats = [gaussian_stats(classifier.features(t.reference)) for t in tasks]
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2)
+        if primary:
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(to_dict(cfg), f, indent=2)
         with runlog.open_log(run_dir, len(cfg.methods) * len(tasks), progress=progress):
             results = {name: run_one(setup, name, tasks, classifier, ref_stats,
                                      os.path.join(run_dir, method_dir(name)),
@@ -150,7 +152,9 @@ def run(cfg: Rank1EWCConfig, run_dir: str, *, progress: bool = True) -> dict:
                    "classifier": classifier.info,
                    "reference_images_per_task": [len(t.reference) for t in tasks],
                    "runs": results}
-        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-        report.write(run_dir, cfg, results, data, classifier.info)
+        if primary:
+            with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
+            report.write(run_dir, cfg, results, data, classifier.info)
+        distributed.sync("outputs written")
     return metrics

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vcl_jax import runlog
+from vcl_jax import distributed, runlog
 from vcl_jax.checkpoint import config_diff
 from vcl_jax.config import ConfigError, to_dict
 from vcl_jax.continual import TrainData
@@ -197,9 +197,11 @@ def run(cfg: SplitMNISTConfig, run_dir: str, *, progress: bool = True) -> dict:
         if any(cfg.coreset_method(r) for r in cfg.runs) and cfg.coreset_size > len(task.y):
             raise ConfigError(f"coreset_size {cfg.coreset_size} is larger than task {i} "
                               f"({len(task.y)} training images); use ≤ {len(task.y)}")
+    primary = distributed.is_primary()
     with RunLock(run_dir):
-        with open(os.path.join(run_dir, "config.json"), "w") as f:
-            json.dump(to_dict(cfg), f, indent=2)
+        if primary:
+            with open(os.path.join(run_dir, "config.json"), "w") as f:
+                json.dump(to_dict(cfg), f, indent=2)
         runner = Runner(cfg)
         with runlog.open_log(run_dir, len(cfg.runs) * len(tasks), progress=progress):
             results = {name: run_one(runner, name, tasks, progress=progress)
@@ -210,7 +212,9 @@ def run(cfg: SplitMNISTConfig, run_dir: str, *, progress: bool = True) -> dict:
                    "train_sizes": [len(t.y) for t in tasks],
                    "test_sizes": [len(t.y_test) for t in tasks],
                    "runs": results}
-        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
-        report.write(run_dir, cfg, metrics)
+        if primary:
+            with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+                json.dump(metrics, f, indent=2)
+            report.write(run_dir, cfg, metrics)
+        distributed.sync("outputs written")
     return metrics

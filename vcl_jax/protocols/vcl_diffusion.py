@@ -138,13 +138,11 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
     check_run_dir(run_dir, cfg, identity(data))
     primary = distributed.is_primary()
     with RunLock(run_dir):
-        if not primary:  # the others load the classifier process 0 trained and cached
-            distributed.sync("evaluation classifier")
-        classifier = get_classifier(cfg.dataset, data_dir=cfg.data_dir,
-                                    variant=cfg.data_variant, epochs=cfg.classifier_epochs,
-                                    progress=progress and primary)
+        # the other processes load the classifier process 0 trained and cached
+        classifier = distributed.primary_first(lambda: get_classifier(
+            cfg.dataset, data_dir=cfg.data_dir, variant=cfg.data_variant,
+            epochs=cfg.classifier_epochs, progress=progress and primary), "classifier")
         if primary:
-            distributed.sync("evaluation classifier")
             with open(os.path.join(run_dir, "config.json"), "w") as f:
                 json.dump(to_dict(cfg), f, indent=2)
         results = {}
