@@ -35,8 +35,10 @@ def markdown(metrics: list[dict], out: dict) -> str:
     last task, right-after quality, forgetting and the mean wall time per seed."""
     seeds = out["runs"][next(iter(out["runs"]))]["seeds"]
     n = len(next(iter(out["runs"].values()))["after_task"])
-    fmt = lambda p: f"{p[0]:.2f} ± {p[1]:.2f}"  # noqa: E731
-    lines = [f"Seeds {', '.join(map(str, seeds))}; nats, mean over seeds ± SE over seeds.", "",
+    fmt = lambda p: f"{p[0]:.2f}" + ("" if np.isnan(p[1]) else f" ± {p[1]:.2f}")  # noqa: E731
+    what = ("mean over seeds ± SE over seeds" if len(seeds) > 1
+            else "one seed (its standard errors are in the run's summary.md)")
+    lines = [f"Seeds {', '.join(map(str, seeds))}; nats, {what}.", "",
              "| run | " + " | ".join(f"after {d + 1}" for d in range(n))
              + " | ÷ MLE after 10 | accuracy after 10 | right after | forgetting | min/seed |",
              "|---|" + "---|" * (n + 5)]
