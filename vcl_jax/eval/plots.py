@@ -112,13 +112,18 @@ def panels(path: str, panels: dict[str, dict[str, tuple[list[float], list[float]
 
 
 def per_class_curves(path: str, per_class: dict[str, dict[int, list[float]]], *, ylabel: str,
-                     title: str) -> None:
-    """One panel per run: each class's metric after each task from the one it was learned in."""
+                     title: str, ncols: int | None = None) -> None:
+    """One panel per run (``ncols`` to a row; default all in one): each class's metric after
+    each task from the one it was learned in."""
     from matplotlib.ticker import MaxNLocator
 
     names = list(per_class)
-    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 4), squeeze=False)
-    for ax, name in zip(axes[0], names, strict=True):
+    ncols = ncols or len(names)
+    nrows = -(-len(names) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 4 * nrows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.set_visible(False)
+    for ax, name in zip(axes.flat, names, strict=False):
         for c, (first, ys) in per_class[name].items():
             ax.plot(np.arange(first + 1, first + 1 + len(ys)), ys, marker=".", label=str(c))
         ax.set_yscale("log")

@@ -122,6 +122,7 @@ def seed_figures(metrics: list[dict], out_dir: str) -> list[str]:
                      title=f"Average uncertainty over seen digits, mean ± SE over seeds {seeds}")
     classes = metrics[0]["config"]["classes"]
     per_class = {}
+    names = sorted(names, key=lambda n: (split_name(n)[0], split_name(n)[1]))  # method rows
     for n in names:
         hists = [m["runs"][n]["history"] for m in metrics]
         length = min(len(h) for h in hists)
@@ -130,7 +131,8 @@ def seed_figures(metrics: list[dict], out_dir: str) -> list[str]:
                         for i, c in enumerate(classes[:length])}
     paths.append(os.path.join(out_dir, "coreset_per_digit.png"))
     plots.per_class_curves(paths[-1], per_class, ylabel="classifier uncertainty (nats)",
-                           title=f"Per-digit uncertainty after each task, mean over seeds {seeds}")
+                           title=f"Per-digit uncertainty after each task, mean over seeds {seeds}",
+                           ncols=len(by_size))
     return paths
 
 
