@@ -101,7 +101,7 @@ def sampler_rows(cfg, gemm: float, batches: list[int], steps: int, rounds: int) 
     for b in batches:
         tasks = np.arange(b) % 10
         run = gen._sampler(setup.model, "ddim", (28, 28, 1), float(cfg.guidance), steps,
-                           float(cfg.eval_eta), None, False)
+                           float(cfg.eval_eta), None, False, None)
         args = (draws, 0, setup.sched, jax.random.key(1), jnp.asarray(tasks, jnp.int32))
         t0 = time.perf_counter()
         compiled = run.lower(*args).compile()

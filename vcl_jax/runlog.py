@@ -32,6 +32,8 @@ import time
 from collections.abc import Iterator
 from importlib import metadata
 
+from vcl_jax import distributed
+
 _CURRENT: contextvars.ContextVar[RunLog | None] = contextvars.ContextVar("run_log",
                                                                          default=None)
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy")
@@ -166,8 +168,6 @@ def open_log(run_dir: str, units: int, *, progress: bool = True,
     """Opens ``run_dir``'s log for the duration of the block (appending: a resumed run adds
     to its log), its first line the :func:`provenance` and ``meta``. In a multi-process run
     only process 0 logs (the others' block gets None)."""
-    from vcl_jax import distributed
-
     if not distributed.is_primary():
         yield None
         return

@@ -183,11 +183,10 @@ class Setup:
         return EpochRunner(step, self.cfg.batch_size, self.steps_per_call(name),
                            multiple=max(self.cfg.unroll, 1))
 
-    def average_draws(self, name: str, override: bool | None = None) -> bool:
-        """Whether sampling averages ε over the weight draws (``override``: None keeps
-        the config's ``eval_average_draws``); only meaningful with several draws."""
-        wanted = self.cfg.eval_average_draws if override is None else override
-        return wanted and self.eval_draws(name) > 1
+    def average_draws(self, name: str) -> bool:
+        """Whether the config's evaluation averages ε over the weight draws
+        (``eval_average_draws``; only meaningful with several draws)."""
+        return self.cfg.eval_average_draws and self.eval_draws(name) > 1
 
     def sample(self, method: Method, trainable, k_draw: jax.Array, k_sample: jax.Array,
                tasks: np.ndarray, *, weights: str | None = None, sampler: str | None = None,
