@@ -172,6 +172,31 @@ def test_validation_split_is_held_out_of_training(env):
     assert t0.x.shape[1:] == (32, 32, 1) and t0.x.min() == -1.0
 
 
+def test_joint_reference_in_unit_range_without_padding(env, tmp_path):
+    cfg = override(PRESETS["smoke"], ["dataset=mnist", "data_variant=5k", "methods=joint",
+                                      "pixel_range=unit", "image_size=28", "context=film",
+                                      "weight_init=pytorch"])
+    tasks, _ = rank1_ewc.load_tasks(cfg)
+    assert tasks[0].x.shape[1:] == (28, 28, 1) and tasks[0].x.min() == 0.0
+    assert tasks[0].x.max() == 1.0
+    metrics = rank1_ewc.run(cfg, str(tmp_path), progress=False)
+    rec = metrics["runs"]["joint"]
+    # one evaluation of every class, restricted to the tasks seen "after task d"
+    assert [h["task"] for h in rec["history"]] == [0, 1]
+    assert rec["history"][1]["fd"][0] == rec["history"][0]["fd"][0]
+    assert rec["forgetting"] == [0.0, 0.0]
+    with np.load(os.path.join(tmp_path, "joint", "samples_task0.npz")) as z:
+        assert sorted(set(z["labels"].tolist())) == [0, 1, 2, 3]
+        assert z["images"].shape == (4 * cfg.eval_per_class, 28, 28)
+    assert not os.path.exists(os.path.join(tmp_path, "joint", "samples_task1.npz"))
+    # as many steps as a sequential method over the stream: epochs over the union
+    with open(os.path.join(tmp_path, "log.jsonl")) as f:
+        epochs = [json.loads(ln) for ln in f if '"epoch"' in ln]
+    n = sum(len(t.x) for t in tasks)
+    assert len(epochs) == cfg.epochs and epochs[-1]["step"] == cfg.epochs * -(-n // cfg.batch_size)
+    assert os.path.isfile(os.path.join(tmp_path, "grid_joint.png"))
+
+
 def test_unet_at_32x32x3_and_timestep_examples():
     model = ContextUNet(n_feat=8, n_tasks=10, channels=3, embed_dim=8)
     x = jnp.zeros((2, 32, 32, 3))

@@ -66,11 +66,33 @@ def forgetting(history: list[dict]) -> list[float]:
     return [last[k] - history[k]["fd"][k] for k in range(len(last))]
 
 
+def joint_task(tasks: list[TaskData]) -> TaskData:
+    """Every task's training images as one task (the ``joint`` reference's)."""
+    return TaskData(tuple(c for t in tasks for c in t.classes),
+                    np.concatenate([t.x for t in tasks]), np.concatenate([t.c for t in tasks]),
+                    np.concatenate([t.reference for t in tasks]),
+                    np.concatenate([t.reference_labels for t in tasks]))
+
+
+def restrict(metrics: dict, upto: int) -> dict:
+    """An evaluation of every task, restricted to tasks ``0..upto``."""
+    fd, acc = metrics["fd"][: upto + 1], metrics["accuracy"][: upto + 1]
+    return dict(metrics, task=upto, fd=fd, avg_fd=float(np.mean(fd)), accuracy=acc,
+                avg_accuracy=float(np.mean(acc)))
+
+
 def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClassifier,
             ref_stats: list, out_dir: str, *, progress: bool = True,
             data_id: dict | None = None) -> dict:
-    """Trains one method over the whole stream, resuming from its last checkpoint."""
+    """Trains one method over the whole stream, resuming from its last checkpoint.
+
+    ``joint`` trains one model on the union of the tasks (``epochs`` epochs over it: as many
+    steps as a sequential method over the whole stream) and evaluates it once on every
+    class; its entry "after task d" is that evaluation restricted to tasks 0..d, what a
+    model of this size and budget reaches without continual learning."""
     cfg = setup.cfg
+    joint = name == "joint"
+    stream = [joint_task(tasks)] if joint else tasks
     k_init, k_train, _, k_fisher, k_eval = run_keys(cfg)
     params = setup.init_params(k_init)
     method = setup.method(name)
@@ -84,23 +106,26 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClas
         """The task's images and the Fisher's examples (a replay member then adds the pool
         the model at the task's start generates)."""
         del state
-        task = tasks[d]
+        task = stream[d]
         fisher = fisher_data(setup, task, jax.random.fold_in(k_fisher, d)) if spec.penalty else None
         data = {"x": jnp.asarray(task.x), "c": jnp.asarray(task.c)}
         return TrainData(data, len(task.x), end=fisher)
 
     def evaluate_task(d, params):
-        metrics, images, labels = evaluate(setup, params, tasks, d, jax.random.fold_in(k_eval, d),
-                                           classifier, ref_stats)
+        upto = len(tasks) - 1 if joint else d
+        metrics, images, labels = evaluate(setup, params, tasks, upto,
+                                           jax.random.fold_in(k_eval, d), classifier, ref_stats)
         return metrics, {"images": images, "labels": labels}
 
     record = run_sequence(
-        method, state, len(tasks), prepare=prepare, evaluate=evaluate_task,
+        method, state, len(stream), prepare=prepare, evaluate=evaluate_task,
         train=epoch_trainer(runner, Schedule(cfg.epochs, cfg.learning_rate, cfg.lr_decay),
                             where="rank1_ewc", progress=progress),
         task_keys=fold_keys(k_train), ckpt=ckpt, out_dir=out_dir, name=name, progress=progress,
         describe=lambda m: (f"avg FD-classifier {m['avg_fd']:.3f}, sample accuracy "
                             f"{m['avg_accuracy']:.3f}, "))
+    if joint:
+        record["history"] = [restrict(record["history"][0], d) for d in range(len(tasks))]
     record["forgetting"] = forgetting(record["history"])
     record["avg_forgetting"] = float(np.mean(record["forgetting"][:-1])) if len(tasks) > 1 else 0.0
     return record

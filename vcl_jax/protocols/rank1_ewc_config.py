@@ -2,7 +2,8 @@
 
 A method is a ``+``-joined spec of at most one Fisher penalty and at most one replay
 mode: ``naive``, ``replay``, ``distill``, ``diag``, ``rank1``, ``rank1_unit`` (c = 1),
-``diag+distill``, ``rank1+distill``, ``rank1+replay``, ...
+``diag+distill``, ``rank1+distill``, ``rank1+replay``, ...; or ``joint``, the reference
+that is not a continual learner: one model trained on every task's images at once.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from typing import ClassVar
 
 from vcl_jax.config import ConfigError, check_choice, checks, class_checks, diffusion_checks
 from vcl_jax.data import variants
+from vcl_jax.data.preprocess import RANGES
 from vcl_jax.data.sources import NUM_CLASSES
-from vcl_jax.models.layers import CONV_IMPLS
+from vcl_jax.models.layers import CONV_IMPLS, INITS
+from vcl_jax.models.unet import CONTEXTS
 
 PENALTIES = ("diag", "rank1", "rank1_unit")
 REPLAY_MODES = ("replay", "distill")  # distill = replay + distillation from the frozen teacher
@@ -36,7 +39,7 @@ def method_dir(name: str) -> str:
 
 def parse_method(name: str) -> MethodSpec:
     """``"rank1+distill"`` → MethodSpec("rank1", "distill"); a clear error otherwise."""
-    if name == "naive":
+    if name in ("naive", "joint"):
         return MethodSpec(None, None)
     parts = name.split("+")
     pens = [p for p in parts if p in PENALTIES]
@@ -68,10 +71,19 @@ class Rank1EWCConfig:
     # FD-classifier is measured against them instead of the test images (choose settings so)
     validation_per_class: int = 0
     eval_split: str = "test"
-    image_size: int = 32  # 28×28 datasets are padded (value −1, i.e. black)
+    image_size: int = 32  # 28×28 datasets are padded (black)
+    # model space: "symmetric" [−1, 1] (the rank-1 paper's code) or "unit" [0, 1] (the VCL
+    # paper's code: a black background is 0, so its noised value is pure noise)
+    pixel_range: str = "symmetric"
     # model and diffusion
     n_feat: int = 128
     embed_dim: int = 32
+    # "shared": one pair of context MLPs over per-class embedding vectors; "film": free
+    # per-class decoder scales (the VCL paper's code; vcl_jax.models.unet)
+    context: str = "shared"
+    # "paper": weights ~ U(±√(15/fan_in)) (the VCL paper's table); "pytorch": U(±1/√fan_in),
+    # PyTorch's default and what both papers' PyTorch code gets
+    weight_init: str = "paper"
     conv_impl: str = "xla"
     T: int = 1000  # noqa: N815
     beta_1: float = 1e-4
@@ -93,6 +105,7 @@ class Rank1EWCConfig:
     replay_per_class: int = 1000  # replay pool per old class, regenerated at each task
     replay_batch: int | None = None  # None: batch_size
     replay_guidance: float = 0.0  # class-conditional DDIM without guidance
+    replay_eta: float = 0.0  # DDIM η of the replayed images (0: deterministic, the authors')
     ddim_steps: int = 50
     distill_weight: float = 1.0
     # evaluation: DDIM samples per class, scored in the evaluation classifier's features
@@ -105,13 +118,13 @@ class Rank1EWCConfig:
     # Each field's section (vcl_jax.config): overrides may name it, `model.n_feat=32`.
     SECTIONS: ClassVar[dict[str, tuple[str, ...]]] = {
         "data": ("dataset", "data_dir", "data_variant", "classes", "max_per_class",
-                 "validation_per_class", "image_size"),
-        "model": ("n_feat", "embed_dim", "conv_impl"),
+                 "validation_per_class", "image_size", "pixel_range"),
+        "model": ("n_feat", "embed_dim", "context", "weight_init", "conv_impl"),
         "diffusion": ("T", "beta_1", "beta_T", "p_uncond"),
         "optim": ("epochs", "batch_size", "learning_rate", "lr_decay", "unroll"),
         "methods": ("methods",),
         "ewc": ("ewc_lambda", "fisher_samples", "fisher_t_min", "fisher_t_max", "fisher_chunk"),
-        "replay": ("replay_per_class", "replay_batch", "replay_guidance", "ddim_steps",
+        "replay": ("replay_per_class", "replay_batch", "replay_guidance", "replay_eta", "ddim_steps",
                    "distill_weight"),
         "eval": ("eval_split", "eval_per_class", "eval_guidance", "eval_eta",
                  "classifier_epochs"),
@@ -123,6 +136,9 @@ class Rank1EWCConfig:
             parse_method(m)
         check_choice("data_variant", self.data_variant, variants(self.dataset))
         check_choice("conv_impl", self.conv_impl, CONV_IMPLS)
+        check_choice("context", self.context, CONTEXTS)
+        check_choice("pixel_range", self.pixel_range, RANGES)
+        check_choice("weight_init", self.weight_init, INITS)
         if self.eval_split not in EVAL_SPLITS:
             raise ConfigError(f"unknown eval_split {self.eval_split!r}; accepted: "
                               f"{', '.join(EVAL_SPLITS)}")
@@ -147,6 +163,7 @@ class Rank1EWCConfig:
             (self.replay_per_class >= 1,
              f"replay_per_class must be ≥ 1, got {self.replay_per_class}"),
             (0 <= self.eval_eta <= 1, f"eval_eta must be in [0, 1], got {self.eval_eta}"),
+            (0 <= self.replay_eta <= 1, f"replay_eta must be in [0, 1], got {self.replay_eta}"),
             (self.distill_weight >= 0, f"distill_weight must be ≥ 0, got {self.distill_weight}"),
             (self.eval_per_class >= 2, f"eval_per_class must be ≥ 2 (a covariance), got "
                                        f"{self.eval_per_class}"),
@@ -162,17 +179,20 @@ class Rank1EWCConfig:
 PRESETS = {
     # The protocol at GPU scale (full datasets; n_feat 128).
     "paper": Rank1EWCConfig(),
-    # Offline on the 2-core CPU: 500 training images per class, a 16-channel U-Net, T = 400,
-    # 625 steps of 32 real (+ 16 replayed) images per task, 50 evaluation samples per class.
-    # Evaluation by stochastic guided DDIM (η = 1, α = 2): this small model's deterministic
-    # unguided DDIM-50 samples are too poor for FD to see forgetting (BENCHMARKS.md).
-    # λ = 1e2: chosen on a validation split (1e4, the authors' value, freezes this model);
-    # the Fisher's timesteps t ≥ 300 (low SNR, where F is near rank one): also the validation's
-    # choice over t uniform in 1..400.
+    # Offline on the 2-core CPU, full datasets: the VCL experiment's `cpu` U-Net (16 channels,
+    # FiLM class vectors, PyTorch's initialisation, images in [0, 1] at 28×28, T = 400), 3 epochs
+    # of 64 real (+ 32 replayed) images per task at 2e-3 decayed to 0 within the task; replay
+    # and evaluation by DDIM-50 with η = 1 and guidance 2, unclipped (deterministic unguided
+    # DDIM-50 and [-1, 1] images with a 32×32 pad gave this model grey, unrecognisable
+    # samples: BENCHMARKS.md). λ = 1e2 and the Fisher's t ≥ 300 (low SNR, where F is near
+    # rank one) as a validation split chose them for the 500-per-class model before this one.
     "cpu": Rank1EWCConfig(
-        max_per_class=500, n_feat=16, T=400, epochs=20, batch_size=32, learning_rate=2e-3,
-        lr_decay=True, unroll=8, ewc_lambda=1e2, fisher_samples=500, fisher_t_min=300,
-        replay_per_class=100, replay_batch=16, eval_per_class=50, eval_guidance=2.0, eval_eta=1.0),
+        data_variant="full", image_size=28, pixel_range="unit", n_feat=16, embed_dim=32,
+        context="film", weight_init="pytorch", conv_impl="auto", T=400, epochs=3,
+        batch_size=64, learning_rate=2e-3, lr_decay=True, unroll=8, ewc_lambda=1e2,
+        fisher_samples=500, fisher_t_min=300, replay_per_class=100, replay_batch=32,
+        replay_guidance=2.0, replay_eta=1.0, eval_per_class=50, eval_guidance=2.0,
+        eval_eta=1.0),
     # Seconds, for tests.
     "smoke": Rank1EWCConfig(
         classes=(0, 1, 2, 3), max_per_class=16, n_feat=8, embed_dim=8, T=20, epochs=1,
@@ -183,13 +203,15 @@ PRESETS = {
 
 # Fields that matter only to some methods (a sub-run's checkpoints ignore the others).
 EWC_ONLY = ("ewc_lambda", "fisher_samples", "fisher_t_min", "fisher_t_max", "fisher_chunk")
-REPLAY_ONLY = ("replay_per_class", "replay_batch", "replay_guidance", "ddim_steps")
+REPLAY_ONLY = ("replay_per_class", "replay_batch", "replay_guidance", "replay_eta",
+               "ddim_steps")
 DISTILL_ONLY = ("distill_weight",)
 # Fields added after run directories existed, with the value older runs implicitly had:
 # a checkpoint (or config.json) without the field matches a run with this value.
 # (`data_variant` is not here: older runs read whichever MNIST folder came first, so their
 # variant is unknown and their configs are refused.)
-ADDED_FIELDS = {"eval_eta": 0.0}
+ADDED_FIELDS = {"eval_eta": 0.0, "context": "shared", "weight_init": "paper",
+                "pixel_range": "symmetric", "replay_eta": 0.0}
 
 
 # The layout of a method's checkpoints. 2: generative replay is a member of the method (its

@@ -14,7 +14,9 @@ def write(run_dir: str, cfg: Rank1EWCConfig, results: dict, data: dict,
           classifier_info: dict) -> None:
     """Writes sample grids, the average-FD curve (the paper's Figure 4) and ``summary.md``."""
     for name, rec in results.items():
-        rows = plots.grid_rows(os.path.join(run_dir, method_dir(name)), len(rec["history"]))
+        # joint is evaluated once, after training on every task
+        n_evals = 1 if name == "joint" else len(rec["history"])
+        rows = plots.grid_rows(os.path.join(run_dir, method_dir(name)), n_evals)
         plots.sample_grid(os.path.join(run_dir, f"grid_{method_dir(name)}.png"), rows,
                           list(cfg.classes), f"{name}: row i = after task i, column j = class j")
     avg = {name: [h["avg_fd"] for h in rec["history"]] for name, rec in results.items()}

@@ -146,7 +146,8 @@ def build(cfg: Rank1EWCConfig, data_shape: tuple[int, int, int]) -> Setup:
     if h > cfg.image_size:
         raise ConfigError(f"image_size {cfg.image_size} is smaller than the images ({h}×{h})")
     model = ContextUNet(n_feat=cfg.n_feat, n_tasks=len(cfg.classes), channels=c,
-                        embed_dim=cfg.embed_dim, impl=resolve_impl(cfg.conv_impl, False))
+                        embed_dim=cfg.embed_dim, impl=resolve_impl(cfg.conv_impl, False),
+                        context=cfg.context, weight_init=cfg.weight_init)
     return Setup(cfg, model, linear_schedule(cfg.T, cfg.beta_1, cfg.beta_T),
                  (cfg.image_size, cfg.image_size, c), h)
 
@@ -175,7 +176,8 @@ def load_tasks(cfg: Rank1EWCConfig) -> tuple[list[TaskData], tuple[int, int, int
             cs.append(np.full(len(rest), cfg.classes.index(label), np.int32))
             vals.append(val)
             val_labels.append(np.full(len(val), label, np.int32))
-        x = pad_to(to_float(np.concatenate(xs), "symmetric"), cfg.image_size, value=-1.0)
+        x = pad_to(to_float(np.concatenate(xs), cfg.pixel_range), cfg.image_size,
+                   value=black(cfg.pixel_range))
         if cfg.eval_split == "validation":
             ref, ref_labels = np.concatenate(vals), np.concatenate(val_labels)
         else:
@@ -186,9 +188,22 @@ def load_tasks(cfg: Rank1EWCConfig) -> tuple[list[TaskData], tuple[int, int, int
     return tasks, train.images.shape[1:]
 
 
+def black(pixel_range: str) -> float:
+    """The model-space value of a black pixel (the padding, and the sampler's lower clip)."""
+    return 0.0 if pixel_range == "unit" else -1.0
+
+
+def sample_clip(pixel_range: str) -> tuple[float, float] | None:
+    """DDIM's clip of each step's predicted x_0: [−1, 1] for symmetric images (the rank-1
+    paper's sampler); none for unit ones (the VCL paper's): clipping [0, 1] images' x_0 at
+    0 biases the early, noisy predictions of a black background upwards, and the samples
+    come out grey (sample accuracy 0.29 against 0.99 unclipped; BENCHMARKS.md)."""
+    return (-1.0, 1.0) if pixel_range == "symmetric" else None
+
+
 def _to_data_space(setup: Setup, x: np.ndarray) -> np.ndarray:
     """Model-space samples ``[N, S, S, C]`` → [0, 1] at the dataset's size (centre crop)."""
-    x = to_unit(x, "symmetric")
+    x = to_unit(x, setup.cfg.pixel_range)
     off = (setup.shape[0] - setup.data_size) // 2
     return x[:, off:off + setup.data_size, off:off + setup.data_size, :]
 
@@ -201,7 +216,7 @@ def replay_pool(setup: Setup, params: dict, task: int, key: jax.Array) -> dict:
     cls = np.repeat(np.asarray(old, np.int32), cfg.replay_per_class)
     x = generate(setup.model, stack(params, 1), setup.sched, key, cls, setup.shape,
                  sampler="ddim", guidance=cfg.replay_guidance, ddim_steps=cfg.ddim_steps,
-                 clip=(-1.0, 1.0))
+                 eta=cfg.replay_eta, clip=sample_clip(cfg.pixel_range))
     largest = cfg.replay_per_class * (len(cfg.classes) - len(setup.stream.groups[-1]))
     pool_x = np.zeros((largest, *setup.shape), np.float32)
     pool_c = np.zeros((largest,), np.int32)
@@ -232,7 +247,7 @@ def evaluate(setup: Setup, params: dict, tasks: list[TaskData], upto: int, key: 
     cls = np.asarray([cfg.classes.index(int(c)) for c in labels], np.int32)
     x = generate(setup.model, stack(params, 1), setup.sched, key, cls, setup.shape,
                  sampler="ddim", guidance=cfg.eval_guidance, ddim_steps=cfg.ddim_steps,
-                 eta=cfg.eval_eta, clip=(-1.0, 1.0))
+                 eta=cfg.eval_eta, clip=sample_clip(cfg.pixel_range))
     images = _to_data_space(setup, x)
     feats = classifier.features(images)
     pred = classifier.log_probs(images).argmax(-1)
