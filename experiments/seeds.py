@@ -1,7 +1,13 @@
-"""Several seeds of a VCL-diffusion experiment side by side (reads their metrics.json).
+"""Several seeds of a VCL-diffusion or rank-1 EWC experiment side by side (reads their
+metrics.json).
 
     python -m experiments.seeds results/vcl_diffusion/coreset_s0 results/vcl_diffusion/coreset_s1 \
         [--out seeds.json] [--figures DIR] [--markdown table.md]
+    python -m experiments.seeds results/rank1_ewc/mnist_s0 results/rank1_ewc/mnist_s1 ...
+
+Rank-1 EWC runs (recognised by their config) get their own table: per method the average FD
+after each task, the samples' accuracy right after each task and at the end, forgetting in
+FD and accuracy, and the paired differences of forgetting behind the paper's ordering.
 
 Prints, per sub-run, the average uncertainty and the samples' accuracy after each task as the
 mean over seeds ± its standard error over seeds, right-after quality and forgetting, each
@@ -21,6 +27,7 @@ import os
 import numpy as np
 
 from vcl_jax.cli import command
+from vcl_jax.protocols import rank1_ewc_report
 from vcl_jax.protocols.vcl_diffusion_report import (
     across_seeds,
     seed_figures,
@@ -68,6 +75,15 @@ def main(argv=None) -> dict:
             raise SystemExit(f"error: {run} has no metrics.json (not a finished run)")
         with open(path) as f:
             metrics.append(json.load(f))
+    if "replay_per_class" in metrics[0]["config"]:  # a rank-1 EWC experiment
+        out = rank1_ewc_report.across_seeds(metrics)
+        table = rank1_ewc_report.seeds_markdown(out)
+        print(table)
+        for path, text in ((args.out, json.dumps(out, indent=2)), (args.markdown, table)):
+            if path:
+                with open(path, "w") as f:
+                    f.write(text)
+        return out
     names = [n for n in metrics[0]["runs"] if all(n in m["runs"] for m in metrics)]
     out = {"runs": {n: across_seeds(metrics, n) for n in names}}
     fmt = lambda p: f"{p[0]:.3g} ± {p[1]:.2g}"  # noqa: E731

@@ -247,3 +247,33 @@ def test_smoke_metrics_match_the_golden_file(smoke_run):
         name: [{"fd": h["fd"], "accuracy": h["accuracy"], "loss": h["train_final"]["loss"]}
                for h in r["history"]]
         for name, r in metrics["runs"].items()})
+
+
+def test_seeds_table_of_rank1_runs(smoke_run, tmp_path):
+    """experiments.seeds reads rank-1 runs: per-method means and SEs over seeds, and the
+    paired differences of forgetting, computed from the runs' histories."""
+    import copy
+
+    from experiments import seeds
+
+    run_dir, _, metrics = smoke_run
+    other = copy.deepcopy(metrics)
+    other["config"]["seed"] = 1
+    rec = other["runs"]["rank1+distill"]
+    rec["history"][1]["accuracy"][0] -= 0.5  # seed 1 forgets half its first task's samples
+    rec["forgetting"][0] += 10.0
+    d1 = tmp_path / "s1"
+    d1.mkdir()
+    (d1 / "metrics.json").write_text(json.dumps(other))
+    out = seeds.main([run_dir, str(d1), "--markdown", str(tmp_path / "t.md")])
+    assert out["seeds"] == [0, 1]
+    r0 = metrics["runs"]["rank1+distill"]
+    h = r0["history"]
+    forget0 = h[0]["accuracy"][0] - h[1]["accuracy"][0]
+    mean, se = out["runs"]["rank1+distill"]["accuracy_forgetting"]
+    assert mean == pytest.approx(forget0 + 0.25) and se == pytest.approx(0.25)
+    mean, se = out["runs"]["rank1+distill"]["fd_forgetting"]
+    assert mean == pytest.approx(r0["forgetting"][0] + 5.0) and se == pytest.approx(5.0)
+    naive = out["runs"]["naive"]["fd_forgetting"]
+    assert naive[1] == pytest.approx(0.0)  # the same numbers in both seeds
+    assert "rank1+distill" in (tmp_path / "t.md").read_text()

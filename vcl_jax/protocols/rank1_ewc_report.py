@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
+
 from vcl_jax.data import describe
 from vcl_jax.eval import plots
 from vcl_jax.eval.classifier import describe as describe_classifier
@@ -54,3 +56,88 @@ def write(run_dir: str, cfg: Rank1EWCConfig, results: dict, data: dict,
               "`<method>/samples_task<i>.npz`."]
     with open(os.path.join(run_dir, "summary.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+def _mean_se(values) -> tuple[float, float]:
+    """Mean and its standard error over seeds (NaN with one seed)."""
+    v = np.asarray(values, np.float64)
+    se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
+    return float(v.mean()), se
+
+
+def scores(rec: dict) -> dict:
+    """One method's summary numbers of one seed, over tasks k < last (the old tasks):
+    accuracy right after task k, after the last task, their difference (forgetting in
+    accuracy), and the FD forgetting; plus the right-after accuracy of every task."""
+    hist = rec["history"]
+    n = len(hist)
+    right = [hist[k]["accuracy"][k] for k in range(n)]
+    final = hist[-1]["accuracy"]
+    return {"right_after_accuracy": float(np.mean(right)),
+            "min_right_after_accuracy": float(np.min(right)),
+            "old_right_after_accuracy": float(np.mean(right[:-1])),
+            "old_final_accuracy": float(np.mean(final[:-1])),
+            "accuracy_forgetting": float(np.mean([right[k] - final[k] for k in range(n - 1)])),
+            "fd_forgetting": float(np.mean(rec["forgetting"][:-1])),
+            "final_avg_fd": float(hist[-1]["avg_fd"])}
+
+
+def across_seeds(metrics: list[dict]) -> dict:
+    """Per method found in every seed's run: the average FD and accuracy after each task and
+    :func:`scores`, each as (mean, SE) over seeds; and the paired differences of forgetting
+    (FD and accuracy) between the paper's method and the two it claims to beat."""
+    names = [n for n in metrics[0]["runs"] if all(n in m["runs"] for m in metrics)]
+    out = {"seeds": [m["config"]["seed"] for m in metrics], "runs": {}, "differences": {}}
+    for name in names:
+        recs = [m["runs"][name] for m in metrics]
+        n = len(recs[0]["history"])
+        per_seed = [scores(r) for r in recs]
+        out["runs"][name] = {
+            "avg_fd_after_task": [_mean_se([r["history"][d]["avg_fd"] for r in recs])
+                                  for d in range(n)],
+            "avg_accuracy_after_task": [_mean_se([r["history"][d]["avg_accuracy"] for r in recs])
+                                        for d in range(n)],
+            **{k: _mean_se([s[k] for s in per_seed]) for k in per_seed[0]},
+            "minutes": _mean_se([sum(r["seconds"].values()) / 60 for r in recs]),
+        }
+    for a, b in (("rank1+distill", "diag+distill"), ("rank1+distill", "distill")):
+        if a in names and b in names:
+            diff = {}
+            for k in ("fd_forgetting", "accuracy_forgetting"):
+                diff[k] = _mean_se([scores(m["runs"][a])[k] - scores(m["runs"][b])[k]
+                                    for m in metrics])
+            out["differences"][f"{a} - {b}"] = diff
+    return out
+
+
+def seeds_markdown(out: dict) -> str:
+    """The per-method table of :func:`across_seeds` (mean ± SE over seeds) and the paired
+    differences behind the paper's ordering."""
+    fmt = lambda p, f=".1f": f"{p[0]:{f}}" + ("" if np.isnan(p[1]) else f" ± {p[1]:{f}}")  # noqa: E731
+    pct = lambda p: fmt((100 * p[0], 100 * p[1]), ".0f")  # noqa: E731
+    runs = out["runs"]
+    n = len(next(iter(runs.values()))["avg_fd_after_task"])
+    seeds = ", ".join(map(str, out["seeds"]))
+    lines = [f"Seeds {seeds}; mean over seeds ± SE over seeds (none with one seed). Accuracy: "
+             "the evaluation classifier's on the samples; forgetting of a task: right after it "
+             "minus after the last task (FD: after minus right after), averaged over the old "
+             "tasks.", "",
+             "| method | " + " | ".join(f"avg FD after {d + 1}" for d in range(n))
+             + " | right-after accuracy (min) | old tasks: right after → final accuracy "
+             "| accuracy forgetting | FD forgetting | min |",
+             "|---|" + "---|" * (n + 5)]
+    for name, r in runs.items():
+        lines.append(
+            f"| {name} | " + " | ".join(fmt(p, ".0f") for p in r["avg_fd_after_task"])
+            + f" | {pct(r['right_after_accuracy'])}%"
+            + f" ({100 * r['min_right_after_accuracy'][0]:.0f}%)"
+            + f" | {pct(r['old_right_after_accuracy'])}% → {pct(r['old_final_accuracy'])}%"
+            + f" | {pct(r['accuracy_forgetting'])} | {fmt(r['fd_forgetting'])}"
+            + f" | {fmt(r['minutes'])} |")
+    if out["differences"]:
+        lines += ["", "| paired difference (per seed, then mean ± SE) | FD forgetting "
+                  "| accuracy forgetting (points) |", "|---|---|---|"]
+        for pair, d in out["differences"].items():
+            lines.append(f"| {pair} | {fmt(d['fd_forgetting'])} "
+                         f"| {pct(d['accuracy_forgetting'])} |")
+    return "\n".join(lines) + "\n"
