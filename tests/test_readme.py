@@ -30,3 +30,17 @@ def test_readme_split_mnist_table_is_the_committed_runs():
             runs = json.load(f)["runs"]
         for name, r in runs.items():  # the average accuracy after the last task
             assert f"{100 * r['average'][-1]:.2f}%" in readme, (seed, name)
+
+
+def test_readme_rank1_tables_are_generated_from_the_committed_runs():
+    from vcl_jax.protocols.rank1_ewc_report import across_seeds, seeds_markdown
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    marker, start, found = "<!-- rank1-table:", 0, 0
+    while (start := readme.find(marker, start)) >= 0:
+        runs = readme[start:readme.index("-->", start)].split(":", 1)[1].split()
+        metrics = [json.load(open(os.path.join(ROOT, r, "metrics.json"))) for r in runs]
+        assert seeds_markdown(across_seeds(metrics)).strip() in readme, runs
+        start, found = start + 1, found + 1
+    assert found >= 1

@@ -141,6 +141,12 @@ def method_checkpoints(folder: str, cfg: Rank1EWCConfig, name: str,
                                   added=dict(ADDED_FIELDS, format=unrecorded_format(name)))
 
 
+def reference_accuracy(classifier: EvalClassifier, task: TaskData) -> float:
+    """The evaluation classifier's accuracy on a task's reference (test or validation) images."""
+    pred = classifier.log_probs(task.reference).argmax(-1)
+    return float(np.mean(pred == task.reference_labels))
+
+
 def check_run_dir(run_dir: str, cfg: Rank1EWCConfig, data_id: dict | None = None) -> None:
     """Refuses, before anything is written, checkpoints from another config or data."""
     for name in cfg.methods:
@@ -176,6 +182,9 @@ def run(cfg: Rank1EWCConfig, run_dir: str, *, progress: bool = True) -> dict:
         metrics = {"config": to_dict(cfg), "provenance": runlog.provenance(), "data": data,
                    "classifier": classifier.info,
                    "reference_images_per_task": [len(t.reference) for t in tasks],
+                   # the classifier's accuracy on each task's real reference images: the
+                   # ceiling of its sample accuracy
+                   "reference_accuracy": [reference_accuracy(classifier, t) for t in tasks],
                    "runs": results}
         if primary:
             with open(os.path.join(run_dir, "metrics.json"), "w") as f:

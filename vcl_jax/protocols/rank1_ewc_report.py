@@ -87,7 +87,8 @@ def across_seeds(metrics: list[dict]) -> dict:
     :func:`scores`, each as (mean, SE) over seeds; and the paired differences of forgetting
     (FD and accuracy) between the paper's method and the two it claims to beat."""
     names = [n for n in metrics[0]["runs"] if all(n in m["runs"] for m in metrics)]
-    out = {"seeds": [m["config"]["seed"] for m in metrics], "runs": {}, "differences": {}}
+    out = {"seeds": [m["config"]["seed"] for m in metrics], "runs": {}, "differences": {},
+           "reference_accuracy": metrics[0].get("reference_accuracy")}
     for name in names:
         recs = [m["runs"][name] for m in metrics]
         n = len(recs[0]["history"])
@@ -118,13 +119,15 @@ def seeds_markdown(out: dict) -> str:
     runs = out["runs"]
     n = len(next(iter(runs.values()))["avg_fd_after_task"])
     seeds = ", ".join(map(str, out["seeds"]))
-    lines = [f"Seeds {seeds}; mean over seeds ± SE over seeds (none with one seed). Accuracy: "
-             "the evaluation classifier's on the samples; forgetting of a task: right after it "
+    what = ("mean over seeds ± SE over seeds" if len(out["seeds"]) > 1
+            else "one seed, so no standard errors")
+    lines = [f"Seed{'s' if len(out['seeds']) > 1 else ''} {seeds}; {what}. Accuracy: the "
+             "evaluation classifier's on the samples; forgetting of a task: right after it "
              "minus after the last task (FD: after minus right after), averaged over the old "
-             "tasks.", "",
+             "tasks; minutes: the method's wall time.", "",
              "| method | " + " | ".join(f"avg FD after {d + 1}" for d in range(n))
              + " | right-after accuracy (min) | old tasks: right after → final accuracy "
-             "| accuracy forgetting | FD forgetting | min |",
+             "| accuracy forgetting | FD forgetting | minutes |",
              "|---|" + "---|" * (n + 5)]
     for name, r in runs.items():
         lines.append(
@@ -134,6 +137,10 @@ def seeds_markdown(out: dict) -> str:
             + f" | {pct(r['old_right_after_accuracy'])}% → {pct(r['old_final_accuracy'])}%"
             + f" | {pct(r['accuracy_forgetting'])} | {fmt(r['fd_forgetting'])}"
             + f" | {fmt(r['minutes'])} |")
+    if out.get("reference_accuracy"):
+        ceiling = ", ".join(f"{100 * a:.1f}%" for a in out["reference_accuracy"])
+        lines += ["", "The classifier's accuracy on each task's real reference images (the "
+                  f"ceiling of sample accuracy): {ceiling}."]
     if out["differences"]:
         lines += ["", "| paired difference (per seed, then mean ± SE) | FD forgetting "
                   "| accuracy forgetting (points) |", "|---|---|---|"]
