@@ -32,6 +32,13 @@ def per_class_stderr(values: np.ndarray, labels: np.ndarray) -> dict[int, float]
     return out
 
 
+def mean_se(values) -> tuple[float, float]:
+    """Mean of ``values`` (e.g. one score over seeds) and its standard error (NaN for one)."""
+    v = np.asarray(values, np.float64)
+    se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
+    return float(v.mean()), float(se)
+
+
 def mean_stderr(stderrs: list[float]) -> float:
     """Standard error of the mean of independent estimates with these standard errors."""
     return float(np.sqrt(np.sum(np.square(stderrs))) / max(len(stderrs), 1))

@@ -9,6 +9,7 @@ import numpy as np
 from vcl_jax.data import describe
 from vcl_jax.eval import plots
 from vcl_jax.eval.classifier import describe as describe_classifier
+from vcl_jax.eval.metrics import mean_se
 from vcl_jax.protocols.rank1_ewc_config import Rank1EWCConfig, method_dir
 
 
@@ -58,17 +59,11 @@ def write(run_dir: str, cfg: Rank1EWCConfig, results: dict, data: dict,
         f.write("\n".join(lines) + "\n")
 
 
-def _mean_se(values) -> tuple[float, float]:
-    """Mean and its standard error over seeds (NaN with one seed)."""
-    v = np.asarray(values, np.float64)
-    se = float(v.std(ddof=1) / np.sqrt(len(v))) if len(v) > 1 else float("nan")
-    return float(v.mean()), se
-
-
 def scores(rec: dict) -> dict:
-    """One method's summary numbers of one seed, over tasks k < last (the old tasks):
-    accuracy right after task k, after the last task, their difference (forgetting in
-    accuracy), and the FD forgetting; plus the right-after accuracy of every task."""
+    """One method's summary numbers of one seed: the mean and the lowest accuracy right
+    after each task; over the old tasks (all but the last) the accuracy right after and
+    after the last task, their difference (forgetting in accuracy) and the FD forgetting;
+    the final average FD."""
     hist = rec["history"]
     n = len(hist)
     right = [hist[k]["accuracy"][k] for k in range(n)]
@@ -89,25 +84,24 @@ def across_seeds(metrics: list[dict]) -> dict:
     names = [n for n in metrics[0]["runs"] if all(n in m["runs"] for m in metrics)]
     out = {"seeds": [m["config"]["seed"] for m in metrics], "runs": {}, "differences": {},
            "reference_accuracy": metrics[0].get("reference_accuracy")}
+    per_seed = {name: [scores(m["runs"][name]) for m in metrics] for name in names}
     for name in names:
         recs = [m["runs"][name] for m in metrics]
         n = len(recs[0]["history"])
-        per_seed = [scores(r) for r in recs]
         out["runs"][name] = {
-            "avg_fd_after_task": [_mean_se([r["history"][d]["avg_fd"] for r in recs])
+            "avg_fd_after_task": [mean_se([r["history"][d]["avg_fd"] for r in recs])
                                   for d in range(n)],
-            "avg_accuracy_after_task": [_mean_se([r["history"][d]["avg_accuracy"] for r in recs])
+            "avg_accuracy_after_task": [mean_se([r["history"][d]["avg_accuracy"] for r in recs])
                                         for d in range(n)],
-            **{k: _mean_se([s[k] for s in per_seed]) for k in per_seed[0]},
-            "minutes": _mean_se([sum(r["seconds"].values()) / 60 for r in recs]),
+            **{k: mean_se([s[k] for s in per_seed[name]]) for k in per_seed[name][0]},
+            "minutes": mean_se([sum(r["seconds"].values()) / 60 for r in recs]),
         }
     for a, b in (("rank1+distill", "diag+distill"), ("rank1+distill", "distill")):
         if a in names and b in names:
-            diff = {}
-            for k in ("fd_forgetting", "accuracy_forgetting"):
-                diff[k] = _mean_se([scores(m["runs"][a])[k] - scores(m["runs"][b])[k]
-                                    for m in metrics])
-            out["differences"][f"{a} - {b}"] = diff
+            out["differences"][f"{a} - {b}"] = {
+                k: mean_se([sa[k] - sb[k] for sa, sb in zip(per_seed[a], per_seed[b],
+                                                           strict=True)])
+                for k in ("fd_forgetting", "accuracy_forgetting")}
     return out
 
 

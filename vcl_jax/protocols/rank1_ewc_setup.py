@@ -189,7 +189,7 @@ def load_tasks(cfg: Rank1EWCConfig) -> tuple[list[TaskData], tuple[int, int, int
 
 
 def black(pixel_range: str) -> float:
-    """The model-space value of a black pixel (the padding, and the sampler's lower clip)."""
+    """The model-space value of a black pixel (what 28×28 images are padded with)."""
     return 0.0 if pixel_range == "unit" else -1.0
 
 

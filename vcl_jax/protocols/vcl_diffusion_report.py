@@ -9,7 +9,7 @@ import numpy as np
 from vcl_jax.data import describe
 from vcl_jax.eval import plots
 from vcl_jax.eval.classifier import describe as describe_classifier
-from vcl_jax.eval.metrics import mean_stderr
+from vcl_jax.eval.metrics import mean_se, mean_stderr
 from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig
 from vcl_jax.training.sequence import train_seconds
 
@@ -70,11 +70,6 @@ def across_seeds(metrics: list[dict], run: str) -> dict:
     average uncertainty with its standard error over seeds (the spread of the seeds, which
     holds the samples' noise too), the same of the samples' accuracy, and of right-after
     quality and forgetting."""
-    def mean_se(values):
-        v = np.asarray(values, np.float64)
-        se = v.std(ddof=1) / np.sqrt(len(v)) if len(v) > 1 else float("nan")
-        return float(v.mean()), float(se)
-
     hists = [m["runs"][run]["history"] for m in metrics]
     n = min(len(h) for h in hists)
     out = {"seeds": [m["config"]["seed"] for m in metrics],
