@@ -9,11 +9,12 @@ ifeq ($(strip $(VCL_JAX_DATA_DIR)),)
 export VCL_JAX_DATA_DIR := $(abspath ../shared/data)
 endif
 
-.PHONY: help install test test-classifiers test-all lint experiment bench gpu-check gpu-data clean-cache
+.PHONY: help install test test-slow test-classifiers test-all lint experiment bench gpu-check gpu-data clean-cache
 
 help:
 	@echo "make install                  venv in .venv with vcl_jax and dev tools"
 	@echo "make test                     the default test suite (5-11 min on 2 cores)"
+	@echo "make test-slow                the tests marked slow (end to end; CI runs them too)"
 	@echo "make test-classifiers         the evaluation classifiers trained from scratch on real data"
 	@echo "make test-all                 everything, with the tests marked slow and classifier"
 	@echo "make lint                     ruff"
@@ -31,6 +32,9 @@ install:
 # default suite took 404 s this way against 552-628 s in one process (2 cores; BENCHMARKS.md).
 test:
 	$(PY) -m pytest -q -m "not slow and not classifier" -n 2 --dist loadfile --durations=12
+
+test-slow:
+	$(PY) -m pytest -q -m "slow and not classifier" -n 2 --dist loadfile --durations=12
 
 test-classifiers:
 	$(PY) -m pytest -q -m classifier

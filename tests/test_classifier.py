@@ -10,6 +10,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import require_data
 
 from vcl_jax.data import load, to_float
 from vcl_jax.eval.classifier import get_classifier
@@ -32,8 +33,7 @@ def test_mnist_classifier_trained_on_mnist_5k(shared_data, isolated_data):
 
 @pytest.mark.classifier
 def test_fashion_mnist_classifier():
-    if not os.path.isdir("/usr/share/datasets/fashion-mnist"):
-        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    require_data("/usr/share/datasets/fashion-mnist", "Debian's dataset-fashion-mnist")
     clf = get_classifier("fashion_mnist", progress=False)
     test = load("fashion_mnist", "test")
     acc = clf.accuracy(to_float(test.images), test.labels)

@@ -8,7 +8,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import write_mnist_like
+from conftest import require_data, write_mnist_like
 
 from vcl_jax.data import (
     DataError,
@@ -275,8 +275,7 @@ def test_checkout_data_root_is_searched(tmp_path, isolated_data, monkeypatch):
 
 
 def test_real_full_mnist_and_subset_offline(shared_data, isolated_data):
-    if not os.path.isdir(os.path.join(shared_data, "mnist-full")):
-        pytest.skip("offline mnist-full not found")
+    require_data(os.path.join(shared_data, "mnist-full"), "offline mnist-full")
     full = load("mnist", "train", data_dir=shared_data, variant="full")
     small = load("mnist", "train", data_dir=shared_data, variant="5k")
     assert full.source.endswith("mnist-full") and len(full) == 60_000
@@ -285,3 +284,17 @@ def test_real_full_mnist_and_subset_offline(shared_data, isolated_data):
                                   [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949])
     # With no variant named, the full set is found first.
     assert load("mnist", "train", data_dir=shared_data).source.endswith("mnist-full")
+
+
+def test_missing_data_skips_here_and_fails_under_ci(tmp_path, monkeypatch):
+    """CI sets VCL_JAX_REQUIRE_DATA=1: a missing dataset then fails the test that needs it
+    instead of skipping it (a suite that skipped every end-to-end test would pass)."""
+    import conftest
+
+    missing = str(tmp_path / "nowhere")
+    with pytest.raises(pytest.skip.Exception, match="nowhere"):
+        conftest.require_data(missing, "offline data")
+    monkeypatch.setattr(conftest, "REQUIRE_DATA", True)
+    with pytest.raises(pytest.fail.Exception, match="VCL_JAX_REQUIRE_DATA"):
+        conftest.require_data(missing, "offline data")
+    assert conftest.require_data(str(tmp_path), "offline data") == str(tmp_path)

@@ -211,7 +211,13 @@ def test_unet_at_32x32x3_and_timestep_examples():
     eps_fn = lambda x, t, d, keep: model.apply({"params": params}, x, t, d, keep)
     one = jax.tree.map(lambda a: a[0], ex)
     loss = jax.jit(lambda one: example_loss_at(eps_fn, sched, one))
-    assert loss(one) == loss(one)  # t and noise come with the example
+    # t and noise come with the example: the loss is the ε-error at exactly that x_t
+    ab = sched.alpha_bar[one["t"] - 1]
+    xt = jnp.sqrt(ab) * one["x"] + jnp.sqrt(1 - ab) * one["noise"]
+    pred = eps_fn(xt[None], (one["t"] / 50)[None], one["task"][None], jnp.ones(1, bool))[0]
+    np.testing.assert_allclose(loss(one), jnp.mean((pred - one["noise"]) ** 2), rtol=1e-5)
+    other = dict(one, noise=-one["noise"])
+    assert abs(float(loss(other)) - float(loss(one))) > 1e-3  # another draw, another loss
     with pytest.raises(ValueError, match="t_min"):
         timestep_examples(jax.random.key(1), x, jnp.array([3, 4]), T=50, t_min=0)
 

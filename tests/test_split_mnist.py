@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SHARED_DATA, require_data
 
 from vcl_jax.config import ConfigError, override
 from vcl_jax.continual import vcl
@@ -164,13 +165,25 @@ def test_predictive_probabilities_are_distributions():
     np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
 
 
+def test_predictive_is_the_mean_of_softmaxes_over_weight_draws():
+    """The Bayesian predictive averages each draw's probabilities, not its logits: with a
+    wide posterior the two differ, and only the mean of softmaxes is what VCL reports."""
+    q = mf.init_from_params(_params(), 0.0)  # σ = 1: draws far apart
+    x = jax.random.normal(jax.random.PRNGKey(1), (9, 12))
+    key, n_chunks, chunk, head = jax.random.PRNGKey(0), 3, 7, 1
+    probs = bayes_mlp.predict_proba(q, x, head, key, n_samples=n_chunks * chunk, chunk=chunk)
+    # the same 21 draws, one at a time through the deterministic MLP
+    draws = [jax.tree.map(lambda a, i=i: a[i], mf.sample_many(jax.random.split(k, chunk), q))
+             for k in jax.random.split(key, n_chunks) for i in range(chunk)]
+    logits = jnp.stack([mlp.apply(w, x, head) for w in draws])
+    np.testing.assert_allclose(probs, jax.nn.softmax(logits).mean(0), rtol=1e-5, atol=1e-6)
+    assert np.abs(probs - jax.nn.softmax(logits.mean(0))).max() > 1e-2
+
+
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    shared = os.path.join(os.path.dirname(os.path.dirname(__file__)), "..", "shared", "data")
-    shared = os.environ.get("VCL_JAX_SHARED_DATA", shared)
-    if not os.path.isdir(os.path.join(shared, "mnist-5k")):
-        pytest.skip("offline mnist-5k not found")
-    cfg = override(PRESETS["smoke"], [f"data_dir={os.path.join(shared, 'mnist-5k')}"])
+    mnist = require_data(os.path.join(SHARED_DATA, "mnist-5k"), "offline mnist-5k")
+    cfg = override(PRESETS["smoke"], [f"data_dir={mnist}"])
     run_dir = str(tmp_path_factory.mktemp("split") / "run")
     return cfg, run_dir, split_mnist.run(cfg, run_dir, progress=False)
 

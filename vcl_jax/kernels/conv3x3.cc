@@ -237,6 +237,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 }
 
 constexpr int64_t kBlockPixels = 512;  // pixels of x and dy swept per pass of the weight gradient
+constexpr int64_t kChunks = 16;  // partial sums of the weight gradient (threads share them out)
 
 ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dk) {
@@ -250,24 +251,32 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t taps = 9 * g.ci * g.co, rows = g.b * g.h;
   const int64_t rows_per_block = std::max<int64_t>(1, kBlockPixels / g.w);
   const int64_t blocks = (rows + rows_per_block - 1) / rows_per_block;
-  const int workers = Workers(pool);
-  std::vector<float> partial(static_cast<size_t>(workers + 1) * taps, 0.0f);
+  // The blocks are summed in a fixed order whatever the threads do: `chunks` contiguous runs
+  // of blocks, each accumulated by one task into its own partial sum, the partials then added
+  // in chunk order. (Per-thread sums over blocks taken from a shared counter made the result
+  // depend on scheduling: the same seed trained to different numbers run to run.) The number
+  // of chunks does not depend on the thread count, so any machine sums in the same order.
+  const int64_t chunks = std::min<int64_t>(blocks, kChunks);
+  std::vector<float> partial(static_cast<size_t>(chunks) * taps, 0.0f);
   const float* xd = x.typed_data();
   const float* gd = dy.typed_data();
-  ParallelFor(pool, blocks, workers, [&](int64_t b, int slot) {
-    float* acc = partial.data() + slot * taps;
-    const int64_t r0 = b * rows_per_block, r1 = std::min(rows, r0 + rows_per_block);
-    for (int s = 0; s < 9; ++s) {
-      int64_t c0 = 0;
-      for (; c0 + kTileR <= g.ci; c0 += kTileR)
-        WeightChannels<kTileR>(g, xd, gd, acc, s, c0, r0, r1);
-      WeightRest<kTileR - 1>(g, xd, gd, acc, s, c0, g.ci - c0, r0, r1);
+  ParallelFor(pool, chunks, Workers(pool), [&](int64_t chunk, int) {
+    float* acc = partial.data() + chunk * taps;
+    const int64_t b0 = blocks * chunk / chunks, b1 = blocks * (chunk + 1) / chunks;
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * rows_per_block, r1 = std::min(rows, r0 + rows_per_block);
+      for (int s = 0; s < 9; ++s) {
+        int64_t c0 = 0;
+        for (; c0 + kTileR <= g.ci; c0 += kTileR)
+          WeightChannels<kTileR>(g, xd, gd, acc, s, c0, r0, r1);
+        WeightRest<kTileR - 1>(g, xd, gd, acc, s, c0, g.ci - c0, r0, r1);
+      }
     }
   });
   float* out = dk->typed_data();
   std::memcpy(out, partial.data(), taps * sizeof(float));
-  for (int t = 1; t <= workers; ++t)
-    for (int64_t i = 0; i < taps; ++i) out[i] += partial[t * taps + i];
+  for (int64_t c = 1; c < chunks; ++c)
+    for (int64_t i = 0; i < taps; ++i) out[i] += partial[c * taps + i];
   return ffi::Error::Success();
 }
 
