@@ -52,6 +52,12 @@ def _leaves(tree, prefix=""):
         yield prefix, float(tree)
 
 
+def recorded_here(name: str) -> bool:
+    """Whether the golden file ``name`` was recorded on this host (`host`)."""
+    with open(os.path.join(FOLDER, f"{name}.json")) as f:
+        return json.load(f)["host"] == host()
+
+
 def check(name: str, values: dict, rtol: float | None = None) -> None:
     """Asserts that ``values`` equal the golden file ``name`` (see the module doc); ``rtol``
     replaces the tolerances for values known to carry more rounding (stated by the caller)."""

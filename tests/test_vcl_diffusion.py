@@ -621,9 +621,12 @@ def test_one_cpu_task_matches_the_golden_file(env, tmp_path):
     Run as a researcher runs it: the command line in a process of its own, compiled at XLA's
     default optimisation (this suite's level 1 gets the 16-channel U-Net's gradient wrong
     by 3%: ``benchmarks/xla_opt_levels.py``). Only the training's final loss and KL are
-    compared, to rtol 1e-2: the evaluation classifier, trained in the process, moves the
-    scores of a few samples by more than any tolerance worth having. A change of the
-    algorithm or its random numbers moves the losses and the KL by tens of percent."""
+    compared (the evaluation classifier, trained in the process, moves the scores of a few
+    samples by more than any tolerance worth having): on the host that recorded them to the
+    golden files' tolerance for losses (two processes here give the same bits), elsewhere to
+    rtol 1e-2, since the KL at log-variance −12 magnifies the last bits of the means that
+    another CPU's kernels round otherwise. A change of the algorithm or its random numbers
+    moves the losses and the KL by tens of percent."""
     from tests import golden
 
     flags = " ".join(f for f in env.get("XLA_FLAGS", "").split()
@@ -639,7 +642,8 @@ def test_one_cpu_task_matches_the_golden_file(env, tmp_path):
     golden.check("vcl_diffusion_cpu_task1", {
         name: [{k: h["train_final"][k] for k in ("loss", "kl") if k in h["train_final"]}
                for h in r["history"]]
-        for name, r in metrics["runs"].items()}, rtol=1e-2)
+        for name, r in metrics["runs"].items()},
+        rtol=None if golden.recorded_here("vcl_diffusion_cpu_task1") else 1e-2)
 
 
 def test_epochs_run_as_one_rolled_scan_where_our_kernels_cover_the_unet():
