@@ -55,23 +55,21 @@ inline Vec Load(const float* p) {
 }
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
 
-// body(item, slot) for every item in [0, n), shared between the calling thread and up to
-// `workers` tasks on XLA's thread pool; `slot` < workers + 1 is fixed per thread (for
-// per-thread accumulators). Items are taken from an atomic counter, so a task the pool starts
-// late finds no work left and returns without touching the caller's data.
+// body(item) for every item in [0, n), shared between the calling thread and up to `workers`
+// tasks on XLA's thread pool. Items are taken from an atomic counter, so which thread runs an
+// item varies: a body must write only its item's own output. A task the pool starts late finds
+// no work left and returns without touching the caller's data.
 template <typename F>
 void ParallelFor(ffi::ThreadPool& pool, int64_t n, int workers, F&& body) {
   struct State {
     std::atomic<int64_t> next{0}, done{0};
-    std::atomic<int> slots{0};
     std::mutex mu;
     std::condition_variable cv;
   };
   auto st = std::make_shared<State>();
   auto work = [st, n, &body] {
-    const int slot = st->slots.fetch_add(1);
     int64_t finished = 0;
-    for (int64_t i; (i = st->next.fetch_add(1)) < n; ++finished) body(i, slot);
+    for (int64_t i; (i = st->next.fetch_add(1)) < n; ++finished) body(i);
     if (finished && st->done.fetch_add(finished) + finished == n) {
       std::lock_guard<std::mutex> lock(st->mu);
       st->cv.notify_all();
@@ -227,7 +225,7 @@ ffi::Error ForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   const float* xd = x.typed_data();
   const float* kp = k.typed_data();
   float* yd = y->typed_data();
-  ParallelFor(pool, g.b * g.h, Workers(pool), [&](int64_t r, int) {
+  ParallelFor(pool, g.b * g.h, Workers(pool), [&](int64_t r) {
     int64_t q0 = 0;
     for (; q0 + kTileR <= g.w; q0 += kTileR)
       ForwardPixels<kTileR>(g, xd, kp, zeros.data(), yd, r, q0);
@@ -260,7 +258,7 @@ ffi::Error WeightGradImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   std::vector<float> partial(static_cast<size_t>(chunks) * taps, 0.0f);
   const float* xd = x.typed_data();
   const float* gd = dy.typed_data();
-  ParallelFor(pool, chunks, Workers(pool), [&](int64_t chunk, int) {
+  ParallelFor(pool, chunks, Workers(pool), [&](int64_t chunk) {
     float* acc = partial.data() + chunk * taps;
     const int64_t b0 = blocks * chunk / chunks, b1 = blocks * (chunk + 1) / chunks;
     for (int64_t b = b0; b < b1; ++b) {
