@@ -168,7 +168,7 @@ def section_split_mnist(s: Sizes, data: str) -> dict:
     from vcl_jax.protocols import split_mnist
     from vcl_jax.protocols.split_mnist_config import PRESETS
 
-    cfg = override(PRESETS[s.split_preset], [f"data_dir={data}", "runs=vcl"]).validate()
+    cfg = override(PRESETS[s.split_preset], [f"data_dir={data}", "methods=vcl"]).validate()
     tasks = split_mnist.load_tasks(cfg)
     t0 = time.perf_counter()
     r = split_mnist.run_one(split_mnist.Runner(cfg), "vcl", tasks, progress=False)

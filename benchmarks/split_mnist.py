@@ -28,7 +28,7 @@ from benchmarks.run import gemm_gflops
 from benchmarks.timing import interleaved_times
 from vcl_jax.config import override
 from vcl_jax.protocols import split_mnist
-from vcl_jax.protocols.split_mnist_config import PRESETS
+from vcl_jax.protocols.split_mnist_config import PRESETS, PUBLISHED
 
 
 def training_flops(cfg, tasks, run: str) -> float:
@@ -52,7 +52,7 @@ def training_flops(cfg, tasks, run: str) -> float:
 
 def time_protocol(estimator: str, runs: tuple[str, ...] = ("vcl",)) -> dict:
     """Times the ``paper`` preset's ``runs`` one after another (one Runner: shared compiles)."""
-    cfg = override(PRESETS["paper"], [f"estimator={estimator}", "runs=" + ",".join(runs)])
+    cfg = override(PRESETS["paper"], [f"estimator={estimator}", "methods=" + ",".join(runs)])
     tasks = split_mnist.load_tasks(cfg)
     runner = split_mnist.Runner(cfg)
     out = {"estimator": estimator, "train_images_per_task": [len(t.y) for t in tasks],
@@ -195,7 +195,7 @@ def main(argv=None) -> dict:
     results = {"date": datetime.date.today().isoformat(), "machine": platform.machine(),
                "cpus": os.cpu_count(), "devices": [str(d) for d in jax.devices()],
                "jax": jax.__version__, "protocols": []}
-    runs = ("mle", "vcl", "vcl_random", "vcl_kcenter", "ewc") if args.all_runs else ("vcl",)
+    runs = PUBLISHED if args.all_runs else ("vcl",)
     for est in filter(None, args.estimators.split(",")):
         r = time_protocol(est, runs)
         gflops = gemm_gflops()  # the machine's matmul rate, measured right after the runs

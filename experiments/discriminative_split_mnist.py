@@ -2,10 +2,10 @@
 
     python -m experiments.discriminative_split_mnist --preset cpu [--run-dir DIR] [key=value ...]
 
-Runs MLE, VCL, and VCL with a random and a k-center coreset (``runs=...``) on
-tasks 0/1, 2/3, 4/5, 6/7, 8/9 and writes the accuracy matrix (``metrics.json``,
-``accuracy_heatmap.png``, ``summary.md``). Overrides are config fields, e.g.
-``estimator=paper epochs=60``.
+Runs MLE, VCL, and VCL with a random and a k-center coreset (``methods=...``, named as in
+:mod:`vcl_jax.continual.methods`) on tasks 0/1, 2/3, 4/5, 6/7, 8/9 and writes the accuracy
+matrix (``metrics.json``, ``accuracy_heatmap.png``, ``summary.md``). Overrides are config
+fields, e.g. ``estimator=paper epochs=60``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Fisher geometry of a trained diffusion model (the rank-1 paper's Figures 1–3).
 
-    python -m experiments.fisher_analysis --run runs/rank1_ewc_cpu [--method naive]
+    python -m experiments.fisher_analysis --run runs/rank1_ewc_cpu [--method mle]
         [--task 4] [--timesteps 1,100,200,300,400] [--n-samples 128] [--out DIR]
 
 Reads a ``rank1_ewc`` run directory, restores the method's checkpoint after the task
@@ -16,7 +16,7 @@ import os
 
 from vcl_jax.cli import command
 from vcl_jax.protocols import fisher_analysis as fa
-from vcl_jax.protocols.rank1_ewc_config import method_dir
+from vcl_jax.protocols.rank1_ewc_config import parse_method
 
 
 def main(argv=None) -> dict:
@@ -42,7 +42,8 @@ def main(argv=None) -> dict:
                                                          args.data_dir)
     result = fa.analyse(setup, params, tasks[task], cfg, progress=not args.quiet)
     result.update(run=os.path.abspath(args.run), method=method, task=task)
-    out = args.out or os.path.join(args.run, "fisher_analysis", f"{method_dir(method)}_task{task}")
+    out = args.out or os.path.join(args.run, "fisher_analysis",
+                                   f"{parse_method(method).dir}_task{task}")
     fa.write(out, result, f"{setup.cfg.dataset}, {method} after task {task + 1}")
     with open(os.path.join(out, "summary.md")) as f:
         print(f.read())

@@ -2,7 +2,7 @@
 
     python -m experiments.rank1_ewc --preset cpu [--run-dir DIR] [key=value ...]
 
-e.g. ``dataset=mnist``, ``methods=distill,rank1+distill``, ``ewc_lambda=2e4``,
+e.g. ``dataset=mnist``, ``methods=distill,ewc_rank1+distill``, ``ewc_lambda=2e4``,
 ``fisher_t_min=300``. Re-running the same command on the same run directory resumes
 after the last finished task of each method.
 """

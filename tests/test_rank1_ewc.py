@@ -25,7 +25,7 @@ from vcl_jax.protocols.rank1_ewc_config import PRESETS, parse_method
 def smoke_run(env, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("rank1"))
     cfg = override(PRESETS["smoke"], ["dataset=mnist", "data_variant=5k",
-                                      "methods=naive,rank1+distill,diag+replay"])
+                                      "methods=mle,ewc_rank1+distill,ewc_diag+replay"])
     metrics = rank1_ewc.run(cfg, run_dir, progress=False)
     return run_dir, cfg, metrics
 
@@ -39,7 +39,7 @@ def test_smoke_writes_every_output(smoke_run):
         kinds = [json.loads(ln)["kind"] for ln in f]
     assert kinds.count("task") == 2 * len(cfg.methods) and kinds.count("epoch") > 0
     for name in cfg.methods:
-        d = rank1_ewc.method_dir(name)
+        d = parse_method(name).dir
         assert os.path.isfile(os.path.join(run_dir, f"grid_{d}.png"))
         rec = metrics["runs"][name]
         assert [h["task"] for h in rec["history"]] == [0, 1]
@@ -51,18 +51,18 @@ def test_smoke_writes_every_output(smoke_run):
             assert z["images"].shape == (4 * cfg.eval_per_class, 28, 28)  # cropped back to 28
             assert 0 <= z["images"].min() and z["images"].max() <= 1
             assert sorted(set(z["labels"].tolist())) == [0, 1, 2, 3]
-    # EWC methods spent time computing a Fisher (ending a task); naive did not. Every phase
+    # EWC methods spent time computing a Fisher (ending a task); mle did not. Every phase
     # of the task loop is timed once per task.
     secs = {n: metrics["runs"][n]["seconds"] for n in cfg.methods}
-    assert secs["naive"]["end"] < 1e-3 < secs["rank1+distill"]["end"]
-    per_task = metrics["runs"]["diag+replay"]["task_seconds"]
+    assert secs["mle"]["end"] < 1e-3 < secs["ewc_rank1+distill"]["end"]
+    per_task = metrics["runs"]["ewc_diag+replay"]["task_seconds"]
     assert set(per_task) == {"prepare", "train", "end", "tune", "eval"}
     assert all(len(v) == 2 for v in per_task.values())
-    assert "distill" in metrics["runs"]["rank1+distill"]["history"][1]["train_final"]
-    assert "penalty" in metrics["runs"]["diag+replay"]["history"][1]["train_final"]
-    assert "distill" not in metrics["runs"]["diag+replay"]["history"][1]["train_final"]
+    assert "distill" in metrics["runs"]["ewc_rank1+distill"]["history"][1]["train_final"]
+    assert "penalty" in metrics["runs"]["ewc_diag+replay"]["history"][1]["train_final"]
+    assert "distill" not in metrics["runs"]["ewc_diag+replay"]["history"][1]["train_final"]
     summary = open(os.path.join(run_dir, "summary.md")).read()
-    assert "rank1+distill" in summary and "FD-classifier" in summary
+    assert "ewc_rank1+distill" in summary and "FD-classifier" in summary
 
 
 def test_rerun_resumes_and_other_config_is_refused(smoke_run):
@@ -72,13 +72,13 @@ def test_rerun_resumes_and_other_config_is_refused(smoke_run):
     assert time.perf_counter() - start < 60
     for name in cfg.methods:
         assert again["runs"][name]["history"] == metrics["runs"][name]["history"]
-    ckpts = os.path.join(run_dir, "naive", "checkpoints")
+    ckpts = os.path.join(run_dir, "mle", "checkpoints")
     before = sorted(os.listdir(ckpts))
     with pytest.raises(ConfigMismatchError, match="learning_rate"):
         rank1_ewc.run(override(cfg, ["learning_rate=0.5"]), run_dir, progress=False)
     assert sorted(os.listdir(ckpts)) == before
     # A setting that only matters to EWC leaves the other methods' checkpoints usable.
-    rank1_ewc.check_run_dir(run_dir, override(cfg, ["ewc_lambda=5", "methods=naive"]))
+    rank1_ewc.check_run_dir(run_dir, override(cfg, ["ewc_lambda=5", "methods=mle"]))
     with pytest.raises(ConfigMismatchError, match="ewc_lambda"):
         rank1_ewc.check_run_dir(run_dir, override(cfg, ["ewc_lambda=5"]))
 
@@ -86,8 +86,8 @@ def test_rerun_resumes_and_other_config_is_refused(smoke_run):
 @pytest.mark.slow  # the analysis tool on a checkpoint; `make test-all` (keeps `make test` < 10 min)
 def test_fisher_analysis_on_a_checkpoint(smoke_run, tmp_path):
     run_dir, _, _ = smoke_run
-    setup, tasks, params, method, task = fisher_analysis.load_run(run_dir, "naive")
-    assert (method, task) == ("naive", 1)
+    setup, tasks, params, method, task = fisher_analysis.load_run(run_dir, "mle")
+    assert (method, task) == ("mle", 1)
     cfg = fisher_analysis.FisherAnalysisConfig(n_timesteps=3, n_samples=6, chunk=4)
     res = fisher_analysis.analyse(setup, params, tasks[task], cfg, progress=False)
     assert res["timesteps"] == [1, 10, 20] and len(res["per_t"]) == 3
@@ -101,16 +101,16 @@ def test_fisher_analysis_on_a_checkpoint(smoke_run, tmp_path):
     for f in ("analysis.json", "fisher_analysis.png", "summary.md"):
         assert os.path.isfile(tmp_path / f)
     with pytest.raises(ConfigError, match="not in this run"):
-        fisher_analysis.load_run(run_dir, "rank1")
+        fisher_analysis.load_run(run_dir, "ewc_rank1")
     with pytest.raises(ConfigError, match="checkpoints after tasks"):
-        fisher_analysis.load_run(run_dir, "naive", task=7)
+        fisher_analysis.load_run(run_dir, "mle", task=7)
     with pytest.raises(ConfigError, match="not a rank1_ewc run"):
         fisher_analysis.load_run(str(tmp_path))
 
 
 def test_bad_settings_are_clear_errors(env, tmp_path):
-    for bad, match in (("methods=naive,rank2", "unknown method 'rank2'"),
-                       ("methods=diag+rank1", "at most one"),
+    for bad, match in (("methods=mle,rank2", "unknown method 'rank2'"),
+                       ("methods=ewc_diag+ewc_rank1", "at most one penalty"),
                        ("classes=0,1,2", "even number"),
                        ("fisher_t_min=30", "fisher_t_min"),
                        ("eval_split=train", "eval_split"),
@@ -122,7 +122,7 @@ def test_bad_settings_are_clear_errors(env, tmp_path):
                           str(tmp_path),
                           progress=False)
     assert not os.listdir(tmp_path)  # nothing written for a refused config
-    assert parse_method("rank1_unit+replay").penalty == "rank1_unit"
+    assert parse_method("ewc_rank1_unit+replay").fisher == "rank1_unit"
 
 
 def test_older_runs_without_eval_eta_read_as_deterministic_evaluation(smoke_run):
@@ -130,12 +130,12 @@ def test_older_runs_without_eval_eta_read_as_deterministic_evaluation(smoke_run)
     from vcl_jax.protocols.rank1_ewc_config import ADDED_FIELDS, sub_run_config
 
     _, cfg, _ = smoke_run
-    current = sub_run_config(cfg, "naive")
+    current = sub_run_config(cfg, "mle")
     old = {k: v for k, v in current.items() if k not in ADDED_FIELDS}
     assert cfg.eval_eta == ADDED_FIELDS["eval_eta"] == 0.0
     assert config_diff(old, current, added=ADDED_FIELDS) == []
     assert config_diff(old, current)  # without `added` it would be a mismatch
-    diff = config_diff(old, sub_run_config(override(cfg, ["eval_eta=1"]), "naive"),
+    diff = config_diff(old, sub_run_config(override(cfg, ["eval_eta=1"]), "mle"),
                        added=ADDED_FIELDS)
     assert len(diff) == 1 and "eval_eta" in diff[0]
 
@@ -149,8 +149,8 @@ def test_replay_checkpoints_of_the_layout_before_format_2_are_refused():
         unrecorded_format,
     )
 
-    for name, same in (("naive", True), ("rank1", True), ("replay", False),
-                       ("rank1+distill", False)):
+    for name, same in (("mle", True), ("ewc_rank1", True), ("replay", False),
+                       ("ewc_rank1+distill", False)):
         new = sub_run_config(PRESETS["smoke"], name)
         older = {k: v for k, v in new.items() if k != "format"}  # written before the field
         diff = config_diff(older, new, added=dict(ADDED_FIELDS, format=unrecorded_format(name)))
@@ -242,7 +242,7 @@ def test_metrics_json_round_trips(smoke_run):
     run_dir, cfg, metrics = smoke_run
     saved = json.load(open(os.path.join(run_dir, "metrics.json")))
     assert saved["config"]["methods"] == list(cfg.methods)
-    assert saved["runs"]["naive"]["avg_forgetting"] == metrics["runs"]["naive"]["avg_forgetting"]
+    assert saved["runs"]["mle"]["avg_forgetting"] == metrics["runs"]["mle"]["avg_forgetting"]
 
 
 def test_smoke_metrics_match_the_golden_file(smoke_run):
@@ -265,7 +265,7 @@ def test_seeds_table_of_rank1_runs(smoke_run, tmp_path):
     run_dir, _, metrics = smoke_run
     other = copy.deepcopy(metrics)
     other["config"]["seed"] = 1
-    rec = other["runs"]["rank1+distill"]
+    rec = other["runs"]["ewc_rank1+distill"]
     rec["history"][1]["accuracy"][0] -= 0.5  # seed 1 forgets half its first task's samples
     rec["forgetting"][0] += 10.0
     d1 = tmp_path / "s1"
@@ -273,13 +273,13 @@ def test_seeds_table_of_rank1_runs(smoke_run, tmp_path):
     (d1 / "metrics.json").write_text(json.dumps(other))
     out = seeds.main([run_dir, str(d1), "--markdown", str(tmp_path / "t.md")])
     assert out["seeds"] == [0, 1]
-    r0 = metrics["runs"]["rank1+distill"]
+    r0 = metrics["runs"]["ewc_rank1+distill"]
     h = r0["history"]
     forget0 = h[0]["accuracy"][0] - h[1]["accuracy"][0]
-    mean, se = out["runs"]["rank1+distill"]["accuracy_forgetting"]
+    mean, se = out["runs"]["ewc_rank1+distill"]["accuracy_forgetting"]
     assert mean == pytest.approx(forget0 + 0.25) and se == pytest.approx(0.25)
-    mean, se = out["runs"]["rank1+distill"]["fd_forgetting"]
+    mean, se = out["runs"]["ewc_rank1+distill"]["fd_forgetting"]
     assert mean == pytest.approx(r0["forgetting"][0] + 5.0) and se == pytest.approx(5.0)
-    naive = out["runs"]["naive"]["fd_forgetting"]
+    naive = out["runs"]["mle"]["fd_forgetting"]
     assert naive[1] == pytest.approx(0.0)  # the same numbers in both seeds
-    assert "rank1+distill" in (tmp_path / "t.md").read_text()
+    assert "ewc_rank1+distill" in (tmp_path / "t.md").read_text()

@@ -194,7 +194,7 @@ def test_smoke_run_end_to_end(smoke):
                  "average_accuracy.png", "log.jsonl"):
         assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
     assert metrics["provenance"]["devices"] and metrics["provenance"]["command"]
-    assert set(metrics["runs"]) == set(cfg.runs)
+    assert set(metrics["runs"]) == set(cfg.methods)
     for r in metrics["runs"].values():
         acc = r["accuracy"]
         assert [len(row) for row in acc] == [1, 2]  # after task t: tasks 0..t
@@ -207,14 +207,15 @@ def test_smoke_run_end_to_end(smoke):
 
 def test_same_seed_same_numbers(smoke, tmp_path):
     cfg, _, metrics = smoke
-    again = split_mnist.run(override(cfg, ["runs=vcl_random"]), str(tmp_path), progress=False)
-    assert again["runs"]["vcl_random"]["accuracy"] == metrics["runs"]["vcl_random"]["accuracy"]
+    name = "vcl+coreset_random"
+    again = split_mnist.run(override(cfg, [f"methods={name}"]), str(tmp_path), progress=False)
+    assert again["runs"][name]["accuracy"] == metrics["runs"][name]["accuracy"]
 
 
 def test_bad_settings_are_clear_errors(smoke, tmp_path):
     cfg, run_dir, _ = smoke
-    with pytest.raises(ConfigError, match="unknown run"):
-        split_mnist.run(override(cfg, ["runs=vcl,ewk"]), str(tmp_path / "a"), progress=False)
+    with pytest.raises(ConfigError, match=r"unknown method 'vcl\+ewk': 'ewk' is not a member"):
+        split_mnist.run(override(cfg, ["methods=vcl,vcl+ewk"]), str(tmp_path / "a"), progress=False)
     with pytest.raises(ConfigError, match="unknown estimator"):
         override(cfg, ["estimator=magic"]).validate()
     with pytest.raises(ConfigError, match="larger than task"):
@@ -244,9 +245,9 @@ def test_smoke_metrics_match_the_golden_file(smoke):
 
 def test_natural_gradient_vcl_runs_and_reports_its_posterior_spread(smoke, tmp_path):
     cfg, _, _ = smoke
-    cfg = override(cfg, ["runs=vcl,vcl_ng,vcl_ng_random", "ng_b2=0.5"])
+    cfg = override(cfg, ["methods=vcl,vcl_ng,vcl_ng+coreset_random", "ng_b2=0.5"])
     metrics = split_mnist.run(cfg, str(tmp_path), progress=False)
-    for name in ("vcl", "vcl_ng", "vcl_ng_random"):
+    for name in ("vcl", "vcl_ng", "vcl_ng+coreset_random"):
         r = metrics["runs"][name]
         assert all(0.0 <= a <= 1.0 for row in r["accuracy"] for a in row)
         spread = json.load(open(tmp_path / "metrics.json"))["runs"][name]

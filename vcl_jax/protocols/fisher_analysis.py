@@ -76,7 +76,7 @@ def load_run(run_dir: str, method: str | None = None, task: int | None = None,
         raise ConfigError(f"method {method!r} is not in this run: {', '.join(cfg.methods)}")
     tasks, data_shape = rank1_ewc.load_tasks(cfg)
     setup = rank1_ewc.build(cfg, data_shape)
-    folder = os.path.join(run_dir, rank1_ewc.method_dir(method), "checkpoints")
+    folder = os.path.join(run_dir, rank1_ewc.parse_method(method).dir, "checkpoints")
     if not os.path.isdir(folder):
         raise ConfigError(f"no checkpoints for {method!r} in {run_dir}")
     ckpt = rank1_ewc.method_checkpoints(folder, cfg, method, ignore=("data_dir",))

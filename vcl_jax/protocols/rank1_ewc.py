@@ -4,13 +4,14 @@ Class-incremental generation: tasks are consecutive class pairs, images are padd
 ``image_size`` and scaled to [−1, 1], and one class-conditional U-Net (one embedding per
 class) learns them in order. Every method is a composition of the library's methods:
 
-* ``naive``: sequential fine-tuning (:func:`~vcl_jax.continual.sequential`);
+* ``mle``: sequential fine-tuning (:func:`~vcl_jax.continual.mle`);
 * ``replay``: each batch adds ``replay_batch`` images of old classes, drawn from a pool
   the model at the end of the previous task generated with DDIM (η = 0);
 * ``distill``: replay plus ``distill_weight`` · MSE between the student's and the frozen
   teacher's ε-predictions on the noised replay images (:func:`~vcl_jax.continual.distillation`);
-* ``diag`` / ``rank1`` / ``rank1_unit``: an EWC penalty (:func:`~vcl_jax.continual.consolidation`
-  without a batch loss) :func:`~vcl_jax.continual.chain`-ed after any of the above.
+* ``ewc_diag`` / ``ewc_rank1`` / ``ewc_rank1_unit``: an EWC penalty
+  (:func:`~vcl_jax.continual.ewc` without a batch loss) added to any of the above, e.g.
+  ``ewc_rank1+distill`` (names: :mod:`vcl_jax.continual.methods`).
 
 After every task the run samples every seen task's classes and records each task's
 FD-classifier (Fréchet distance in the evaluation classifier's features) against that
@@ -39,7 +40,6 @@ from vcl_jax.eval.metrics import gaussian_stats
 from vcl_jax.protocols.rank1_ewc_config import (
     ADDED_FIELDS,
     Rank1EWCConfig,
-    method_dir,
     parse_method,
     sub_run_config,
     unrecorded_format,
@@ -93,8 +93,8 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClas
     cfg = setup.cfg
     joint = name == "joint"
     stream = [joint_task(tasks)] if joint else tasks
-    k_init, k_train, _, k_fisher, k_eval = run_keys(cfg)
-    params = setup.init_params(k_init)
+    keys = run_keys(cfg)
+    params = setup.init_params(keys.init)
     method = setup.method(name)
     spec = parse_method(name)
     opt = adam(cfg.learning_rate)
@@ -107,21 +107,22 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClas
         the model at the task's start generates)."""
         del state
         task = stream[d]
-        fisher = fisher_data(setup, task, jax.random.fold_in(k_fisher, d)) if spec.penalty else None
+        fisher = (fisher_data(setup, task, jax.random.fold_in(keys.fisher, d))
+                  if spec.penalty else None)
         data = {"x": jnp.asarray(task.x), "c": jnp.asarray(task.c)}
         return TrainData(data, len(task.x), end=fisher)
 
     def evaluate_task(d, params):
         upto = len(tasks) - 1 if joint else d
         metrics, images, labels = evaluate(setup, params, tasks, upto,
-                                           jax.random.fold_in(k_eval, d), classifier, ref_stats)
+                                           jax.random.fold_in(keys.eval, d), classifier, ref_stats)
         return metrics, {"images": images, "labels": labels}
 
     record = run_sequence(
         method, state, len(stream), prepare=prepare, evaluate=evaluate_task,
         train=epoch_trainer(runner, Schedule(cfg.epochs, cfg.learning_rate, cfg.lr_decay),
                             where="rank1_ewc", progress=progress),
-        task_keys=fold_keys(k_train), ckpt=ckpt, out_dir=out_dir, name=name, progress=progress,
+        task_keys=fold_keys(keys.train), ckpt=ckpt, out_dir=out_dir, name=name, progress=progress,
         describe=lambda m: (f"avg FD-classifier {m['avg_fd']:.3f}, sample accuracy "
                             f"{m['avg_accuracy']:.3f}, "))
     if joint:
@@ -150,7 +151,7 @@ def reference_accuracy(classifier: EvalClassifier, task: TaskData) -> float:
 def check_run_dir(run_dir: str, cfg: Rank1EWCConfig, data_id: dict | None = None) -> None:
     """Refuses, before anything is written, checkpoints from another config or data."""
     for name in cfg.methods:
-        folder = os.path.join(run_dir, method_dir(name), "checkpoints")
+        folder = os.path.join(run_dir, parse_method(name).dir, "checkpoints")
         if os.path.isdir(folder):
             method_checkpoints(folder, cfg, name, data=data_id).close()
 
@@ -176,7 +177,7 @@ def run(cfg: Rank1EWCConfig, run_dir: str, *, progress: bool = True) -> dict:
                 json.dump(to_dict(cfg), f, indent=2)
         with runlog.open_log(run_dir, len(cfg.methods) * len(tasks), progress=progress):
             results = {name: run_one(setup, name, tasks, classifier, ref_stats,
-                                     os.path.join(run_dir, method_dir(name)),
+                                     os.path.join(run_dir, parse_method(name).dir),
                                      progress=progress, data_id=identity(data))
                        for name in cfg.methods}
         metrics = {"config": to_dict(cfg), "provenance": runlog.provenance(), "data": data,

@@ -1,9 +1,9 @@
 """Config and presets of the rank-1 EWC experiment (PAPERS.md §2).
 
-A method is a ``+``-joined spec of at most one Fisher penalty and at most one replay
-mode: ``naive``, ``replay``, ``distill``, ``diag``, ``rank1``, ``rank1_unit`` (c = 1),
-``diag+distill``, ``rank1+distill``, ``rank1+replay``, ...; or ``joint``, the reference
-that is not a continual learner: one model trained on every task's images at once.
+Its methods are named in the grammar of :mod:`vcl_jax.continual.methods`, trained by MLE:
+``mle``, ``replay``, ``distill``, ``ewc_diag``, ``ewc_rank1``, ``ewc_rank1_unit`` (c = 1),
+``ewc_diag+distill``, ``ewc_rank1+distill``, ``ewc_rank1+replay``, ...; or ``joint``, the
+reference that is not a continual learner: one model trained on every task's images at once.
 """
 
 from __future__ import annotations
@@ -12,45 +12,24 @@ import dataclasses
 from typing import ClassVar
 
 from vcl_jax.config import ConfigError, check_choice, checks, class_checks, diffusion_checks
+from vcl_jax.continual import methods
 from vcl_jax.data import variants
 from vcl_jax.data.preprocess import RANGES
 from vcl_jax.data.sources import NUM_CLASSES
 from vcl_jax.models.layers import CONV_IMPLS, INITS
 from vcl_jax.models.unet import CONTEXTS
 
-PENALTIES = ("diag", "rank1", "rank1_unit")
-REPLAY_MODES = ("replay", "distill")  # distill = replay + distillation from the frozen teacher
-METHODS = ("naive", "replay", "distill", "diag", "rank1", "diag+distill", "rank1+distill")
+# The members this experiment builds (every method is trained by MLE).
+MEMBERS = ("mle", *methods.PENALTIES, *methods.REPLAYS, methods.JOINT)
+METHODS = ("mle", "replay", "distill", "ewc_diag", "ewc_rank1", "ewc_diag+distill",
+           "ewc_rank1+distill")
 EVAL_SPLITS = ("test", "validation")
 
 
-@dataclasses.dataclass(frozen=True)
-class MethodSpec:
-    """Attributes: penalty (a Fisher kind or None); replay (``replay``/``distill``/None)."""
-
-    penalty: str | None
-    replay: str | None
-
-
-def method_dir(name: str) -> str:
-    """A method's sub-directory (``rank1+distill`` → ``rank1-distill``)."""
-    return name.replace("+", "-")
-
-
-def parse_method(name: str) -> MethodSpec:
-    """``"rank1+distill"`` → MethodSpec("rank1", "distill"); a clear error otherwise."""
-    if name in ("naive", "joint"):
-        return MethodSpec(None, None)
-    parts = name.split("+")
-    pens = [p for p in parts if p in PENALTIES]
-    reps = [p for p in parts if p in REPLAY_MODES]
-    bad = [p for p in parts if p not in PENALTIES + REPLAY_MODES]
-    if bad or len(pens) > 1 or len(reps) > 1 or len(parts) != len(pens) + len(reps):
-        raise ConfigError(
-            f"unknown method {name!r}: a method is 'naive' or '+'-joined parts, at most one "
-            f"Fisher penalty ({', '.join(PENALTIES)}) and one replay mode "
-            f"({', '.join(REPLAY_MODES)}), e.g. 'rank1+distill'")
-    return MethodSpec(pens[0] if pens else None, reps[0] if reps else None)
+def parse_method(name: str) -> methods.Spec:
+    """``"ewc_rank1+distill"`` → its :class:`~vcl_jax.continual.methods.Spec`; a clear
+    error for a name outside the grammar or a member this experiment cannot build."""
+    return methods.parse(name, MEMBERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,7 +178,7 @@ PRESETS = {
         classes=(0, 1, 2, 3), max_per_class=16, n_feat=8, embed_dim=8, T=20, epochs=1,
         batch_size=8, learning_rate=1e-3, unroll=1, fisher_samples=8, fisher_chunk=4,
         replay_per_class=4, replay_batch=4, ddim_steps=4, eval_per_class=4,
-        classifier_epochs=1, methods=("naive", "rank1+distill")),
+        classifier_epochs=1, methods=("mle", "ewc_rank1+distill")),
 }
 
 # Fields that matter only to some methods (a sub-run's checkpoints ignore the others).

@@ -10,7 +10,7 @@ from vcl_jax.data import describe
 from vcl_jax.eval import plots
 from vcl_jax.eval.classifier import describe as describe_classifier
 from vcl_jax.eval.metrics import mean_se
-from vcl_jax.protocols.rank1_ewc_config import Rank1EWCConfig, method_dir
+from vcl_jax.protocols.rank1_ewc_config import Rank1EWCConfig, parse_method
 
 
 def write(run_dir: str, cfg: Rank1EWCConfig, results: dict, data: dict,
@@ -19,8 +19,8 @@ def write(run_dir: str, cfg: Rank1EWCConfig, results: dict, data: dict,
     for name, rec in results.items():
         # joint is evaluated once, after training on every task
         n_evals = 1 if name == "joint" else len(rec["history"])
-        rows = plots.grid_rows(os.path.join(run_dir, method_dir(name)), n_evals)
-        plots.sample_grid(os.path.join(run_dir, f"grid_{method_dir(name)}.png"), rows,
+        rows = plots.grid_rows(os.path.join(run_dir, parse_method(name).dir), n_evals)
+        plots.sample_grid(os.path.join(run_dir, f"grid_{parse_method(name).dir}.png"), rows,
                           list(cfg.classes), f"{name}: row i = after task i, column j = class j")
     avg = {name: [h["avg_fd"] for h in rec["history"]] for name, rec in results.items()}
     plots.curves(os.path.join(run_dir, "fd.png"), avg, xlabel="tasks seen",
@@ -96,7 +96,7 @@ def across_seeds(metrics: list[dict]) -> dict:
             **{k: mean_se([s[k] for s in per_seed[name]]) for k in per_seed[name][0]},
             "minutes": mean_se([sum(r["seconds"].values()) / 60 for r in recs]),
         }
-    for a, b in (("rank1+distill", "diag+distill"), ("rank1+distill", "distill")):
+    for a, b in (("ewc_rank1+distill", "ewc_diag+distill"), ("ewc_rank1+distill", "distill")):
         if a in names and b in names:
             out["differences"][f"{a} - {b}"] = {
                 k: mean_se([sa[k] - sb[k] for sa, sb in zip(per_seed[a], per_seed[b],

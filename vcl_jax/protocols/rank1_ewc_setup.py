@@ -7,15 +7,17 @@ FD-classifier and sample accuracy.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from vcl_jax.config import ConfigError
-from vcl_jax.continual import chain, distillation, ewc, generative_replay, mle
+from vcl_jax.continual import distillation, ewc, generative_replay, methods, mle
 from vcl_jax.continual.base import stack
+from vcl_jax.continual.methods import PENALTIES
 from vcl_jax.data import TaskStream, load, pad_to, to_float, to_unit
 from vcl_jax.diffusion.generate import generate
 from vcl_jax.diffusion.loss import draw_noise, example_loss_at, fisher_examples, q_sample
@@ -117,26 +119,35 @@ class Setup:
         return example_loss_at(self.eps_fn(params), self.sched, example)
 
     def method(self, name: str):
-        """The method of a config name: MLE (or distillation) to train the model, then the
-        Fisher penalty and generative replay it names, chained."""
-        spec = parse_method(name)
-        base = (distillation(self.loss_with_teacher) if spec.replay == "distill"
-                else mle(self.batch_loss))
-        rest = []
-        if spec.penalty is not None:
-            rest.append(ewc(None, self.example_loss, n_tasks=len(self.stream),
-                            lam=self.cfg.ewc_lambda, fisher=spec.penalty,
-                            chunk=self.cfg.fisher_chunk))
-        if spec.replay is not None:
-            k_replay = run_keys(self.cfg)[2]
-            rest.append(generative_replay(
-                lambda params, d: replay_pool(self, params, d, jax.random.fold_in(k_replay, d))))
-        return chain(base, *rest) if rest else base
+        """The method of a config name, from the grammar's builder: MLE (or, for
+        ``distill``, MLE with a teacher) trains the model; an EWC member adds its Fisher
+        penalty, a replay member its generated pools."""
+        cfg = self.cfg
+        k_replay = run_keys(cfg).replay
+        return methods.build(parse_method(name), {
+            "mle": lambda: mle(self.batch_loss),
+            "distill": lambda: distillation(self.loss_with_teacher),
+            **{p: functools.partial(ewc, None, self.example_loss, n_tasks=len(self.stream),
+                                    lam=cfg.ewc_lambda, fisher=p.removeprefix("ewc_"),
+                                    chunk=cfg.fisher_chunk) for p in PENALTIES},
+            "replay": lambda: generative_replay(lambda params, d: replay_pool(
+                self, params, d, jax.random.fold_in(k_replay, d))),
+        })
 
 
-def run_keys(cfg: Rank1EWCConfig) -> tuple[jax.Array, ...]:
-    """The keys of a method's run: initialisation, training, replay, Fisher, evaluation."""
-    return tuple(jax.random.split(jax.random.key(cfg.seed), 5))
+class RunKeys(NamedTuple):
+    """The keys of a method's run, split once from its seed (every method starts from one
+    init)."""
+
+    init: jax.Array  # the U-Net's initial params
+    train: jax.Array  # training (per task: fold_in of the task)
+    replay: jax.Array  # the replay pools (per task: fold_in of the task)
+    fisher: jax.Array  # the Fisher's examples (per task: fold_in of the task)
+    eval: jax.Array  # sampling and scoring after each task
+
+
+def run_keys(cfg: Rank1EWCConfig) -> RunKeys:
+    return RunKeys(*jax.random.split(jax.random.key(cfg.seed), 5))
 
 
 def build(cfg: Rank1EWCConfig, data_shape: tuple[int, int, int]) -> Setup:

@@ -1,7 +1,7 @@
 """Discriminative split-MNIST VCL (Nguyen et al. 2018; the seed paper's Appendix A).
 
 Five tasks (0/1, 2/3, 4/5, 6/7, 8/9), a multi-head MLP, and the runs of
-``cfg.runs``: sequential MLE, VCL, and VCL with a random or k-center coreset.
+``cfg.methods``: sequential MLE, VCL, and VCL with a random or k-center coreset.
 After each task every seen task's test accuracy is recorded (the accuracy
 matrix of the seed paper's Figure 3).
 
@@ -28,7 +28,7 @@ from vcl_jax.config import ConfigError, to_dict
 from vcl_jax.continual import TrainData
 from vcl_jax.data import complement, record
 from vcl_jax.models import mlp
-from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig
+from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig, parse_method
 from vcl_jax.protocols.split_mnist_setup import (  # noqa: F401 - the experiment's API
     Runner,
     TaskData,
@@ -82,7 +82,7 @@ def _trained(fit: Trainer, where: str):
 
 def run_one(runner: Runner, name: str, tasks: list[TaskData], *,
             progress: bool = True) -> dict:
-    """One run (``mle``, ``vcl``, ``vcl_random``, ``vcl_kcenter``, ``ewc``) over all tasks,
+    """One method (``mle``, ``vcl``, ``vcl+coreset_random``, ``ewc_diag``, ...) over all tasks,
     by the task loop of :func:`~vcl_jax.training.sequence.run_sequence` (no checkpoints:
     a whole comparison takes about a minute).
 
@@ -95,8 +95,8 @@ def run_one(runner: Runner, name: str, tasks: list[TaskData], *,
     dim, n_out = tasks[0].x.shape[1], len(cfg.groups[0])
     params = mlp.init_mlp(runner.k_init, dim, cfg.hidden, len(tasks), n_out, cfg.head_init_std)
     method, fit, tune = runner.run(name, dim)
-    is_vcl = name.startswith("vcl")
-    kind = cfg.coreset_method(name) if cfg.coreset_size else None
+    spec = parse_method(name)
+    is_vcl, kind = spec.variational, spec.coreset_kind
     # Full-batch training pads every task to the largest one (weight-0 rows), and every
     # task's test images are padded to one size: each trainer and the predictive compile
     # once for the whole comparison, not once per task shape. (Minibatches are drawn from
@@ -194,7 +194,7 @@ def run(cfg: SplitMNISTConfig, run_dir: str, *, progress: bool = True) -> dict:
     check_run_dir(run_dir, cfg)
     tasks = load_tasks(cfg)
     for i, task in enumerate(tasks):
-        if any(cfg.coreset_method(r) for r in cfg.runs) and cfg.coreset_size > len(task.y):
+        if any(parse_method(m).coreset for m in cfg.methods) and cfg.coreset_size > len(task.y):
             raise ConfigError(f"coreset_size {cfg.coreset_size} is larger than task {i} "
                               f"({len(task.y)} training images); use ≤ {len(task.y)}")
     primary = distributed.is_primary()
@@ -203,9 +203,9 @@ def run(cfg: SplitMNISTConfig, run_dir: str, *, progress: bool = True) -> dict:
             with open(os.path.join(run_dir, "config.json"), "w") as f:
                 json.dump(to_dict(cfg), f, indent=2)
         runner = Runner(cfg)
-        with runlog.open_log(run_dir, len(cfg.runs) * len(tasks), progress=progress):
+        with runlog.open_log(run_dir, len(cfg.methods) * len(tasks), progress=progress):
             results = {name: run_one(runner, name, tasks, progress=progress)
-                       for name in cfg.runs}
+                       for name in cfg.methods}
         metrics = {"config": to_dict(cfg), "provenance": runlog.provenance(),
                    "data": record(cfg.dataset, cfg.data_dir, cfg.data_variant,
                                   [len(t.y) for t in tasks], [t.x for t in tasks]),

@@ -6,15 +6,23 @@ import dataclasses
 from typing import ClassVar
 
 from vcl_jax.config import check_choice, checks, class_checks, natural_gradient_checks
+from vcl_jax.continual import methods
 from vcl_jax.data import variants
-from vcl_jax.data.coreset import METHODS as CORESET_METHODS
 from vcl_jax.data.sources import NUM_CLASSES
 from vcl_jax.models.bayes_mlp import ESTIMATORS
 
-# A run is a method with an optional coreset: "vcl_random" = VCL + random coreset; "vcl_ng"
-# is VCL trained by natural gradients (vcl_jax.continual.vcl_ng).
-PUBLISHED = ("mle", "vcl", "vcl_random", "vcl_kcenter", "ewc")  # the seed paper's comparison
-RUNS = (*PUBLISHED, "vcl_ng", "vcl_ng_random", "vcl_ng_kcenter")
+# Methods are named in the grammar of vcl_jax.continual.methods: a trainer ("mle", "vcl",
+# "vcl_ng": VCL trained by natural gradients) with an optional coreset ("vcl+coreset_random"),
+# or MLE with diagonal EWC ("ewc_diag").
+MEMBERS = (*methods.TRAINERS, "ewc_diag", *methods.CORESETS)
+# the seed paper's comparison
+PUBLISHED = ("mle", "vcl", "vcl+coreset_random", "vcl+coreset_kcenter", "ewc_diag")
+
+
+def parse_method(name: str) -> methods.Spec:
+    """A method name's :class:`~vcl_jax.continual.methods.Spec`; a clear error for one
+    outside the grammar or naming a member this experiment cannot build."""
+    return methods.parse(name, MEMBERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +47,8 @@ class SplitMNISTConfig:
     epochs: int = 120
     batch_size: int | None = None  # None: the whole task (full batch)
     learning_rate: float = 1e-3
-    # which runs, and their coresets
-    runs: tuple[str, ...] = PUBLISHED
+    # which methods run, and their coresets' size
+    methods: tuple[str, ...] = PUBLISHED
     coreset_size: int = 40
     # VCL
     train_samples: int = 10  # K Monte-Carlo samples per training step
@@ -53,14 +61,14 @@ class SplitMNISTConfig:
     log_var_init: float = -6.0
     prior_sigma: float = 1.0
     kl_scale: float = 1.0
-    # natural-gradient VCL (the vcl_ng runs): the same objective, prior and estimators, the
+    # natural-gradient VCL (the vcl_ng methods): the same objective, prior and estimators, the
     # posterior trained by IVON's update instead of Adam
     ng_learning_rate: float = 0.1  # α of the preconditioned mean step
     ng_train_samples: int = 1  # weight draws per step (IVON: one)
     # the estimator of the expected loss; "local" draws independent noise per example and
     # pre-activation (full-batch tasks: one shared weight draw per step was unstable)
     ng_estimator: str = "local"
-    # the KL's weight of the vcl_ng runs (their λ is N/ng_kl_scale). Below 1 the posterior is
+    # the KL's weight of the vcl_ng methods (their λ is N/ng_kl_scale). Below 1 the posterior is
     # tempered: 0.01 (with ng_hess_init=0.1, ng_b2=0.9, ng_clip=0.01) learns a real spread of
     # variances but forgets task 0/1 (BENCHMARKS.md)
     ng_kl_scale: float = 1.0
@@ -75,7 +83,7 @@ class SplitMNISTConfig:
     # curvature otherwise takes Newton steps that can wreck the network within one task
     ng_clip: float | None = None
     ng_floor: bool = True  # the curvature kept ≥ 0: no posterior broader than its prior
-    # EWC (diagonal empirical Fisher), the optional baseline: runs=...,ewc
+    # EWC (diagonal empirical Fisher), the optional baseline: methods=...,ewc_diag
     ewc_lambda: float = 1e4  # a 10% validation split could not separate 1e2..1e6 (BENCHMARKS.md)
     seed: int = 0
 
@@ -85,7 +93,7 @@ class SplitMNISTConfig:
                  "max_test_per_task", "validation_fraction"),
         "model": ("hidden", "head_init_std"),
         "optim": ("epochs", "batch_size", "learning_rate"),
-        "methods": ("runs",),
+        "methods": ("methods",),
         "vcl": ("train_samples", "test_samples", "estimator", "tune_estimator", "log_var_init",
                 "prior_sigma", "kl_scale"),
         "vcl_ng": ("ng_learning_rate", "ng_train_samples", "ng_estimator", "ng_kl_scale",
@@ -96,7 +104,7 @@ class SplitMNISTConfig:
     }
 
     def validate(self) -> SplitMNISTConfig:
-        check_choice("run(s)", self.runs, RUNS)
+        specs = [parse_method(m) for m in self.methods]
         check_choice("data_variant", self.data_variant, variants(self.dataset))
         check_choice("estimator", self.estimator, ESTIMATORS)
         check_choice("tune_estimator", self.tune_estimator, ESTIMATORS)
@@ -113,7 +121,13 @@ class SplitMNISTConfig:
             (self.batch_size is None or self.batch_size >= 1,
              f"batch_size must be ≥ 1 or none (full batch), got {self.batch_size}"),
             (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
-            (self.coreset_size >= 0, f"coreset_size must be ≥ 0, got {self.coreset_size}"),
+            (self.coreset_size >= (1 if any(s.coreset for s in specs) else 0),
+             f"coreset_size must be ≥ 1 with a coreset method (≥ 0 without), got "
+             f"{self.coreset_size}"),
+            (all(s.variational or not s.coreset for s in specs),
+             "a coreset here fine-tunes a VCL posterior: name it with vcl or vcl_ng "
+             "(e.g. vcl+coreset_random)"),
+            (len(self.methods) >= 1, "methods must name at least one method"),
             (self.train_samples >= 1, f"train_samples must be ≥ 1, got {self.train_samples}"),
             (self.test_samples >= 1, f"test_samples must be ≥ 1, got {self.test_samples}"),
             (self.prior_sigma > 0, f"prior_sigma must be > 0, got {self.prior_sigma}"),
@@ -122,19 +136,12 @@ class SplitMNISTConfig:
             (0.0 <= self.validation_fraction < 1.0,
              f"validation_fraction must be in [0, 1), got {self.validation_fraction}"),
             (self.ewc_lambda >= 0, f"ewc_lambda must be ≥ 0, got {self.ewc_lambda}"),
-            *natural_gradient_checks(self, any(r.startswith("vcl_ng") for r in self.runs),
+            *natural_gradient_checks(self, any(s.trainer == "vcl_ng" for s in specs),
                                      kl_field="ng_kl_scale"),
             (self.max_per_task is None or self.max_per_task >= 1,
              f"max_per_task must be ≥ 1 or none, got {self.max_per_task}"),
         ])
         return self
-
-    def coreset_method(self, run: str) -> str | None:
-        """The coreset selection of a run (``random``/``kcenter``), or None."""
-        for m in CORESET_METHODS:
-            if run.endswith("_" + m):
-                return m
-        return None
 
 
 PRESETS = {

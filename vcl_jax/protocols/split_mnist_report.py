@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 
 from vcl_jax.data import describe
 from vcl_jax.eval.plots import curves  # noqa: E402
-from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig  # noqa: E402
+from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig, parse_method  # noqa: E402
 
 
 def accuracy_matrix(rows: list[list[float]]) -> np.ndarray:
@@ -75,7 +75,7 @@ def summary(cfg: SplitMNISTConfig, metrics: dict) -> str:
         for name, spread in spreads.items():
             for layer, (lo, mid, hi) in spread.items():
                 lines.append(f"| {name} | {layer} | {lo:.2e} | {mid:.2e} | {hi:.2e} |")
-    if any(n.startswith("vcl_ng") for n in metrics["runs"]):
+    if any(parse_method(n).trainer == "vcl_ng" for n in metrics["runs"]):
         lines += ["", f"Natural-gradient VCL: step {cfg.ng_learning_rate:g}, "
                   f"{cfg.ng_train_samples} draw(s) per step ({cfg.ng_estimator} estimator), "
                   f"KL weight {cfg.ng_kl_scale:g}, h₀ {cfg.ng_hess_init:g}, "

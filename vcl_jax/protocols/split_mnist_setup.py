@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vcl_jax.continual import Method, chain, coreset, ewc, mle, vcl, vcl_ng
+from vcl_jax.continual import Method, coreset, ewc, methods, mle, vcl, vcl_ng
 from vcl_jax.data import TaskStream, load, select, to_float
 from vcl_jax.models import bayes_mlp, mlp
-from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig
+from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig, parse_method
 from vcl_jax.training.epoch import epoch_indices, scan_steps
 from vcl_jax.training.state import TrainState, make_train_step
 from vcl_jax.vi import mean_field as mf
@@ -144,8 +144,8 @@ class Runner:
         # summed by matmuls (the same numbers as vmapped per-example gradients, without
         # materialising one gradient per example).
         fisher = jax.jit(lambda p, d: mlp.diag_fisher(p, d["x"], d["y"], d["head"]))
-        self.ewc = ewc(mle_loss, example_loss, n_tasks=len(cfg.groups), lam=cfg.ewc_lambda,
-                       diag_fn=fisher)
+        self.ewc = ewc(None, example_loss, n_tasks=len(cfg.groups), lam=cfg.ewc_lambda,
+                       diag_fn=fisher)  # the penalty, chained after MLE
         vcl_kw = dict(n_samples=cfg.train_samples, kl_scale=cfg.kl_scale,
                       prior_sigma=cfg.prior_sigma, log_var_init=cfg.log_var_init)
         self.vcl = vcl(None, **vcl_kw, expected_loss=expected_loss(cfg.estimator))
@@ -184,28 +184,27 @@ class Runner:
         return select(kind, self.task_keys(task)[0], x, self.cfg.coreset_size)
 
     def run(self, name: str, dim: int) -> tuple[Method, Trainer, Trainer | None]:
-        """Run ``name``'s method, its trainer and its coreset fine-tuning trainer (or None):
-        VCL with a coreset is ``chain(vcl, coreset)``, each task's coreset tuning a copy of
-        its own (``finetune_each``, the original's multi-head protocol)."""
+        """Method ``name``, its trainer and its coreset fine-tuning trainer (or None), built
+        by the grammar's builder: VCL with a coreset is ``chain(vcl, coreset)``, each task's
+        coreset tuning a copy of its own (``finetune_each``, the original's multi-head
+        protocol) with the same chain around the tuning's VCL."""
         if name not in self._runs:
-            kind = self.cfg.coreset_method(name)
-            natural = name.startswith("vcl_ng")
-            base = self.vcl_ng if natural else self.vcl
-            if name == "mle":
-                method, tune = self.mle, None
-            elif name == "ewc":
-                method, tune = self.ewc, None
-            elif kind and self.cfg.coreset_size:
+            spec = parse_method(name)
+            factories = {"mle": lambda: self.mle, "vcl": lambda: self.vcl,
+                         "vcl_ng": lambda: self.vcl_ng, "ewc_diag": lambda: self.ewc}
+            tune = None
+            if spec.coreset:
                 example = {"x": jax.ShapeDtypeStruct((dim,), jnp.float32),
                            "y": jax.ShapeDtypeStruct((), jnp.int32),
                            "head": jax.ShapeDtypeStruct((), jnp.int32),
                            "w": jax.ShapeDtypeStruct((), jnp.float32)}
-                core = coreset(lambda t, ex: self.pick(kind, t, ex["x"]), self.cfg.coreset_size,
-                               len(self.cfg.groups), example, mode="finetune_each")
-                method = chain(base, core)
-                tune = chain(self.vcl_ng_tune if natural else self.vcl_tune, core)
-            else:
-                method, tune = base, None
+                core = coreset(lambda t, ex: self.pick(spec.coreset_kind, t, ex["x"]),
+                               self.cfg.coreset_size, len(self.cfg.groups), example,
+                               mode="finetune_each")
+                factories[spec.coreset] = lambda: core
+                tune = methods.build(spec, dict(factories, vcl=lambda: self.vcl_tune,
+                                                vcl_ng=lambda: self.vcl_ng_tune))
+            method = methods.build(spec, factories)
             fit = self.fit_mle if method is self.mle else self.trainer(method)
             self._runs[name] = (method, fit, tune and self.trainer(tune))
         return self._runs[name]

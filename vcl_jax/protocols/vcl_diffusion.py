@@ -19,7 +19,7 @@ import time
 import jax
 import numpy as np
 
-from vcl_jax import distributed, runlog
+from vcl_jax import distributed, rng, runlog
 from vcl_jax.config import to_dict
 from vcl_jax.continual import TrainData
 from vcl_jax.data import complement, identity, record
@@ -27,8 +27,8 @@ from vcl_jax.eval.classifier import EvalClassifier, get_classifier
 from vcl_jax.protocols import vcl_diffusion_mle as mle_runs
 from vcl_jax.protocols.vcl_diffusion_config import (  # noqa: F401 - the experiment's API
     VCLDiffusionConfig,
-    has_vcl,
     open_checkpoints,
+    parse_method,
 )
 from vcl_jax.protocols.vcl_diffusion_setup import (  # noqa: F401 - the experiment's API
     Setup,
@@ -61,8 +61,8 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
     """
     cfg = setup.cfg
     os.makedirs(out_dir, exist_ok=True)
-    k_init, _, k_train, k_eval = run_keys(cfg)
-    params = setup.init_params(k_init)
+    keys = run_keys(cfg)
+    params = setup.init_params(keys.init)
     method = setup.method(method_name, params, coreset_size)
     opt = setup.optimizer(method)
     state = TrainState.create(method, opt, params)
@@ -72,12 +72,13 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
     ckpt = open_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, method_name, coreset_size,
                             data_id)
     record = new_record()
-    if ckpt.latest_step() is None and has_vcl(method_name) and cfg.vcl_pretrain_epochs:
+    variational = parse_method(method_name).variational
+    if ckpt.latest_step() is None and variational and cfg.vcl_pretrain_epochs:
         t0 = time.perf_counter()
         # the first task without its coreset (the one the coreset member withholds)
         x0 = tasks[0][complement(setup.coreset_of(0, tasks[0], coreset_size), len(tasks[0]))]
         pretrained = mle_runs.pretrain_mle(setup, params, x0,
-                                           jax.random.fold_in(k_train, 100_000),
+                                           rng.stream(keys.train, "pretrain"),
                                            progress=progress, name=name)
         # Kept for diagnostics (`vcl_diagnostics.swap_effect`): the first prior's means.
         pre = open_checkpoints(os.path.join(out_dir, "pretrained"), cfg, method_name,
@@ -92,12 +93,12 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
         and the examples of an EWC member's Fisher."""
         del state
         fisher = setup.fisher_data(method_name, tasks[d], d,
-                                   jax.random.fold_in(k_train, 200_000 + d))
+                                   rng.stream(keys.train, "fisher", d))
         return TrainData(task_data([tasks[d]], [d]), len(tasks[d]), end=fisher)
 
     def evaluate_task(d, trainable):
         metrics, images, labels = evaluate(setup, method, trainable, d,
-                                           jax.random.fold_in(k_eval, d), classifier)
+                                           jax.random.fold_in(keys.eval, d), classifier)
         return metrics, {"images": images, "labels": labels}
 
     trainer = functools.partial(epoch_trainer, runner, where="vcl_diffusion", progress=progress)
@@ -105,7 +106,7 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
         method, state, len(tasks), prepare=prepare, evaluate=evaluate_task,
         train=trainer(Schedule(cfg.epochs, setup.learning_rate(method), cfg.lr_decay)),
         tune=trainer(Schedule(cfg.coreset_epochs, setup.learning_rate(method), cfg.lr_decay)),
-        task_keys=fold_keys(k_train), ckpt=ckpt, out_dir=out_dir, keep_evaluated=True,
+        task_keys=fold_keys(keys.train), ckpt=ckpt, out_dir=out_dir, keep_evaluated=True,
         name=name, record=record, progress=progress,
         describe=lambda m: f"avg uncertainty {m['avg_uncertainty']:.4f} nats, ")
 

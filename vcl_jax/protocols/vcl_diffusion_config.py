@@ -14,6 +14,7 @@ from vcl_jax.config import (
     natural_gradient_checks,
     to_dict,
 )
+from vcl_jax.continual import methods
 from vcl_jax.continual.variational import DRAWS, ESTIMATORS
 from vcl_jax.data import variants
 from vcl_jax.data.coreset import METHODS as CORESET_METHODS
@@ -24,52 +25,25 @@ from vcl_jax.models.layers import CONV_IMPLS, INITS
 from vcl_jax.models.unet import CONTEXTS
 
 # A method is "joint" (the paper's Figure 7 reference: one MLE model trained on every
-# task's data at once; opt-in) or members joined by "+", composed by
-# `vcl_jax.continual.chain`: "mle", "vcl" or "vcl_ng" (VCL trained by natural gradients),
-# which train the model, and EWC penalties ("ewc_diag", "ewc_rank1", "ewc_rank1_unit") on its
-# params, e.g. "vcl+ewc_rank1" (EWC on VCL's posterior means); an EWC penalty alone trains
-# the params by MLE.
-TRAINERS = ("mle", "vcl", "vcl_ng")
-VARIATIONAL = ("vcl", "vcl_ng")
-MEMBERS = (*TRAINERS, "ewc_diag", "ewc_rank1", "ewc_rank1_unit")
+# task's data at once; opt-in) or a name of the grammar of vcl_jax.continual.methods: a
+# trainer ("mle", "vcl", or "vcl_ng": VCL trained by natural gradients) and optionally an EWC
+# penalty on its params ("ewc_diag", "ewc_rank1", "ewc_rank1_unit"), e.g. "vcl+ewc_rank1"
+# (EWC on VCL's posterior means); an EWC penalty alone trains the params by MLE. Coresets
+# are not named: every method runs once per size in coreset_sizes (0: none).
+MEMBERS = (*methods.TRAINERS, *methods.PENALTIES, methods.JOINT)
+
+
+def parse_method(name: str) -> methods.Spec:
+    """A method name's :class:`~vcl_jax.continual.methods.Spec`; a clear error for one
+    outside the grammar or naming a member this experiment cannot build."""
+    return methods.parse(name, MEMBERS)
+
+
 # How VCL weighs the likelihood against the KL: "mean" — the per-example loss is the squared
 # error averaged over pixels, as the authors' code trains it; "sum" — summed over pixels, as
 # the paper's equations 2–3 write it (the KL per example 784× lighter on MNIST).
 LIKELIHOODS = ("mean", "sum")
 CORESET_MODES = ("finetune", "replay")
-
-
-def members(method: str) -> tuple[str, ...]:
-    """The members of a method name (``"vcl+ewc_rank1"`` → ``("vcl", "ewc_rank1")``)."""
-    return tuple(method.split("+"))
-
-
-def has_vcl(method: str) -> bool:
-    """Whether ``method`` trains a posterior (``vcl`` or ``vcl_ng``)."""
-    return any(m in VARIATIONAL for m in members(method))
-
-
-def has_ng(method: str) -> bool:
-    """Whether ``method`` is trained by natural gradients (a ``vcl_ng`` member)."""
-    return "vcl_ng" in members(method)
-
-
-def has_ewc(method: str) -> bool:
-    return any(m.startswith("ewc_") for m in members(method))
-
-
-def check_method(method: str) -> None:
-    """Raises a ConfigError unless ``method`` is "joint" or a valid "+"-composition."""
-    if method == "joint":
-        return
-    parts = members(method)
-    bad = [p for p in parts if p not in MEMBERS]
-    checks([(not bad, f"unknown method {method!r}: {', '.join(map(repr, bad))} is not one of "
-                      f"{', '.join(MEMBERS)} (joined by '+'), nor 'joint'"),
-            (len(set(parts)) == len(parts), f"method {method!r} names a member twice"),
-            (len(set(parts) & set(TRAINERS)) <= 1,
-             f"method {method!r}: {' and '.join(p for p in parts if p in TRAINERS)} each "
-             "train the model; name one")])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,8 +181,7 @@ class VCLDiffusionConfig:
 
     def validate(self) -> VCLDiffusionConfig:
         checks([(len(self.methods) > 0, "methods must name at least one method")])
-        for method in self.methods:
-            check_method(method)
+        specs = [parse_method(m) for m in self.methods]
         check_choice("data_variant", self.data_variant, variants(self.dataset))
         check_choice("coreset_mode", self.coreset_mode, CORESET_MODES)
         check_choice("context", self.context, CONTEXTS)
@@ -238,7 +211,7 @@ class VCLDiffusionConfig:
             (self.kl_scale >= 0, f"kl_scale must be ≥ 0, got {self.kl_scale}"),
             (self.prior_sigma > 0, f"prior_sigma must be > 0, got {self.prior_sigma}"),
             (0 < self.prior_decay <= 1, f"prior_decay must be in (0, 1], got {self.prior_decay}"),
-            *natural_gradient_checks(self, any(has_ng(m) for m in self.methods)),
+            *natural_gradient_checks(self, any(s.trainer == "vcl_ng" for s in specs)),
             (self.prior_rel_std is None or self.prior_rel_std > 0,
              f"prior_rel_std must be > 0 or none, got {self.prior_rel_std}"),
             (0 <= self.p_uncond < 1, f"p_uncond must be in [0, 1), got {self.p_uncond}"),
@@ -329,12 +302,13 @@ def sub_run_config(cfg: VCLDiffusionConfig, method: str, coreset_size: int) -> d
     """The config fields that determine one (method, coreset size) sub-run."""
 
     # where the data was read from is not part of a run's identity (its checksum is)
-    drop = {"data_dir"} | set(SWEEP) | (set(VCL_ONLY) if not has_vcl(method) else set())
-    drop |= set(EWC_ONLY) if not has_ewc(method) else set()
-    drop |= set(NG_ONLY) if not has_ng(method) else set()
+    spec = parse_method(method)
+    drop = {"data_dir"} | set(SWEEP) | (set(VCL_ONLY) if not spec.variational else set())
+    drop |= set(EWC_ONLY) if spec.penalty is None else set()
+    drop |= set(NG_ONLY) if spec.trainer != "vcl_ng" else set()
     drop |= set(CORESET_ONLY) if coreset_size == 0 else set()
     out = {k: v for k, v in to_dict(cfg).items() if k not in drop}
-    return dict(out, **(RETIRED if has_vcl(method) else {}), method=method,
+    return dict(out, **(RETIRED if spec.variational else {}), method=method,
                 coreset_size=coreset_size, format=FORMAT)
 
 

@@ -50,20 +50,20 @@ def run_joint(setup: Setup, tasks: list[np.ndarray], classifier: EvalClassifier,
         record = upgrade_record(ckpt.restore_meta(ckpt.latest_step())["record"])
         ckpt.close()
         return record
-    k_init, _, k_train, k_eval = run_keys(cfg)
-    params = setup.init_params(k_init)
+    keys = run_keys(cfg)
+    params = setup.init_params(keys.init)
     method = setup.method("joint", params)
     opt = setup.optimizer(method)
     state = TrainState.create(method, opt, params)
     runner = setup.runner(make_train_step(method, opt, data_sharding()), "joint")
     t0 = time.perf_counter()
-    state, hist = train_epochs(runner, state, task_data(tasks, list(range(n))), k_train,
+    state, hist = train_epochs(runner, state, task_data(tasks, list(range(n))), keys.train,
                                epochs=cfg.epochs, learning_rate=cfg.learning_rate,
                                decay=cfg.lr_decay, desc=f"joint, {n} tasks at once",
                                progress=progress, where=f"vcl_diffusion joint, {n} tasks at once")
     jax.block_until_ready(state.trainable)
     t1 = time.perf_counter()
-    _, images, labels = evaluate(setup, method, state.trainable, n - 1, k_eval, classifier)
+    _, images, labels = evaluate(setup, method, state.trainable, n - 1, keys.eval, classifier)
     history = []
     for d in range(n):
         sel = np.isin(labels, cfg.classes[:d + 1])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from vcl_jax.config import ConfigError
-from vcl_jax.continual import Method, chain, coreset, ewc, mle, vcl, vcl_ng
+from vcl_jax.continual import Method, coreset, ewc, methods, mle, vcl, vcl_ng
 from vcl_jax.data import TaskStream, load, select, to_float, to_unit
 from vcl_jax.diffusion.generate import fresh_draws, generate
 from vcl_jax.diffusion.loss import batch_loss, example_loss_at, fisher_examples
@@ -33,11 +33,7 @@ from vcl_jax.models.layers import resolve_impl
 from vcl_jax.models.unet import ContextUNet, init_unet, variational_mask
 from vcl_jax.protocols.vcl_diffusion_config import (
     VCLDiffusionConfig,
-    check_method,
-    has_ewc,
-    has_ng,
-    has_vcl,
-    members,
+    parse_method,
 )
 from vcl_jax.training.epoch import EpochRunner
 from vcl_jax.training.state import optimizer_for
@@ -80,38 +76,39 @@ class Setup:
         return example_loss_at(self.eps_fn(params), self.sched, example)
 
     def method(self, name: str, params: dict, coreset_size: int = 0):
-        """The method of a config name: "joint" or "mle" is MLE, "vcl" VCL, "vcl_ng" VCL
-        trained by natural gradients, and each ``ewc_*`` member an EWC penalty chained after
-        the one that trains the model; with a coreset size, a coreset (``coreset_mode``)
-        chained last."""
+        """The method of a config name, from the grammar's builder: "joint" or "mle" is
+        MLE, "vcl" VCL, "vcl_ng" VCL trained by natural gradients, an ``ewc_*`` member an
+        EWC penalty on the params of the one that trains the model; with a coreset size, a
+        coreset (``coreset_method``, ``coreset_mode``) chained last."""
         cfg = self.cfg
-        check_method(name)
-        if has_vcl(name):
-            draws_loss = functools.partial(self.batch_loss, model=self.draws_model)
-            log_var = cfg.log_var_init if cfg.prior_rel_std is None else functools.partial(
-                mf.relative_log_var, fraction=cfg.prior_rel_std)
-            kw = dict(mask=self.mask(params), n_samples=cfg.train_samples,
-                      estimator=cfg.estimator, draws=self.draws_layout, kl_scale=cfg.kl_scale,
+        spec = parse_method(name)
+        draws_loss = functools.partial(self.batch_loss, model=self.draws_model)
+        log_var = cfg.log_var_init if cfg.prior_rel_std is None else functools.partial(
+            mf.relative_log_var, fraction=cfg.prior_rel_std)
+        vcl_kw = dict(n_samples=cfg.train_samples, estimator=cfg.estimator,
+                      draws=self.draws_layout, kl_scale=cfg.kl_scale,
                       likelihood_scale=self.likelihood_scale, prior_sigma=cfg.prior_sigma,
                       log_var_init=log_var, weight_noise=cfg.weight_noise,
                       pretrained_prior=cfg.vcl_pretrain_epochs > 0, prior_decay=cfg.prior_decay)
-            if has_ng(name):
-                base = vcl_ng(draws_loss, **kw, hess_init=cfg.ng_hess_init, b1=cfg.ng_b1,
-                              b2=cfg.ng_b2, clip=cfg.ng_clip, floor=cfg.ng_floor,
-                              deterministic_scale=cfg.learning_rate / cfg.ng_learning_rate)
-            else:
-                base = vcl(draws_loss, **kw)
-        else:
-            base = mle(self.batch_loss)
-        rest = [ewc(None, self.example_loss, n_tasks=len(cfg.classes), lam=cfg.ewc_lambda,
-                    fisher=m.removeprefix("ewc_"), chunk=cfg.fisher_chunk)
-                for m in members(name) if m.startswith("ewc_")]
+        factories = {
+            "mle": lambda: mle(self.batch_loss),
+            "vcl": lambda: vcl(draws_loss, mask=self.mask(params), **vcl_kw),
+            "vcl_ng": lambda: vcl_ng(
+                draws_loss, mask=self.mask(params), **vcl_kw, hess_init=cfg.ng_hess_init,
+                b1=cfg.ng_b1, b2=cfg.ng_b2, clip=cfg.ng_clip, floor=cfg.ng_floor,
+                deterministic_scale=cfg.learning_rate / cfg.ng_learning_rate),
+            **{p: functools.partial(ewc, None, self.example_loss, n_tasks=len(cfg.classes),
+                                    lam=cfg.ewc_lambda, fisher=p.removeprefix("ewc_"),
+                                    chunk=cfg.fisher_chunk) for p in methods.PENALTIES},
+        }
         if coreset_size:
+            spec = spec._replace(coreset=f"coreset_{cfg.coreset_method}")
             example = {"x": jax.ShapeDtypeStruct(self.shape, jnp.float32),
                        "task": jax.ShapeDtypeStruct((), jnp.int32)}
-            rest.append(coreset(lambda d, ex: self.coreset_of(d, ex["x"], coreset_size),
-                                coreset_size, len(cfg.classes), example, mode=cfg.coreset_mode))
-        return chain(base, *rest) if rest else base
+            factories[spec.coreset] = lambda: coreset(
+                lambda d, ex: self.coreset_of(d, ex["x"], coreset_size), coreset_size,
+                len(cfg.classes), example, mode=cfg.coreset_mode)
+        return methods.build(spec, factories)
 
     def coreset_of(self, task: int, x: np.ndarray, size: int) -> np.ndarray:
         """The indices of task ``task``'s coreset of ``size`` among its images ``x`` (the
@@ -119,7 +116,7 @@ class Setup:
         x = np.ascontiguousarray(x)
         key = (task, size, x.shape, hashlib.blake2b(x.data, digest_size=16).hexdigest())
         if key not in self._coresets:
-            picked = coreset_indices(self.cfg, run_keys(self.cfg)[1], task, x, size)
+            picked = coreset_indices(self.cfg, run_keys(self.cfg).coreset, task, x, size)
             picked.flags.writeable = False  # shared by every caller
             self._coresets[key] = picked
         return self._coresets[key]
@@ -127,7 +124,7 @@ class Setup:
     def fisher_data(self, name: str, x: np.ndarray, task: int, key: jax.Array) -> dict | None:
         """What method ``name``'s ``end_task`` is given after ``task``: the examples of
         its EWC Fisher (``fisher_samples`` of the task's training images ``x``), or None."""
-        if not has_ewc(name):
+        if parse_method(name).penalty is None:
             return None
         cfg = self.cfg
         return fisher_examples(key, x, np.full(len(x), task, np.int32), cfg.fisher_samples,
@@ -152,8 +149,10 @@ class Setup:
         """Which leaves VCL treats as random (in the posterior and the KL)."""
         return variational_mask(params, norms=self.cfg.variational_norms)
 
-    def eval_draws(self, name: str) -> int:
-        return self.cfg.eval_samples if has_vcl(name) else 1
+    def eval_draws(self, method: Method) -> int:
+        """Weight draws of an evaluation: ``eval_samples`` for a posterior (a method that
+        owns trainables other than the params: VCL), else the params themselves."""
+        return self.cfg.eval_samples if method.view is not None else 1
 
     def steps_per_call(self, name: str) -> int:
         """Train steps per jitted call of method ``name`` (``EpochRunner``'s ``unroll``;
@@ -173,7 +172,7 @@ class Setup:
         u, k = self.cfg.unroll, self.cfg.train_samples
         if u and self.model.impl == "ffi" and cpu_conv.supports(self.cfg.n_feat):
             return 0
-        if not has_vcl(name) or k == 1 or not u or self.draws_layout != "loop":
+        if not parse_method(name).variational or k == 1 or not u or self.draws_layout != "loop":
             return u
         return max(d for d in range(1, max(u // k, 1) + 1) if u % d == 0)
 
@@ -182,11 +181,6 @@ class Setup:
         steps per jitted call, epochs rounded up to a multiple of ``unroll`` steps."""
         return EpochRunner(step, self.cfg.batch_size, self.steps_per_call(name),
                            multiple=max(self.cfg.unroll, 1))
-
-    def average_draws(self, name: str) -> bool:
-        """Whether the config's evaluation averages ε over the weight draws
-        (``eval_average_draws``; only meaningful with several draws)."""
-        return self.cfg.eval_average_draws and self.eval_draws(name) > 1
 
     def sample(self, method: Method, trainable, k_draw: jax.Array, k_sample: jax.Array,
                tasks: np.ndarray, *, weights: str | None = None, sampler: str | None = None,
@@ -209,8 +203,9 @@ class Setup:
         cfg = self.cfg
         if weights is not None and weights not in WEIGHTS:
             raise ValueError(f"unknown weights {weights!r}; accepted: {', '.join(WEIGHTS)}")
-        m = self.eval_draws(method.name)
-        weights = weights or ("average" if self.average_draws(method.name) else "draws")
+        m = self.eval_draws(method)
+        # the config's eval_average_draws: ε averaged over the draws (only with several)
+        weights = weights or ("average" if cfg.eval_average_draws and m > 1 else "draws")
         if m == 1 and weights == "average":
             weights = "draws"
         redraw = None
@@ -252,9 +247,18 @@ def draws_layout(weight_draws: str, k: int) -> str:
     return "loop" if k > 1 and jax.default_backend() == "cpu" else "vmap"
 
 
-def run_keys(cfg: VCLDiffusionConfig) -> tuple[jax.Array, ...]:
-    """The keys of a sub-run: initialisation, coresets, training, evaluation."""
-    return tuple(jax.random.split(jax.random.key(cfg.seed), 4))
+class RunKeys(NamedTuple):
+    """The keys of a sub-run, split once from its seed."""
+
+    init: jax.Array  # the U-Net's initial params
+    coreset: jax.Array  # the coresets' selection
+    train: jax.Array  # training (per task: fold_in of the task; named streams inside)
+    eval: jax.Array  # sampling and scoring after each task
+
+
+def run_keys(cfg: VCLDiffusionConfig) -> RunKeys:
+    """The keys of a sub-run (the same for every method: they start from one init)."""
+    return RunKeys(*jax.random.split(jax.random.key(cfg.seed), 4))
 
 
 def load_tasks(cfg: VCLDiffusionConfig) -> list[np.ndarray]:

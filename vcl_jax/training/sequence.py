@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vcl_jax import distributed, runlog
+from vcl_jax import distributed, rng, runlog
 from vcl_jax.checkpoint import Checkpoints
 from vcl_jax.continual.base import Method, TrainData
 from vcl_jax.training.epoch import EpochRunner
@@ -112,10 +112,10 @@ def epoch_trainer(runner: EpochRunner, schedule: Schedule, *, where: str,
 
 
 def fold_keys(key: jax.Array) -> Callable[[int], tuple[jax.Array, jax.Array]]:
-    """The default keys of task d: training ``fold_in(key, d)``, fine-tuning
-    ``fold_in(fold_in(key, d), 10_000)``."""
+    """The default keys of task d: training ``fold_in(key, d)``, fine-tuning that key's
+    ``tune`` stream (:func:`vcl_jax.rng.stream`)."""
     return lambda d: (jax.random.fold_in(key, d),
-                      jax.random.fold_in(jax.random.fold_in(key, d), 10_000))
+                      rng.stream(jax.random.fold_in(key, d), "tune"))
 
 
 def run_sequence(
