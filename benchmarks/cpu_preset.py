@@ -38,7 +38,7 @@ from benchmarks.timing import interleaved_times
 from vcl_jax.config import override
 from vcl_jax.diffusion import generate as gen
 from vcl_jax.models.unet import unet_flops
-from vcl_jax.protocols import vcl_diffusion
+from vcl_jax.protocols import vcl_diffusion_setup
 from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 
 
@@ -83,7 +83,7 @@ def train_rows(cfg, gemm: float, rounds: int) -> list[dict]:
 
 def _train_cost(cfg, method: str, batch: int) -> dict:
     """XLA's cost analysis of one compiled call of the preset's unrolled steps, per image."""
-    call, *args = unrolled_steps(vcl_diffusion.build(cfg), method)
+    call, *args = unrolled_steps(vcl_diffusion_setup.build(cfg), method)
     c = _cost(jax.jit(call).lower(*args).compile())
     images = batch * cfg.unroll
     return {"xla_flops_per_image": c["xla_flops"] / images,
@@ -93,7 +93,7 @@ def _train_cost(cfg, method: str, batch: int) -> dict:
 def sampler_rows(cfg, gemm: float, batches: list[int], steps: int, rounds: int) -> list[dict]:
     """The preset's guided DDIM sampler (η as the preset, ``steps`` steps) at each batch of
     ``batches`` images, one weight set; per image step two U-Net passes (guidance)."""
-    setup = vcl_diffusion.build(cfg)
+    setup = vcl_diffusion_setup.build(cfg)
     params = setup.init_params(jax.random.key(0))
     draws = jax.tree.map(lambda p: p[None], params)
     flops = 2 * unet_flops(cfg.n_feat)  # one sampler step of one image

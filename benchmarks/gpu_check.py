@@ -139,11 +139,11 @@ def section_steps(s: Sizes, device: dict) -> dict:
 def section_sampling(s: Sizes) -> dict:
     """Guided DDPM sampling (the paper preset's T and guidance) of one MLE model."""
     from vcl_jax.diffusion.generate import generate
-    from vcl_jax.protocols import vcl_diffusion
+    from vcl_jax.protocols import vcl_diffusion_setup
     from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 
     cfg = override(PRESETS[s.diffusion_preset], [f"n_feat={s.n_feat}", "conv_impl=xla"])
-    setup = vcl_diffusion.build(cfg)
+    setup = vcl_diffusion_setup.build(cfg)
     params = setup.init_params(jax.random.key(0))
     draws = jax.tree.map(lambda p: p[None], params)
     tasks = jnp.arange(s.samples) % 10
@@ -165,13 +165,13 @@ def section_sampling(s: Sizes) -> dict:
 
 def section_split_mnist(s: Sizes, data: str) -> dict:
     """Split-MNIST VCL (no coreset) over the 5 tasks, compilation included."""
-    from vcl_jax.protocols import split_mnist
+    from vcl_jax.protocols import split_mnist, split_mnist_setup
     from vcl_jax.protocols.split_mnist_config import PRESETS
 
     cfg = override(PRESETS[s.split_preset], [f"data_dir={data}", "methods=vcl"]).validate()
-    tasks = split_mnist.load_tasks(cfg)
+    tasks = split_mnist_setup.load_tasks(cfg)
     t0 = time.perf_counter()
-    r = split_mnist.run_one(split_mnist.Runner(cfg), "vcl", tasks, progress=False)
+    r = split_mnist.run_one(split_mnist_setup.Runner(cfg), "vcl", tasks, progress=False)
     return {"wall_s": time.perf_counter() - t0, "train_s": r["train_s"], "eval_s": r["eval_s"],
             "final_average_accuracy": r["average"][-1], "tasks": len(tasks),
             "train_images_per_task": [len(t.y) for t in tasks]}
@@ -224,14 +224,14 @@ def section_paper_two_tasks(s: Sizes, data: str, n_tasks: int = 10) -> dict:
 def section_precision(s: Sizes) -> dict:
     """``precision_steps`` MLE steps from the same start and keys under each matmul
     precision: per-step losses side by side, the largest gap to float32, step time."""
-    from vcl_jax.protocols import vcl_diffusion
+    from vcl_jax.protocols import vcl_diffusion_setup
     from vcl_jax.protocols.vcl_diffusion_config import PRESETS
     from vcl_jax.training.epoch import scan_steps
     from vcl_jax.training.state import TrainState, adam, make_train_step
 
     cfg = override(PRESETS["paper"], [f"n_feat={s.n_feat}", f"batch_size={s.batch}",
                                       "conv_impl=xla"])
-    setup = vcl_diffusion.build(cfg)
+    setup = vcl_diffusion_setup.build(cfg)
     params = setup.init_params(jax.random.key(0))
     m = setup.method("mle", params)
     opt = adam(1e-4)

@@ -25,7 +25,7 @@ from vcl_jax.config import override
 from vcl_jax.diffusion.generate import generate
 from vcl_jax.models.layers import resolve_impl
 from vcl_jax.models.unet import unet_flops
-from vcl_jax.protocols import vcl_diffusion
+from vcl_jax.protocols import vcl_diffusion_setup
 from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 from vcl_jax.training.epoch import EpochRunner, scan_steps
 from vcl_jax.training.guard import check_finite
@@ -53,7 +53,7 @@ def make_epoch(n_feat: int, method: str, batch: int, steps: int, unroll: int,
     cfg = override(PRESETS[preset], [f"n_feat={n_feat}", f"train_samples={train_samples}",
                                      f"conv_impl={conv_impl}", f"batch_size={batch}",
                                      *overrides])
-    setup = vcl_diffusion.build(cfg)
+    setup = vcl_diffusion_setup.build(cfg)
     params = setup.init_params(jax.random.key(0))
     m = setup.method(method, params)
     opt = adam(1e-3)
@@ -83,7 +83,7 @@ def train_throughput(n_feat: int, method: str, batch: int, steps: int, unroll: i
 
 def sampling_throughput(n_feat: int, n: int, repeats: int = 1) -> dict:
     cfg = override(PRESETS["cpu"], [f"n_feat={n_feat}"])
-    setup = vcl_diffusion.build(cfg)
+    setup = vcl_diffusion_setup.build(cfg)
     params = setup.init_params(jax.random.key(0))
     draws = jax.tree.map(lambda p: p[None], params)
     tasks = jnp.arange(n) % 10
@@ -103,7 +103,7 @@ def compile_times(n_feat: int = 16) -> dict:
     from vcl_jax.vi import mean_field as mf
 
     cfg = override(PRESETS["cpu"], [f"n_feat={n_feat}"])
-    setup = vcl_diffusion.build(cfg)
+    setup = vcl_diffusion_setup.build(cfg)
     params = setup.init_params(jax.random.key(0))
     mask = setup.mask(params)
     q = mf.init_from_params(params, cfg.log_var_init)

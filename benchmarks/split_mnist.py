@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from benchmarks.run import gemm_gflops
 from benchmarks.timing import interleaved_times
 from vcl_jax.config import override
-from vcl_jax.protocols import split_mnist
+from vcl_jax.protocols import split_mnist, split_mnist_setup
 from vcl_jax.protocols.split_mnist_config import PRESETS, PUBLISHED
 
 
@@ -53,8 +53,8 @@ def training_flops(cfg, tasks, run: str) -> float:
 def time_protocol(estimator: str, runs: tuple[str, ...] = ("vcl",)) -> dict:
     """Times the ``paper`` preset's ``runs`` one after another (one Runner: shared compiles)."""
     cfg = override(PRESETS["paper"], [f"estimator={estimator}", "methods=" + ",".join(runs)])
-    tasks = split_mnist.load_tasks(cfg)
-    runner = split_mnist.Runner(cfg)
+    tasks = split_mnist_setup.load_tasks(cfg)
+    runner = split_mnist_setup.Runner(cfg)
     out = {"estimator": estimator, "train_images_per_task": [len(t.y) for t in tasks],
            "runs": {}}
     for run in runs:
@@ -77,9 +77,9 @@ def gradient_variance(estimators: list[str], draws: int = 64) -> dict:
     from vcl_jax.models import bayes_mlp, mlp
 
     cfg = PRESETS["cpu"]
-    task = split_mnist.load_tasks(cfg)[0]
-    runner = split_mnist.Runner(cfg)
-    data = split_mnist.task_batch(task.x, task.y, 0)
+    task = split_mnist_setup.load_tasks(cfg)[0]
+    runner = split_mnist_setup.Runner(cfg)
+    data = split_mnist_setup.task_batch(task.x, task.y, 0)
     params = mlp.init_mlp(jax.random.PRNGKey(0), task.x.shape[1], cfg.hidden,
                           len(cfg.groups), len(cfg.groups[0]))
     params, _ = runner.fit_mle(params, (), data, jax.random.PRNGKey(1))
@@ -137,10 +137,10 @@ def train_step_comparison(n_images: int = 12_000, repeats: int = 11) -> dict:
     from vcl_jax.training.state import TrainState, make_train_step, optimizer_for
 
     cfg = PRESETS["paper"]
-    runner = split_mnist.Runner(cfg)
+    runner = split_mnist_setup.Runner(cfg)
     key = jax.random.PRNGKey(0)
     x = jax.random.uniform(key, (n_images, 784))
-    batch = split_mnist.task_batch(x, jnp.zeros((n_images,), jnp.int32), 0)
+    batch = split_mnist_setup.task_batch(x, jnp.zeros((n_images,), jnp.int32), 0)
     params = mlp.init_mlp(key, 784, cfg.hidden, len(cfg.groups), 2, cfg.head_init_std)
 
     def one_draw(q, b, k):

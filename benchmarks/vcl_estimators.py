@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from vcl_jax.config import override
-from vcl_jax.protocols import vcl_diffusion, vcl_diffusion_mle
+from vcl_jax.protocols import vcl_diffusion_mle, vcl_diffusion_setup
 from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 from vcl_jax.training.state import TrainState, make_train_step
 
@@ -40,7 +40,7 @@ from vcl_jax.training.state import TrainState, make_train_step
 def _setup(n_feat: int, batch: int, k: int, estimator: str, extra=()):
     cfg = override(PRESETS["cpu"], [f"n_feat={n_feat}", f"batch_size={batch}",
                                     f"train_samples={k}", f"estimator={estimator}", *extra])
-    return vcl_diffusion.build(cfg)
+    return vcl_diffusion_setup.build(cfg)
 
 
 def step_ms(setup, method: str, data: dict, steps: int, repeats: int = 2) -> float:
@@ -73,7 +73,7 @@ def gradient_variance(n_feat: int, batch: int, k: int, estimators: list[str], dr
     (``K=1``: one draw over the whole batch)."""
     setup = _setup(n_feat, batch, k, "paper", ["classes=0",
                                                f"vcl_pretrain_epochs={pretrain_epochs}"])
-    x_all = vcl_diffusion.load_tasks(setup.cfg)[0]
+    x_all = vcl_diffusion_setup.load_tasks(setup.cfg)[0]
     params = vcl_diffusion_mle.pretrain_mle(setup, setup.init_params(jax.random.key(0)), x_all,
                                         jax.random.key(1), progress=False)
     data = {"x": jnp.asarray(x_all[:batch]), "task": jnp.zeros(batch, jnp.int32)}

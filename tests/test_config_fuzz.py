@@ -40,16 +40,16 @@ def _key(cfg) -> st.SearchStrategy[str]:
 
 
 def _vcl_build(cfg):
-    from vcl_jax.protocols import vcl_diffusion
+    from vcl_jax.protocols import vcl_diffusion_setup
 
-    setup = vcl_diffusion.build(cfg)
+    setup = vcl_diffusion_setup.build(cfg)
     jax.eval_shape(setup.init_params, jax.random.key(0))
 
 
 def _rank1_build(cfg):
-    from vcl_jax.protocols import rank1_ewc
+    from vcl_jax.protocols import rank1_ewc_setup
 
-    setup = rank1_ewc.build(cfg, (28, 28, 1))
+    setup = rank1_ewc_setup.build(cfg, (28, 28, 1))
     jax.eval_shape(setup.init_params, jax.random.key(0))
 
 

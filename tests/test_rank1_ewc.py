@@ -17,7 +17,7 @@ from vcl_jax.diffusion.loss import example_loss_at, timestep_examples
 from vcl_jax.diffusion.samplers import ddim_sample
 from vcl_jax.diffusion.schedule import linear_schedule
 from vcl_jax.models.unet import ContextUNet
-from vcl_jax.protocols import fisher_analysis, rank1_ewc
+from vcl_jax.protocols import fisher_analysis, rank1_ewc, rank1_ewc_setup
 from vcl_jax.protocols.rank1_ewc_config import PRESETS, parse_method
 
 
@@ -161,7 +161,7 @@ def test_replay_checkpoints_of_the_layout_before_format_2_are_refused():
 def test_validation_split_is_held_out_of_training(env):
     cfg = override(PRESETS["smoke"], ["dataset=mnist", "data_variant=5k", "validation_per_class=5",
                                       "eval_split=validation", "max_per_class=none"])
-    tasks, shape = rank1_ewc.load_tasks(cfg)
+    tasks, shape = rank1_ewc_setup.load_tasks(cfg)
     assert shape == (28, 28, 1)
     t0 = tasks[0]
     assert len(t0.reference) == 10 and sorted(set(t0.reference_labels.tolist())) == [0, 1]
@@ -176,7 +176,7 @@ def test_joint_reference_in_unit_range_without_padding(env, tmp_path):
     cfg = override(PRESETS["smoke"], ["dataset=mnist", "data_variant=5k", "methods=joint",
                                       "pixel_range=unit", "image_size=28", "context=film",
                                       "weight_init=pytorch"])
-    tasks, _ = rank1_ewc.load_tasks(cfg)
+    tasks, _ = rank1_ewc_setup.load_tasks(cfg)
     assert tasks[0].x.shape[1:] == (28, 28, 1) and tasks[0].x.min() == 0.0
     assert tasks[0].x.max() == 1.0
     metrics = rank1_ewc.run(cfg, str(tmp_path), progress=False)

@@ -18,7 +18,7 @@ from vcl_jax.config import ConfigError, override
 from vcl_jax.continual import vcl
 from vcl_jax.data import DataError
 from vcl_jax.models import bayes_mlp, mlp
-from vcl_jax.protocols import split_mnist
+from vcl_jax.protocols import split_mnist, split_mnist_setup
 from vcl_jax.protocols.split_mnist_config import PRESETS
 from vcl_jax.vi import mean_field as mf
 
@@ -87,7 +87,7 @@ def test_weight_zero_rows_do_not_change_any_estimate():
     q = mf.init_from_params(p, -30.0)  # ~deterministic: every estimator equals the plain NLL
     x = jax.random.normal(jax.random.PRNGKey(2), (9, 6))
     y = jnp.arange(9) % 2
-    batch = split_mnist.task_batch(np.asarray(x), np.asarray(y), 1, size=16)
+    batch = split_mnist_setup.task_batch(np.asarray(x), np.asarray(y), 1, size=16)
     assert batch["x"].shape == (16, 6) and float(batch["w"].sum()) == 9
     exact = jnp.mean(mlp.nll(mlp.apply(p, x, 1), y))
     for est in ("paper", "local", "grouped"):
@@ -96,7 +96,7 @@ def test_weight_zero_rows_do_not_change_any_estimate():
                                      weight=batch["w"])
         np.testing.assert_allclose(got, exact, rtol=1e-4)
     with pytest.raises(ValueError, match="cannot pad 9 examples to 4"):
-        split_mnist.task_batch(np.asarray(x), np.asarray(y), 1, size=4)
+        split_mnist_setup.task_batch(np.asarray(x), np.asarray(y), 1, size=4)
 
 
 def test_closed_form_mlp_fisher_is_the_per_example_gradient_fisher():
@@ -117,9 +117,9 @@ def test_closed_form_mlp_fisher_is_the_per_example_gradient_fisher():
 
 def test_tasks_of_different_sizes_share_one_compiled_trainer():
     cfg = override(PRESETS["smoke"], ["hidden=8", "epochs=3"])
-    runner = split_mnist.Runner(cfg)
+    runner = split_mnist_setup.Runner(cfg)
     rng = np.random.default_rng(0)
-    tasks = [split_mnist.TaskData(rng.random((n, 12), np.float32), rng.integers(0, 2, n),
+    tasks = [split_mnist_setup.TaskData(rng.random((n, 12), np.float32), rng.integers(0, 2, n),
                                   rng.random((5, 12), np.float32), rng.integers(0, 2, 5))
              for n in (20, 17)]
     split_mnist.run_one(runner, "mle", tasks, progress=False)
@@ -128,8 +128,8 @@ def test_tasks_of_different_sizes_share_one_compiled_trainer():
     params = mlp.init_mlp(jax.random.PRNGKey(1), 12, cfg.hidden, 2, 2)
     task = tasks[1]
     key = jax.random.PRNGKey(2)
-    plain, _ = runner.fit_mle(params, (), split_mnist.task_batch(task.x, task.y, 0), key)
-    padded, _ = runner.fit_mle(params, (), split_mnist.task_batch(task.x, task.y, 0, 20), key)
+    plain, _ = runner.fit_mle(params, (), split_mnist_setup.task_batch(task.x, task.y, 0), key)
+    padded, _ = runner.fit_mle(params, (), split_mnist_setup.task_batch(task.x, task.y, 0, 20), key)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  plain, padded)
 
@@ -149,7 +149,7 @@ def test_elbo_decreases_on_a_tiny_problem():
         keys = jax.random.split(jax.random.PRNGKey(9), 64)
         return jnp.mean(jax.vmap(lambda k: method.loss(q, state, data, k)[0])(keys))
 
-    trainer = split_mnist.Trainer(method, learning_rate=1e-2, epochs=60, batch_size=None)
+    trainer = split_mnist_setup.Trainer(method, learning_rate=1e-2, epochs=60, batch_size=None)
     before = neg_elbo(q)
     q, metrics = trainer(q, state, data, jax.random.PRNGKey(1))
     assert metrics["loss"].shape == (60,)

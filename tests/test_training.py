@@ -107,13 +107,13 @@ import json, jax, jax.numpy as jnp, numpy as np
 from vcl_jax.config import override
 from vcl_jax.continual import vcl
 from vcl_jax.models import mlp
-from vcl_jax.protocols import vcl_diffusion
+from vcl_jax.protocols import vcl_diffusion, vcl_diffusion_setup
 from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step
 assert jax.local_device_count() == 2, jax.devices()
 # MLE on the smoke U-Net, and VCL (two weight draws over the whole batch) on a multi-head
 # MLP: the same train step and sharding; the MLP keeps the VCL compile cheap.
-setup = vcl_diffusion.build(PRESETS["smoke"])
+setup = vcl_diffusion_setup.build(PRESETS["smoke"])
 unet_batch = {"x": jax.random.uniform(jax.random.key(1), (16, 28, 28, 1)),
               "task": jnp.arange(16, dtype=jnp.int32) % 3}
 mlp_params = mlp.init_mlp(jax.random.key(4), 20, (16,), 2, 2)

@@ -16,7 +16,7 @@ import pytest
 
 from vcl_jax.checkpoint import ConfigMismatchError
 from vcl_jax.config import ConfigError, override, preset
-from vcl_jax.protocols import vcl_diffusion
+from vcl_jax.protocols import vcl_diffusion, vcl_diffusion_setup
 from vcl_jax.protocols.sampling import sample_from_run
 from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 
@@ -301,7 +301,7 @@ def test_a_coreset_is_selected_once_per_task(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(vds, "coreset_indices", counted)
-    setup = vcl_diffusion.build(override(PRESETS["smoke"], ["coreset_method=kcenter"]))
+    setup = vcl_diffusion_setup.build(override(PRESETS["smoke"], ["coreset_method=kcenter"]))
     x = np.random.default_rng(0).random((30, 28, 28, 1), np.float32)
     first = setup.coreset_of(0, x, 4)
     np.testing.assert_array_equal(setup.coreset_of(0, x.copy(), 4), first)
@@ -422,10 +422,10 @@ def test_weight_draw_layouts_give_the_same_vcl_step():
     import jax.numpy as jnp
 
     cfg = override(PRESETS["smoke"], [f"estimator={estimator}", "train_samples=2"])
-    assert vcl_diffusion.build(cfg).draws_layout == (
+    assert vcl_diffusion_setup.build(cfg).draws_layout == (
         "loop" if jax.default_backend() == "cpu" else "vmap")
     # looped draws: calls of at most `unroll` U-Net copies, a divisor of `unroll` steps
-    calls = {(u, k): vcl_diffusion.build(override(cfg, [f"unroll={u}", f"train_samples={k}",
+    calls = {(u, k): vcl_diffusion_setup.build(override(cfg, [f"unroll={u}", f"train_samples={k}",
                                                         "weight_draws=loop"])).steps_per_call("vcl")
              for u, k in ((8, 8), (8, 2), (9, 2), (8, 16))}
     assert calls == {(8, 8): 1, (8, 2): 4, (9, 2): 3, (8, 16): 1}
@@ -433,7 +433,7 @@ def test_weight_draw_layouts_give_the_same_vcl_step():
              "task": jnp.array([0, 1, 2, 0])}
     grads = []
     for layout in ("vmap", "loop"):
-        setup = vcl_diffusion.build(override(cfg, [f"weight_draws={layout}"]))
+        setup = vcl_diffusion_setup.build(override(cfg, [f"weight_draws={layout}"]))
         params = setup.init_params(jax.random.key(0))
         method = setup.method("vcl", params)
         q, state = method.begin_task(*method.init(params), 0, 32)
@@ -451,7 +451,7 @@ def test_composed_method_vcl_with_rank1_ewc_penalises_the_posterior_means():
     from vcl_jax.protocols.vcl_diffusion_config import sub_run_config
 
     cfg = override(PRESETS["smoke"], ["methods=mle,vcl+ewc_rank1,ewc_diag"])
-    setup = vcl_diffusion.build(cfg)
+    setup = vcl_diffusion_setup.build(cfg)
     params = setup.init_params(jax.random.key(0))
     method = setup.method("vcl+ewc_rank1", params)
     assert method.name == "vcl+ewc_rank1" and setup.eval_draws(method) == cfg.eval_samples
@@ -655,14 +655,14 @@ def test_epochs_run_as_one_rolled_scan_where_our_kernels_cover_the_unet():
 
     cpu = PRESETS["cpu"]
     step = lambda state, batch, key: (state, {})
-    xla = vcl_diffusion.build(override(cpu, ["conv_impl=xla"]))
+    xla = vcl_diffusion_setup.build(override(cpu, ["conv_impl=xla"]))
     assert [xla.steps_per_call(m) for m in ("mle", "vcl", "vcl_ng")] == [8, 8, 8]
     assert (xla.runner(step, "mle").unroll, xla.runner(step, "mle").multiple) == (8, 8)
-    smoke = vcl_diffusion.build(PRESETS["smoke"])  # n_feat 8: not the kernels' width
+    smoke = vcl_diffusion_setup.build(PRESETS["smoke"])  # n_feat 8: not the kernels' width
     assert smoke.steps_per_call("mle") == 1
     if not conv3x3.available()[0]:
         pytest.skip("our CPU convolution kernels do not build here")
-    ours = vcl_diffusion.build(cpu)
+    ours = vcl_diffusion_setup.build(cpu)
     assert ours.model.impl == "ffi"
     assert [ours.steps_per_call(m) for m in ("mle", "vcl", "vcl_ng")] == [0, 0, 0]
     assert (ours.runner(step, "vcl").unroll, ours.runner(step, "vcl").multiple) == (0, 8)

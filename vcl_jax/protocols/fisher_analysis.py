@@ -26,7 +26,7 @@ import numpy as np
 from vcl_jax.config import ConfigError, checks, from_dict
 from vcl_jax.continual.fisher import gram_analysis, gram_matrix
 from vcl_jax.diffusion.loss import q_sample, timestep_examples
-from vcl_jax.protocols import rank1_ewc
+from vcl_jax.protocols import rank1_ewc, rank1_ewc_config, rank1_ewc_setup
 from vcl_jax.protocols.rank1_ewc_config import ADDED_FIELDS, Rank1EWCConfig
 from vcl_jax.training.state import TrainState, adam
 
@@ -74,9 +74,9 @@ def load_run(run_dir: str, method: str | None = None, task: int | None = None,
     method = method or cfg.methods[0]
     if method not in cfg.methods:
         raise ConfigError(f"method {method!r} is not in this run: {', '.join(cfg.methods)}")
-    tasks, data_shape = rank1_ewc.load_tasks(cfg)
-    setup = rank1_ewc.build(cfg, data_shape)
-    folder = os.path.join(run_dir, rank1_ewc.parse_method(method).dir, "checkpoints")
+    tasks, data_shape = rank1_ewc_setup.load_tasks(cfg)
+    setup = rank1_ewc_setup.build(cfg, data_shape)
+    folder = os.path.join(run_dir, rank1_ewc_config.parse_method(method).dir, "checkpoints")
     if not os.path.isdir(folder):
         raise ConfigError(f"no checkpoints for {method!r} in {run_dir}")
     ckpt = rank1_ewc.method_checkpoints(folder, cfg, method, ignore=("data_dir",))
@@ -92,7 +92,7 @@ def load_run(run_dir: str, method: str | None = None, task: int | None = None,
     return setup, tasks, restored["train"].trainable, method, task
 
 
-def analyse(setup, params, task: rank1_ewc.TaskData, cfg: FisherAnalysisConfig,
+def analyse(setup, params, task: rank1_ewc_setup.TaskData, cfg: FisherAnalysisConfig,
             *, progress: bool = True) -> dict:
     """Runs the analysis on ``n_samples`` of ``task``'s training images."""
     cfg.validate()

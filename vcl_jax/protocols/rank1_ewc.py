@@ -44,14 +44,13 @@ from vcl_jax.protocols.rank1_ewc_config import (
     sub_run_config,
     unrecorded_format,
 )
-from vcl_jax.protocols.rank1_ewc_setup import (  # noqa: F401 - the experiment's API
+from vcl_jax.protocols.rank1_ewc_setup import (
     Setup,
     TaskData,
     build,
     evaluate,
     fisher_data,
     load_tasks,
-    replay_pool,
     run_keys,
 )
 from vcl_jax.run_lock import RunLock

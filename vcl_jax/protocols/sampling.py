@@ -13,7 +13,7 @@ from vcl_jax.config import ConfigError, from_dict
 from vcl_jax.continual.base import Method
 from vcl_jax.data import to_unit
 from vcl_jax.eval import plots
-from vcl_jax.protocols import vcl_diffusion
+from vcl_jax.protocols import vcl_diffusion, vcl_diffusion_config, vcl_diffusion_setup
 from vcl_jax.protocols.vcl_diffusion_config import ADDED_FIELDS, RETIRED, VCLDiffusionConfig
 from vcl_jax.protocols.vcl_diffusion_setup import WEIGHTS
 from vcl_jax.training.state import TrainState
@@ -33,7 +33,7 @@ class Loaded(NamedTuple):
     posterior (VCL) used for sampling, ``restored["train"]`` the training state."""
 
     cfg: VCLDiffusionConfig
-    setup: vcl_diffusion.Setup
+    setup: vcl_diffusion_setup.Setup
     method: Method
     run: str  # sub-run name, e.g. "vcl_coreset0"
     task: int
@@ -45,14 +45,14 @@ def load_checkpoint(run_dir: str, *, task: int | None = None,
     """The checkpoint of sub-run ``method`` (default: the first) after ``task`` (default:
     the last finished one)."""
     cfg = load_config(run_dir)
-    setup = vcl_diffusion.build(cfg)
+    setup = vcl_diffusion_setup.build(cfg)
     runs = {vcl_diffusion.run_name(m, s): (m, s) for m, s in vcl_diffusion.sub_runs(cfg)}
     method = method or next(iter(runs))
     if method not in runs:
         raise ConfigError(f"unknown run {method!r} in {run_dir}; accepted: {', '.join(runs)}")
     base, size = runs[method]
     ckpt_dir = os.path.join(run_dir, method, "checkpoints")
-    ckpt = vcl_diffusion.open_checkpoints(ckpt_dir, cfg, base, size)
+    ckpt = vcl_diffusion_config.open_checkpoints(ckpt_dir, cfg, base, size)
     steps = ckpt.all_steps()
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
@@ -155,7 +155,7 @@ def rescore(run_dir: str, *, method: str | None = None, n: int = 50, seed: int =
                          seen, weights=weights, sampler=sampler, ddim_steps=ddim_steps,
                          eta=eta, guidance=guidance)
         images = to_unit(x, cfg.pixel_range)
-        history.append(vcl_diffusion.score(images, np.asarray(cfg.classes)[seen], d,
+        history.append(vcl_diffusion_setup.score(images, np.asarray(cfg.classes)[seen], d,
                                            classifier))
     args = {"method": first.run, "n": n, "seed": seed, "weights": weights, "sampler": sampler,
             "ddim_steps": ddim_steps, "eta": eta, "guidance": guidance}

@@ -29,7 +29,7 @@ from vcl_jax.continual import TrainData
 from vcl_jax.data import complement, record
 from vcl_jax.models import mlp
 from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig, parse_method
-from vcl_jax.protocols.split_mnist_setup import (  # noqa: F401 - the experiment's API
+from vcl_jax.protocols.split_mnist_setup import (
     Runner,
     TaskData,
     Trainer,

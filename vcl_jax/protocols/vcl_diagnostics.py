@@ -174,7 +174,7 @@ def pretrained_params(run_dir: str, loaded) -> dict:
     """The weights a VCL sub-run's MLE pre-training ended with (``<run>/pretrained``)."""
     import os
 
-    from vcl_jax.protocols import vcl_diffusion
+    from vcl_jax.protocols import vcl_diffusion, vcl_diffusion_config
 
     cfg = loaded.cfg
     folder = os.path.join(run_dir, loaded.run, "pretrained")
@@ -183,7 +183,7 @@ def pretrained_params(run_dir: str, loaded) -> dict:
                                 f"pre-training (runs before it was kept, or no pre-training); "
                                 f"give an earlier checkpoint as the source instead")
     runs = {vcl_diffusion.run_name(m, s): (m, s) for m, s in vcl_diffusion.sub_runs(cfg)}
-    ckpt = vcl_diffusion.open_checkpoints(folder, cfg, *runs[loaded.run])
+    ckpt = vcl_diffusion_config.open_checkpoints(folder, cfg, *runs[loaded.run])
     like = jax.eval_shape(loaded.setup.init_params, jax.random.key(0))
     params, _ = ckpt.restore(0, like)
     ckpt.close()

@@ -25,20 +25,17 @@ from vcl_jax.continual import TrainData
 from vcl_jax.data import complement, identity, record
 from vcl_jax.eval.classifier import EvalClassifier, get_classifier
 from vcl_jax.protocols import vcl_diffusion_mle as mle_runs
-from vcl_jax.protocols.vcl_diffusion_config import (  # noqa: F401 - the experiment's API
+from vcl_jax.protocols.vcl_diffusion_config import (
     VCLDiffusionConfig,
     open_checkpoints,
     parse_method,
 )
-from vcl_jax.protocols.vcl_diffusion_setup import (  # noqa: F401 - the experiment's API
+from vcl_jax.protocols.vcl_diffusion_setup import (
     Setup,
     build,
-    coreset_indices,
-    draws_layout,
     evaluate,
     load_tasks,
     run_keys,
-    score,
     task_data,
 )
 from vcl_jax.run_lock import RunLock
