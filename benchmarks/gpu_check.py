@@ -171,7 +171,7 @@ def section_split_mnist(s: Sizes, data: str) -> dict:
     cfg = override(PRESETS[s.split_preset], [f"data_dir={data}", "methods=vcl"]).validate()
     tasks = split_mnist_setup.load_tasks(cfg)
     t0 = time.perf_counter()
-    r = split_mnist.run_one(split_mnist_setup.Runner(cfg), "vcl", tasks, progress=False)
+    r = split_mnist.run_one(split_mnist_setup.Setup(cfg), "vcl", tasks, progress=False)
     return {"wall_s": time.perf_counter() - t0, "train_s": r["train_s"], "eval_s": r["eval_s"],
             "final_average_accuracy": r["average"][-1], "tasks": len(tasks),
             "train_images_per_task": [len(t.y) for t in tasks]}

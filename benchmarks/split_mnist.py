@@ -51,15 +51,15 @@ def training_flops(cfg, tasks, run: str) -> float:
 
 
 def time_protocol(estimator: str, runs: tuple[str, ...] = ("vcl",)) -> dict:
-    """Times the ``paper`` preset's ``runs`` one after another (one Runner: shared compiles)."""
+    """Times the ``paper`` preset's ``runs`` one after another (one Setup: shared compiles)."""
     cfg = override(PRESETS["paper"], [f"estimator={estimator}", "methods=" + ",".join(runs)])
     tasks = split_mnist_setup.load_tasks(cfg)
-    runner = split_mnist_setup.Runner(cfg)
+    setup = split_mnist_setup.Setup(cfg)
     out = {"estimator": estimator, "train_images_per_task": [len(t.y) for t in tasks],
            "runs": {}}
     for run in runs:
         t0 = time.perf_counter()
-        result = split_mnist.run_one(runner, run, tasks, progress=False)
+        result = split_mnist.run_one(setup, run, tasks, progress=False)
         out["runs"][run] = {"wall_s": time.perf_counter() - t0, "train_s": result["train_s"],
                             "coreset_s": result["coreset_s"], "eval_s": result["eval_s"],
                             "final_average_accuracy": result["average"][-1],
@@ -78,12 +78,12 @@ def gradient_variance(estimators: list[str], draws: int = 64) -> dict:
 
     cfg = PRESETS["cpu"]
     task = split_mnist_setup.load_tasks(cfg)[0]
-    runner = split_mnist_setup.Runner(cfg)
+    setup = split_mnist_setup.Setup(cfg)
     data = split_mnist_setup.task_batch(task.x, task.y, 0)
     params = mlp.init_mlp(jax.random.PRNGKey(0), task.x.shape[1], cfg.hidden,
                           len(cfg.groups), len(cfg.groups[0]))
-    params, _ = runner.fit_mle(params, (), data, jax.random.PRNGKey(1))
-    q, _ = runner.vcl.init(params)
+    params, _ = setup.fit_mle(params, (), data, jax.random.PRNGKey(1))
+    q, _ = setup.vcl.init(params)
     out = {}
     for est in estimators:
         def grad(key, est=est):
@@ -137,7 +137,7 @@ def train_step_comparison(n_images: int = 12_000, repeats: int = 11) -> dict:
     from vcl_jax.training.state import TrainState, make_train_step, optimizer_for
 
     cfg = PRESETS["paper"]
-    runner = split_mnist_setup.Runner(cfg)
+    setup = split_mnist_setup.Setup(cfg)
     key = jax.random.PRNGKey(0)
     x = jax.random.uniform(key, (n_images, 784))
     batch = split_mnist_setup.task_batch(x, jnp.zeros((n_images,), jnp.int32), 0)
@@ -147,12 +147,12 @@ def train_step_comparison(n_images: int = 12_000, repeats: int = 11) -> dict:
         return bayes_mlp.expected_nll(q, b["x"], b["y"], b["head"], k, estimator="grouped",
                                       n_samples=1, weight=b["w"])
 
-    methods = {"mle": runner.mle, "vcl (grouped, K=10)": runner.vcl,
-               f"vcl_ng ({cfg.ng_estimator}, K={cfg.ng_train_samples})": runner.vcl_ng,
+    methods = {"mle": setup.mle, "vcl (grouped, K=10)": setup.vcl,
+               f"vcl_ng ({cfg.ng_estimator}, K={cfg.ng_train_samples})": setup.vcl_ng,
                "vcl_ng (grouped, K=1)": vcl_ng(None, expected_loss=one_draw, log_var_init=-6.0)}
     fns = {}
     for name, method in methods.items():
-        opt = optimizer_for(method, runner.learning_rate(method))
+        opt = optimizer_for(method, setup.learning_rate(method))
         state = TrainState.create(method, opt, params)
         q, ms = method.begin_task(state.trainable, state.method_state, 0, n_images)
         state = state._replace(trainable=q, method_state=ms)

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from vcl_jax.cli import experiment_main
-from vcl_jax.config import ConfigError, describe, field_sections, override
+from vcl_jax.config import ConfigError, config_text, field_sections, override
 from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 
 
@@ -53,7 +53,7 @@ def test_show_config_prints_every_field_by_section_and_runs_nothing(tmp_path, ca
 @pytest.mark.parametrize("module", ["vcl_diffusion_config", "rank1_ewc_config",
                                     "split_mnist_config"])
 def test_every_preset_reads_back_from_its_printed_config(module):
-    """Every field has one section, and `describe` writes each value as an override that
+    """Every field has one section, and `config_text` writes each value as an override that
     parses back to it: the printed config of a run is a command line that repeats it."""
     import dataclasses
     import importlib
@@ -62,9 +62,9 @@ def test_every_preset_reads_back_from_its_printed_config(module):
     for cfg in presets.values():
         where = field_sections(type(cfg))
         assert sorted(where) == sorted(f.name for f in dataclasses.fields(cfg))
-        lines = [line.strip() for line in describe(cfg).splitlines() if "=" in line]
+        lines = [line.strip() for line in config_text(cfg).splitlines() if "=" in line]
         section = {}
-        for line in describe(cfg).splitlines():
+        for line in config_text(cfg).splitlines():
             if line.startswith("["):
                 current = line.strip("[]")
             else:

@@ -125,39 +125,6 @@ def test_bad_settings_are_clear_errors(env, tmp_path):
     assert parse_method("ewc_rank1_unit+replay").fisher == "rank1_unit"
 
 
-def test_older_runs_without_eval_eta_read_as_deterministic_evaluation(smoke_run):
-    from vcl_jax.checkpoint import config_diff
-    from vcl_jax.protocols.rank1_ewc_config import ADDED_FIELDS, sub_run_config
-
-    _, cfg, _ = smoke_run
-    current = sub_run_config(cfg, "mle")
-    old = {k: v for k, v in current.items() if k not in ADDED_FIELDS}
-    assert cfg.eval_eta == ADDED_FIELDS["eval_eta"] == 0.0
-    assert config_diff(old, current, added=ADDED_FIELDS) == []
-    assert config_diff(old, current)  # without `added` it would be a mismatch
-    diff = config_diff(old, sub_run_config(override(cfg, ["eval_eta=1"]), "mle"),
-                       added=ADDED_FIELDS)
-    assert len(diff) == 1 and "eval_eta" in diff[0]
-
-
-def test_replay_checkpoints_of_the_layout_before_format_2_are_refused():
-    from vcl_jax.checkpoint import config_diff
-    from vcl_jax.protocols.rank1_ewc_config import (
-        ADDED_FIELDS,
-        FORMAT,
-        sub_run_config,
-        unrecorded_format,
-    )
-
-    for name, same in (("mle", True), ("ewc_rank1", True), ("replay", False),
-                       ("ewc_rank1+distill", False)):
-        new = sub_run_config(PRESETS["smoke"], name)
-        older = {k: v for k, v in new.items() if k != "format"}  # written before the field
-        diff = config_diff(older, new, added=dict(ADDED_FIELDS, format=unrecorded_format(name)))
-        # replay became a member of the method (its state in the chain); the rest is as it was
-        assert diff == ([] if same else [f"format: checkpoint has 1, this run has {FORMAT}"])
-
-
 def test_validation_split_is_held_out_of_training(env):
     cfg = override(PRESETS["smoke"], ["dataset=mnist", "data_variant=5k", "validation_per_class=5",
                                       "eval_split=validation", "max_per_class=none"])

@@ -117,19 +117,19 @@ def test_closed_form_mlp_fisher_is_the_per_example_gradient_fisher():
 
 def test_tasks_of_different_sizes_share_one_compiled_trainer():
     cfg = override(PRESETS["smoke"], ["hidden=8", "epochs=3"])
-    runner = split_mnist_setup.Runner(cfg)
+    setup = split_mnist_setup.Setup(cfg)
     rng = np.random.default_rng(0)
     tasks = [split_mnist_setup.TaskData(rng.random((n, 12), np.float32), rng.integers(0, 2, n),
                                   rng.random((5, 12), np.float32), rng.integers(0, 2, 5))
              for n in (20, 17)]
-    split_mnist.run_one(runner, "mle", tasks, progress=False)
-    assert runner.fit_mle._train._cache_size() == 1
+    split_mnist.run_one(setup, "mle", tasks, progress=False)
+    assert setup.fit_mle._train._cache_size() == 1
     # Padding trains on the real examples only: the padded fit is the unpadded one.
     params = mlp.init_mlp(jax.random.PRNGKey(1), 12, cfg.hidden, 2, 2)
     task = tasks[1]
     key = jax.random.PRNGKey(2)
-    plain, _ = runner.fit_mle(params, (), split_mnist_setup.task_batch(task.x, task.y, 0), key)
-    padded, _ = runner.fit_mle(params, (), split_mnist_setup.task_batch(task.x, task.y, 0, 20), key)
+    plain, _ = setup.fit_mle(params, (), split_mnist_setup.task_batch(task.x, task.y, 0), key)
+    padded, _ = setup.fit_mle(params, (), split_mnist_setup.task_batch(task.x, task.y, 0, 20), key)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  plain, padded)
 

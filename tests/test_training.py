@@ -152,32 +152,16 @@ def test_two_devices_match_one():
         np.testing.assert_allclose(two["param"], one["param"], rtol=1e-4, atol=1e-6)
 
 
-def test_records_written_before_the_task_loop_resume_with_every_phase():
-    from vcl_jax.training.sequence import PHASES, train_seconds, upgrade_record
-
-    old_diffusion = {"history": [{}], "train_seconds": 10.0, "eval_seconds": 4.0,
-                     "pretrain_seconds": 3.0, "task_train_seconds": [7.0]}
-    rec = upgrade_record(old_diffusion)
-    assert rec["seconds"]["train"] == 7.0 and rec["seconds"]["pretrain"] == 3.0
-    assert rec["seconds"]["eval"] == 4.0 and train_seconds(rec) == 10.0
-    assert "train_seconds" not in rec and set(rec["task_seconds"]) == set(PHASES)
-    old_rank1 = {"history": [], "seconds": {"train": 5.0, "replay": 1.0, "fisher": 2.0,
-                                            "eval": 3.0}}
-    rec = upgrade_record(old_rank1)
-    assert rec["seconds"]["replay"] == 1.0 and rec["seconds"]["prepare"] == 0.0
-    assert all(rec["task_seconds"][p] == [] for p in PHASES)
-
-
 def test_the_task_loop_trains_each_task_by_index_and_resumes_after_the_last_checkpoint(
         tmp_path):
     from vcl_jax.checkpoint import Checkpoints
     from vcl_jax.continual import TrainData
-    from vcl_jax.training.sequence import Schedule, epoch_trainer, fold_keys, run_sequence
+    from vcl_jax.training.sequence import TrainSchedule, epoch_trainer, fold_keys, run_sequence
 
     data, batch_loss, params = _linear_problem()
     method, opt = mle(batch_loss), adam(0.05)
     runner = EpochRunner(make_train_step(method, opt), 8, 0)
-    usual = epoch_trainer(runner, Schedule(2, 0.05, False), where="test", progress=False)
+    usual = epoch_trainer(runner, TrainSchedule(2, 0.05, False), where="test", progress=False)
     seen = []
 
     def train(state, task_data, key, task, label):

@@ -1,8 +1,9 @@
 """Orbax checkpoints: one per finished task, each holding a state pytree and JSON metadata.
 
-The metadata always carries the run's config; restoring into a run whose config
-differs is refused (:class:`ConfigMismatchError`) so that a run with other
-settings can never overwrite or silently continue another run's checkpoints.
+The metadata always carries the run's config and the run format that wrote it; restoring
+into a run whose config differs, or from another format, is refused
+(:class:`ConfigMismatchError`) so that a run with other settings can never overwrite or
+silently continue another run's checkpoints.
 """
 
 from __future__ import annotations
@@ -21,8 +22,31 @@ from vcl_jax import interrupt
 PyTree = Any
 
 
+# The format of a run directory: the layout of its checkpoints' states and records and the
+# meaning of its config's fields. Raised whenever one of them changes; a run directory
+# written by another format is refused by name (there are no per-field upgrades).
+# 3: formats recorded in config.json and every checkpoint; methods named in one grammar.
+RUN_FORMAT = 3
+
+
 class ConfigMismatchError(ValueError):
-    """A checkpoint directory belongs to a run with another config."""
+    """A checkpoint directory belongs to a run with another config or run format."""
+
+
+def check_format(written: Any, where: str) -> None:
+    """Refuses what a run of another format wrote (``written``: the format it recorded, or
+    None for one written before formats were recorded).
+
+    Raises:
+      ConfigMismatchError: naming the format and the way out.
+    """
+    if written != RUN_FORMAT:
+        which = (f"run format {written}" if written is not None
+                 else "a run format before 3 (from before formats were recorded)")
+        raise ConfigMismatchError(
+            f"{where} was written by {which}; this code reads run format {RUN_FORMAT} only. "
+            "Use a new run directory (or re-run that run with the code that wrote it); "
+            "nothing was overwritten.")
 
 
 class CheckpointError(RuntimeError):
@@ -35,13 +59,36 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
 
 
-def config_diff(saved: dict, current: dict, ignore: tuple[str, ...] = (),
-                added: dict | None = None) -> list[str]:
+def write_run_config(run_dir: str, config: dict) -> None:
+    """``run_dir/config.json``: the run's config (:func:`vcl_jax.config.to_dict`) and the run
+    format that wrote it."""
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        json.dump({"format": RUN_FORMAT, **config}, f, indent=2)
+
+
+def read_run_config(run_dir: str) -> dict:
+    """The config a run directory's ``config.json`` holds, without its format, after
+    checking that format.
+
+    Raises:
+      FileNotFoundError: no config.json. ConfigError: an unreadable one.
+      ConfigMismatchError: one written by another run format.
+    """
+    from vcl_jax.config import ConfigError
+
+    path = os.path.join(run_dir, "config.json")
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is unreadable ({e}); choose another run directory") from e
+    check_format(raw.pop("format", None), path)
+    return raw
+
+
+def config_diff(saved: dict, current: dict, ignore: tuple[str, ...] = ()) -> list[str]:
     """Human-readable differences between two flat-ish config dicts, over the keys of
-    ``current`` (a key only the saved config has does not matter to this run).
-    ``added`` maps fields introduced after ``saved`` was written to the value it
-    implicitly had."""
-    saved = {**(added or {}), **saved}
+    ``current`` (a key only the saved config has does not matter to this run)."""
     keys = sorted(set(current) - set(ignore))
     return [f"{k}: checkpoint has {saved.get(k, '<absent>')!r}, this run has "
             f"{current.get(k, '<absent>')!r}" for k in keys if saved.get(k) != current.get(k)]
@@ -54,22 +101,20 @@ class Checkpoints:
       directory: where checkpoints live (created if absent).
       config: the run's config as a JSON-able dict; compared with the saved one.
       ignore: config keys that may differ between runs sharing checkpoints.
-      added: fields newer than some checkpoints, with the value those implicitly had.
       data: what the run trains on (:func:`vcl_jax.data.identity`: dataset, sizes, a
         checksum; not the folder), stored under the key ``data`` of the config, so the same
-        data read from another folder resumes and other data is refused. Checkpoints written
-        before it was recorded take this run's. Read-only tools leave it out.
+        data read from another folder resumes and other data is refused. Read-only tools
+        leave it out.
       local: files of this process alone (a cache) in a multi-process run; by default every
         process takes part in each save and restore, as Orbax coordinates them.
     """
 
     def __init__(self, directory: str, config: dict, *, ignore: tuple[str, ...] = (),
-                 added: dict | None = None, data: dict | None = None, local: bool = False):
+                 data: dict | None = None, local: bool = False):
         self.directory = os.path.abspath(directory)
         extra = {} if data is None else {"data": data}
         self.config = json.loads(json.dumps({**config, **extra}))
         self._ignore = ignore
-        self._added = json.loads(json.dumps({**(added or {}), **extra}))
         # local: this process's own files (e.g. a cache), with no other process taking part
         # in a multi-process run; else Orbax coordinates every process's save and restore
         me, self._local = jax.process_index(), local
@@ -88,7 +133,8 @@ class Checkpoints:
 
     def _check_config(self, step: int) -> None:
         meta = self.restore_meta(step)
-        diff = config_diff(meta.get("config", {}), self.config, self._ignore, self._added)
+        check_format(meta.get("format"), f"checkpoint step {step} in {self.directory}")
+        diff = config_diff(meta.get("config", {}), self.config, self._ignore)
         if diff:
             raise ConfigMismatchError(
                 f"checkpoints in {self.directory} were written with another config:\n  "
@@ -109,7 +155,7 @@ class Checkpoints:
         fails or is killed half way leaves the earlier steps as they were. A failed write
         (e.g. a full disk) removes its own partial folder and raises :class:`CheckpointError`.
         """
-        meta = dict(meta, config=self.config)
+        meta = dict(meta, config=self.config, format=RUN_FORMAT)
         try:
             with interrupt.deferred():  # SIGTERM / Ctrl-C stop the run after this write
                 self._manager.save(step, args=ocp.args.Composite(

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from vcl_jax import distributed
 from vcl_jax.checkpoint import CheckpointError, ConfigMismatchError
-from vcl_jax.config import ConfigError, describe, override, preset, to_dict
+from vcl_jax.config import ConfigError, config_text, override, preset, to_dict
 from vcl_jax.data.errors import DataError
 from vcl_jax.interrupt import Terminated, on_signal, stop_if_requested
 from vcl_jax.run_lock import RunLockedError
@@ -123,7 +123,7 @@ def experiment_main(argv: list[str] | None, *, doc: str, name: str, presets: dic
     if args.data_dir:
         cfg = override(cfg, [f"data_dir={args.data_dir}"])
     if args.show_config:
-        print(describe(cfg.validate()))
+        print(config_text(cfg.validate()))
         return {}
     run_dir = args.run_dir or default_run_dir(name, args.preset, base, cfg)
     if args.coordinator:

@@ -7,7 +7,7 @@ as comma-separated lists, tuples of tuples as comma-separated groups of
 
 A config class groups its fields into sections (``SECTIONS``, a class variable
 mapping a section of :data:`SECTION_ORDER` to its fields), so a key may also be
-written with its section, ``model.n_feat=32``; :func:`describe` prints a config
+written with its section, ``model.n_feat=32``; :func:`config_text` prints a config
 by section.
 """
 
@@ -58,7 +58,7 @@ def field_sections(cls: type) -> dict[str, str]:
     return where
 
 
-def describe(cfg: Any) -> str:
+def config_text(cfg: Any) -> str:
     """``cfg`` as text, one ``[section]`` heading per section and ``key = value`` lines."""
     where = field_sections(type(cfg))
     lines = []
@@ -101,22 +101,9 @@ def to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def from_dict(cls: type[C], raw: dict, added: dict | None = None,
-              retired: dict | None = None) -> C:
-    """The inverse of :func:`to_dict`: a config from a saved dict (lists become tuples).
-
-    ``added`` maps fields introduced after ``raw`` was written to the value such runs
-    implicitly had, which a missing field takes instead of today's default. ``retired``
-    maps removed fields to the one value today's code implements: they are dropped, and a
-    run saved with another value is a ConfigError.
-    """
-    merged = {**(added or {}), **raw}
-    for key, value in (retired or {}).items():
-        saved = merged.pop(key, value)
-        if saved != value:
-            raise ConfigError(f"this run was written with {key}={saved!r}, an option since "
-                              f"retired (only {value!r} is implemented now)")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in merged.items()})
+def from_dict(cls: type[C], raw: dict) -> C:
+    """The inverse of :func:`to_dict`: a config from a saved dict (lists become tuples)."""
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
 _ELEMENT = object()  # the `current` of a tuple's element: "none" is not an element

@@ -7,12 +7,12 @@ from vcl_jax.data.sources import (
     ENV_VAR,
     VARIANTS,
     Dataset,
-    describe,
+    data_record,
+    data_text,
     find_local,
     fingerprint,
     identity,
     load,
-    record,
     source_of,
     variants,
 )
@@ -20,7 +20,6 @@ from vcl_jax.data.tasks import Task, TaskStream
 
 __all__ = [
     "ENV_VAR", "VARIANTS", "DataError", "Dataset", "Task", "TaskStream", "complement",
-    "describe", "find_local", "fingerprint", "identity", "kcenter_coreset", "load", "pad_to",
-    "random_coreset", "record",
-    "select", "source_of", "to_float", "to_unit", "variants",
+    "data_record", "data_text", "find_local", "fingerprint", "identity", "kcenter_coreset",
+    "load", "pad_to", "random_coreset", "select", "source_of", "to_float", "to_unit", "variants",
 ]

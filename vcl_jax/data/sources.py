@@ -189,7 +189,7 @@ def fingerprint(arrays: list[np.ndarray]) -> str:
     return h.hexdigest()[:16]
 
 
-def record(name: str, data_dir: str | os.PathLike | None, variant: str | None,
+def data_record(name: str, data_dir: str | os.PathLike | None, variant: str | None,
            train_per_task: list[int], arrays: list[np.ndarray] | None = None) -> dict:
     """What a run trained on, for its ``metrics.json``: dataset, variant, folder, sizes, and
     with ``arrays`` (the tasks' training images) their :func:`fingerprint`."""
@@ -204,7 +204,7 @@ def identity(rec: dict) -> dict:
     return {k: v for k, v in rec.items() if k != "source"}
 
 
-def describe(rec: dict) -> str:
+def data_text(rec: dict) -> str:
     """One sentence of ``summary.md`` for a :func:`record`."""
     return (f"Data: `{rec['dataset']}` (variant `{rec['variant']}`) read from "
             f"`{rec['source']}`; training images per task {rec['train_per_task']}.")

@@ -129,7 +129,7 @@ def _model(num_classes: int, config: ClassifierConfig) -> Classifier:
                       impl=resolve_impl("auto", False))
 
 
-def describe(info: dict) -> str:
+def classifier_text(info: dict) -> str:
     """One sentence of ``summary.md`` naming the evaluation classifier (its ``info``)."""
     return (f"Evaluation classifier `{info['dataset']}-{info['fingerprint']}`: trained on "
             f"{info['n_train']:,} images from `{info['train_source']}`, test accuracy "

@@ -23,11 +23,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vcl_jax.checkpoint import read_run_config
 from vcl_jax.config import ConfigError, checks, from_dict
 from vcl_jax.continual.fisher import gram_analysis, gram_matrix
 from vcl_jax.diffusion.loss import q_sample, timestep_examples
 from vcl_jax.protocols import rank1_ewc, rank1_ewc_config, rank1_ewc_setup
-from vcl_jax.protocols.rank1_ewc_config import ADDED_FIELDS, Rank1EWCConfig
+from vcl_jax.protocols.rank1_ewc_config import Rank1EWCConfig
 from vcl_jax.training.state import TrainState, adam
 
 
@@ -63,14 +64,13 @@ def load_run(run_dir: str, method: str | None = None, task: int | None = None,
     path = os.path.join(run_dir, "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"{run_dir} is not a rank1_ewc run directory (no config.json)")
-    with open(path) as f:
-        raw = json.load(f)
+    raw = read_run_config(run_dir)
     fields = {f.name for f in dataclasses.fields(Rank1EWCConfig)}
     unknown = sorted(set(raw) - fields)
     if unknown:
         raise ConfigError(f"{path} is not a rank1_ewc config (unknown keys {unknown})")
     raw["data_dir"] = data_dir or raw.get("data_dir")
-    cfg = from_dict(Rank1EWCConfig, raw, ADDED_FIELDS).validate()
+    cfg = from_dict(Rank1EWCConfig, raw).validate()
     method = method or cfg.methods[0]
     if method not in cfg.methods:
         raise ConfigError(f"method {method!r} is not in this run: {', '.join(cfg.methods)}")

@@ -34,15 +34,13 @@ import numpy as np
 from vcl_jax import checkpoint, distributed, runlog
 from vcl_jax.config import to_dict
 from vcl_jax.continual import TrainData
-from vcl_jax.data import identity, record
+from vcl_jax.data import data_record, identity
 from vcl_jax.eval.classifier import EvalClassifier, get_classifier
 from vcl_jax.eval.metrics import gaussian_stats
 from vcl_jax.protocols.rank1_ewc_config import (
-    ADDED_FIELDS,
     Rank1EWCConfig,
     parse_method,
     sub_run_config,
-    unrecorded_format,
 )
 from vcl_jax.protocols.rank1_ewc_setup import (
     Setup,
@@ -55,7 +53,7 @@ from vcl_jax.protocols.rank1_ewc_setup import (
 )
 from vcl_jax.run_lock import RunLock
 from vcl_jax.training.epoch import EpochRunner
-from vcl_jax.training.sequence import Schedule, epoch_trainer, fold_keys, run_sequence
+from vcl_jax.training.sequence import TrainSchedule, epoch_trainer, fold_keys, run_sequence
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step
 
 
@@ -119,7 +117,7 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClas
 
     record = run_sequence(
         method, state, len(stream), prepare=prepare, evaluate=evaluate_task,
-        train=epoch_trainer(runner, Schedule(cfg.epochs, cfg.learning_rate, cfg.lr_decay),
+        train=epoch_trainer(runner, TrainSchedule(cfg.epochs, cfg.learning_rate, cfg.lr_decay),
                             where="rank1_ewc", progress=progress),
         task_keys=fold_keys(keys.train), ckpt=ckpt, out_dir=out_dir, name=name, progress=progress,
         describe=lambda m: (f"avg FD-classifier {m['avg_fd']:.3f}, sample accuracy "
@@ -135,10 +133,9 @@ def method_checkpoints(folder: str, cfg: Rank1EWCConfig, name: str,
                        ignore: tuple[str, ...] = (), data: dict | None = None
                        ) -> checkpoint.Checkpoints:
     """Method ``name``'s checkpoints, keyed on the config fields that determine its training
-    (checkpoints written before a field existed match its ``ADDED_FIELDS`` value) and, when
-    given, on what the data is (``data``, see :class:`~vcl_jax.checkpoint.Checkpoints`)."""
-    return checkpoint.Checkpoints(folder, sub_run_config(cfg, name), ignore=ignore, data=data,
-                                  added=dict(ADDED_FIELDS, format=unrecorded_format(name)))
+    and, when given, on what the data is (``data``, see
+    :class:`~vcl_jax.checkpoint.Checkpoints`)."""
+    return checkpoint.Checkpoints(folder, sub_run_config(cfg, name), ignore=ignore, data=data)
 
 
 def reference_accuracy(classifier: EvalClassifier, task: TaskData) -> float:
@@ -161,7 +158,7 @@ def run(cfg: Rank1EWCConfig, run_dir: str, *, progress: bool = True) -> dict:
 
     cfg.validate()
     tasks, data_shape = load_tasks(cfg)
-    data = record(cfg.dataset, cfg.data_dir, cfg.data_variant, [len(t.x) for t in tasks],
+    data = data_record(cfg.dataset, cfg.data_dir, cfg.data_variant, [len(t.x) for t in tasks],
                   [a for t in tasks for a in (t.x, t.c)])
     check_run_dir(run_dir, cfg, identity(data))
     setup = build(cfg, data_shape)
@@ -172,8 +169,7 @@ def run(cfg: Rank1EWCConfig, run_dir: str, *, progress: bool = True) -> dict:
             epochs=cfg.classifier_epochs, progress=progress), "classifier")
         ref_stats = [gaussian_stats(classifier.features(t.reference)) for t in tasks]
         if primary:
-            with open(os.path.join(run_dir, "config.json"), "w") as f:
-                json.dump(to_dict(cfg), f, indent=2)
+            checkpoint.write_run_config(run_dir, to_dict(cfg))
         with runlog.open_log(run_dir, len(cfg.methods) * len(tasks), progress=progress):
             results = {name: run_one(setup, name, tasks, classifier, ref_stats,
                                      os.path.join(run_dir, parse_method(name).dir),

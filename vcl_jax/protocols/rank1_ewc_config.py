@@ -186,25 +186,6 @@ EWC_ONLY = ("ewc_lambda", "fisher_samples", "fisher_t_min", "fisher_t_max", "fis
 REPLAY_ONLY = ("replay_per_class", "replay_batch", "replay_guidance", "replay_eta",
                "ddim_steps")
 DISTILL_ONLY = ("distill_weight",)
-# Fields added after run directories existed, with the value older runs implicitly had:
-# a checkpoint (or config.json) without the field matches a run with this value.
-# (`data_variant` is not here: older runs read whichever MNIST folder came first, so their
-# variant is unknown and their configs are refused.)
-ADDED_FIELDS = {"eval_eta": 0.0, "context": "shared", "weight_init": "paper",
-                "pixel_range": "symmetric", "replay_eta": 0.0}
-
-
-# The layout of a method's checkpoints. 2: generative replay is a member of the method (its
-# state part of the chained state). A checkpoint without the field is older: the same
-# layout without replay, another one with (`unrecorded_format`).
-FORMAT = 2
-
-
-def unrecorded_format(method: str) -> int:
-    """The format of a checkpoint of ``method`` that records none: 1 (an older layout) for a
-    method with replay, else the current one (unchanged since)."""
-    return 1 if parse_method(method).replay else FORMAT
-
 
 def sub_run_config(cfg: Rank1EWCConfig, method: str) -> dict:
     """The config fields that determine one method's training (its checkpoints' key)."""
@@ -216,4 +197,4 @@ def sub_run_config(cfg: Rank1EWCConfig, method: str) -> dict:
     drop |= set(REPLAY_ONLY) if spec.replay is None else set()
     drop |= set(DISTILL_ONLY) if spec.replay != "distill" else set()
     out = {k: v for k, v in to_dict(cfg).items() if k not in drop}
-    return dict(out, method=method, format=FORMAT)
+    return dict(out, method=method)

@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 
-from vcl_jax.data import describe
+from vcl_jax.data import data_text
 from vcl_jax.eval import plots
-from vcl_jax.eval.classifier import describe as describe_classifier
+from vcl_jax.eval.classifier import classifier_text
 from vcl_jax.eval.metrics import mean_se
 from vcl_jax.protocols.rank1_ewc_config import Rank1EWCConfig, parse_method
 
@@ -29,7 +29,7 @@ def write(run_dir: str, cfg: Rank1EWCConfig, results: dict, data: dict,
     n = len(cfg.classes) // 2
     ref = "validation" if cfg.eval_split == "validation" else "test"
     lines = [f"# Rank-1 EWC — {cfg.dataset}", "",
-             describe(data) + " " + describe_classifier(classifier_info), "",
+             data_text(data) + " " + classifier_text(classifier_info), "",
              f"FD-classifier: Fréchet distance in the evaluation classifier's feature space "
              f"(not FID) between {cfg.eval_per_class} DDIM-{cfg.ddim_steps} samples per class "
              f"(η = {cfg.eval_eta:g}, guidance {cfg.eval_guidance:g}) "

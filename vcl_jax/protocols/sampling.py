@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import NamedTuple
 
 import jax
 import numpy as np
 
+from vcl_jax.checkpoint import read_run_config
 from vcl_jax.config import ConfigError, from_dict
 from vcl_jax.continual.base import Method
 from vcl_jax.data import to_unit
 from vcl_jax.eval import plots
 from vcl_jax.protocols import vcl_diffusion, vcl_diffusion_config, vcl_diffusion_setup
-from vcl_jax.protocols.vcl_diffusion_config import ADDED_FIELDS, RETIRED, VCLDiffusionConfig
+from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig
 from vcl_jax.protocols.vcl_diffusion_setup import WEIGHTS
 from vcl_jax.training.state import TrainState
 
 
 def load_config(run_dir: str) -> VCLDiffusionConfig:
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(run_dir, "config.json")):
         raise FileNotFoundError(f"{run_dir} is not a VCL-diffusion run directory (no config.json)")
-    with open(path) as f:
-        raw = json.load(f)
-    return from_dict(VCLDiffusionConfig, raw, ADDED_FIELDS, RETIRED)
+    return from_dict(VCLDiffusionConfig, read_run_config(run_dir))
 
 
 class Loaded(NamedTuple):

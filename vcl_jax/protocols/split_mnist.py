@@ -23,14 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from vcl_jax import distributed, runlog
-from vcl_jax.checkpoint import config_diff
+from vcl_jax.checkpoint import config_diff, read_run_config, write_run_config
 from vcl_jax.config import ConfigError, to_dict
 from vcl_jax.continual import TrainData
-from vcl_jax.data import complement, record
+from vcl_jax.data import complement, data_record
 from vcl_jax.models import mlp
 from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig, parse_method
 from vcl_jax.protocols.split_mnist_setup import (
-    Runner,
+    Setup,
     TaskData,
     Trainer,
     load_tasks,
@@ -80,7 +80,7 @@ def _trained(fit: Trainer, where: str):
     return train
 
 
-def run_one(runner: Runner, name: str, tasks: list[TaskData], *,
+def run_one(setup: Setup, name: str, tasks: list[TaskData], *,
             progress: bool = True) -> dict:
     """One method (``mle``, ``vcl``, ``vcl+coreset_random``, ``ewc_diag``, ...) over all tasks,
     by the task loop of :func:`~vcl_jax.training.sequence.run_sequence` (no checkpoints:
@@ -91,10 +91,10 @@ def run_one(runner: Runner, name: str, tasks: list[TaskData], *,
       per row; per-task final losses; wall times (s) of training, coreset tuning
       and evaluation.
     """
-    cfg = runner.cfg
+    cfg = setup.cfg
     dim, n_out = tasks[0].x.shape[1], len(cfg.groups[0])
-    params = mlp.init_mlp(runner.k_init, dim, cfg.hidden, len(tasks), n_out, cfg.head_init_std)
-    method, fit, tune = runner.run(name, dim)
+    params = mlp.init_mlp(setup.k_init, dim, cfg.hidden, len(tasks), n_out, cfg.head_init_std)
+    method, fit, tune = setup.run(name, dim)
     spec = parse_method(name)
     is_vcl, kind = spec.variational, spec.coreset_kind
     # Full-batch training pads every task to the largest one (weight-0 rows), and every
@@ -111,12 +111,12 @@ def run_one(runner: Runner, name: str, tasks: list[TaskData], *,
     if is_vcl:  # the first posterior's means come from an MLE fit of task 0 (its coreset out)
         x, y = tasks[0].x, tasks[0].y
         if kind:
-            keep = complement(runner.pick(kind, 0, x), len(x))
+            keep = complement(setup.pick(kind, 0, x), len(x))
             x, y = x[keep], y[keep]
-        params, _ = runner.fit_mle(params, (), task_batch(x, y, 0, size), runner.task_keys(0)[1])
+        params, _ = setup.fit_mle(params, (), task_batch(x, y, 0, size), setup.task_keys(0)[1])
     trainable, mstate = method.init(params)
     if is_vcl:
-        trainable = runner.unseen_heads_at_prior(trainable)
+        trainable = setup.unseen_heads_at_prior(trainable)
     jax.block_until_ready(trainable)
     rec = new_record(pretrain=time.perf_counter() - t0)
 
@@ -132,21 +132,21 @@ def run_one(runner: Runner, name: str, tasks: list[TaskData], *,
     def train_task(state, data, key, t, label):
         new_head = None
         if is_vcl and t > 0:  # a fresh head for the new task
-            log_var = runner.ng_head_log_var(data.n_data) if method.optimizer else None
-            new_head = functools.partial(runner.new_head, runner.task_keys(t)[3], head=t,
+            log_var = setup.ng_head_log_var(data.n_data) if method.optimizer else None
+            new_head = functools.partial(setup.new_head, setup.task_keys(t)[3], head=t,
                                          log_var=log_var)
         trained["state"], hist = train(state, data, key, t, label, size=size, before=new_head)
         return trained["state"], hist
 
     def evaluate(t, evaluated):
-        k_eval, row = runner.task_keys(t)[5], []
+        k_eval, row = setup.task_keys(t)[5], []
         for i in range(t + 1):
             q_i = evaluated[i] if isinstance(evaluated, list) else evaluated
             if is_vcl:
-                probs = runner.predict(q_i, test_x[i], i, jax.random.fold_in(k_eval, i),
+                probs = setup.predict(q_i, test_x[i], i, jax.random.fold_in(k_eval, i),
                                        n_samples=cfg.test_samples)
             else:
-                probs = runner.predict_mle(q_i, test_x[i], i)
+                probs = setup.predict_mle(q_i, test_x[i], i)
             row.append(_accuracy(probs[:len(tasks[i].y_test)], tasks[i].y_test))
         metrics = {"accuracy": row, "average": float(np.mean(row))}
         if is_vcl:  # the posterior that goes on to the next task (not a tuned copy)
@@ -156,7 +156,7 @@ def run_one(runner: Runner, name: str, tasks: list[TaskData], *,
     rec = run_sequence(
         method, TrainState(trainable, (), mstate), len(tasks), prepare=prepare,
         train=train_task, tune=train_tune, evaluate=evaluate, name=name,
-        task_keys=lambda t: tuple(runner.task_keys(t)[jnp.array([2, 4])]), record=rec,
+        task_keys=lambda t: tuple(setup.task_keys(t)[jnp.array([2, 4])]), record=rec,
         progress=progress, describe=lambda m: f"average accuracy {m['average']:.4f}, ")
     sec = rec["seconds"]
     times = {"train_s": sec["pretrain"] + sec["prepare"] + sec["train"] + sec["end"],
@@ -171,14 +171,9 @@ def run_one(runner: Runner, name: str, tasks: list[TaskData], *,
 
 def check_run_dir(run_dir: str, cfg: SplitMNISTConfig) -> None:
     """Refuses, before anything is written, a run directory holding another config's results."""
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
+    if not os.path.isfile(os.path.join(run_dir, "config.json")):
         return
-    try:
-        with open(path) as f:
-            saved = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ConfigError(f"{path} is unreadable ({e}); choose another --run-dir") from e
+    saved = read_run_config(run_dir)
     diff = config_diff(saved, to_dict(cfg), ignore=("data_dir",))  # a folder, not the data
     if diff:
         raise ConfigError(f"{run_dir} holds the results of a different config; nothing was "
@@ -200,14 +195,13 @@ def run(cfg: SplitMNISTConfig, run_dir: str, *, progress: bool = True) -> dict:
     primary = distributed.is_primary()
     with RunLock(run_dir):
         if primary:
-            with open(os.path.join(run_dir, "config.json"), "w") as f:
-                json.dump(to_dict(cfg), f, indent=2)
-        runner = Runner(cfg)
+            write_run_config(run_dir, to_dict(cfg))
+        setup = Setup(cfg)
         with runlog.open_log(run_dir, len(cfg.methods) * len(tasks), progress=progress):
-            results = {name: run_one(runner, name, tasks, progress=progress)
+            results = {name: run_one(setup, name, tasks, progress=progress)
                        for name in cfg.methods}
         metrics = {"config": to_dict(cfg), "provenance": runlog.provenance(),
-                   "data": record(cfg.dataset, cfg.data_dir, cfg.data_variant,
+                   "data": data_record(cfg.dataset, cfg.data_dir, cfg.data_variant,
                                   [len(t.y) for t in tasks], [t.x for t in tasks]),
                    "train_sizes": [len(t.y) for t in tasks],
                    "test_sizes": [len(t.y_test) for t in tasks],

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vcl_jax.data import describe
+from vcl_jax.data import data_text
 from vcl_jax.eval.plots import curves  # noqa: E402
 from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig, parse_method  # noqa: E402
 
@@ -49,7 +49,7 @@ def heatmaps(path: str, runs: dict[str, dict], task_names: list[str]) -> None:
 def summary(cfg: SplitMNISTConfig, metrics: dict) -> str:
     task_names = ["/".join(map(str, g)) for g in cfg.groups]
     lines = ["# Split-MNIST VCL", "",
-             describe(metrics["data"]) + f" Test images per task {metrics['test_sizes']}; "
+             data_text(metrics["data"]) + f" Test images per task {metrics['test_sizes']}; "
              f"{cfg.epochs} epochs per task, "
              f"batch {cfg.batch_size or 'full'}, Adam {cfg.learning_rate:g}; VCL: K = "
              f"{cfg.train_samples} ({cfg.estimator} estimator), {cfg.test_samples} test draws, "

@@ -118,7 +118,7 @@ class Trainer:
         return state.trainable, metrics
 
 
-class Runner:
+class Setup:
     """The methods of one config and their trainers, built once so that the runs of a
     comparison reuse the jitted steps."""
 

@@ -20,9 +20,10 @@ import jax
 import numpy as np
 
 from vcl_jax import distributed, rng, runlog
+from vcl_jax.checkpoint import write_run_config
 from vcl_jax.config import to_dict
 from vcl_jax.continual import TrainData
-from vcl_jax.data import complement, identity, record
+from vcl_jax.data import complement, data_record, identity
 from vcl_jax.eval.classifier import EvalClassifier, get_classifier
 from vcl_jax.protocols import vcl_diffusion_mle as mle_runs
 from vcl_jax.protocols.vcl_diffusion_config import (
@@ -39,7 +40,13 @@ from vcl_jax.protocols.vcl_diffusion_setup import (
     task_data,
 )
 from vcl_jax.run_lock import RunLock
-from vcl_jax.training.sequence import Schedule, epoch_trainer, fold_keys, new_record, run_sequence
+from vcl_jax.training.sequence import (
+    TrainSchedule,
+    epoch_trainer,
+    fold_keys,
+    new_record,
+    run_sequence,
+)
 from vcl_jax.training.state import TrainState, data_sharding, make_train_step
 
 
@@ -101,8 +108,8 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
     trainer = functools.partial(epoch_trainer, runner, where="vcl_diffusion", progress=progress)
     return run_sequence(
         method, state, len(tasks), prepare=prepare, evaluate=evaluate_task,
-        train=trainer(Schedule(cfg.epochs, setup.learning_rate(method), cfg.lr_decay)),
-        tune=trainer(Schedule(cfg.coreset_epochs, setup.learning_rate(method), cfg.lr_decay)),
+        train=trainer(TrainSchedule(cfg.epochs, setup.learning_rate(method), cfg.lr_decay)),
+        tune=trainer(TrainSchedule(cfg.coreset_epochs, setup.learning_rate(method), cfg.lr_decay)),
         task_keys=fold_keys(keys.train), ckpt=ckpt, out_dir=out_dir, keep_evaluated=True,
         name=name, record=record, progress=progress,
         describe=lambda m: f"avg uncertainty {m['avg_uncertainty']:.4f} nats, ")
@@ -132,7 +139,7 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
 
     setup = build(cfg)
     tasks = load_tasks(cfg)
-    data = record(cfg.dataset, cfg.data_dir, cfg.data_variant, [len(x) for x in tasks], tasks)
+    data = data_record(cfg.dataset, cfg.data_dir, cfg.data_variant, [len(x) for x in tasks], tasks)
     check_run_dir(run_dir, cfg, identity(data))
     primary = distributed.is_primary()
     with RunLock(run_dir):
@@ -141,8 +148,7 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
             cfg.dataset, data_dir=cfg.data_dir, variant=cfg.data_variant,
             epochs=cfg.classifier_epochs, progress=progress and primary), "classifier")
         if primary:
-            with open(os.path.join(run_dir, "config.json"), "w") as f:
-                json.dump(to_dict(cfg), f, indent=2)
+            write_run_config(run_dir, to_dict(cfg))
         results = {}
         kw = dict(progress=progress, data_id=identity(data))
         units = sum(len(tasks) for name, _ in sub_runs(cfg) if name != "joint")

@@ -108,13 +108,6 @@ class VCLDiffusionConfig:
     # over the draws, one draw per image
     eval_average_draws: bool = True
     log_var_init: float = -10.0
-    # > 0: instead of log_var_init, every layer's initial σ is this fraction of the RMS of
-    # its weights (so the first prior, around the pre-trained weights, holds a narrow model
-    # as loosely, relative to its weights, as a wide one)
-    prior_rel_std: float | None = None
-    # False: the likelihood is trained at the posterior means (no weight draws) while the
-    # KL still acts — a diagnostic separating the KL's pull from the weight noise
-    weight_noise: bool = True
     prior_sigma: float = 1.0
     kl_scale: float = 1.0
     likelihood: str = "mean"  # "mean" over pixels (the authors' code) or "sum" (the paper's)
@@ -168,9 +161,8 @@ class VCLDiffusionConfig:
         "optim": ("epochs", "batch_size", "learning_rate", "lr_decay", "unroll"),
         "methods": ("methods", "coreset_sizes"),
         "vcl": ("train_samples", "estimator", "weight_draws", "eval_samples",
-                "eval_average_draws", "log_var_init", "prior_rel_std", "weight_noise",
-                "prior_sigma", "kl_scale", "likelihood", "prior_decay",
-                "variational_norms", "vcl_pretrain_epochs"),
+                "eval_average_draws", "log_var_init", "prior_sigma", "kl_scale", "likelihood",
+                "prior_decay", "variational_norms", "vcl_pretrain_epochs"),
         "vcl_ng": ("ng_learning_rate", "ng_hess_init", "ng_b1", "ng_b2", "ng_clip", "ng_floor"),
         "ewc": ("ewc_lambda", "fisher_samples", "fisher_t_min", "fisher_t_max", "fisher_chunk"),
         "coreset": ("coreset_method", "coreset_mode", "coreset_epochs"),
@@ -212,8 +204,6 @@ class VCLDiffusionConfig:
             (self.prior_sigma > 0, f"prior_sigma must be > 0, got {self.prior_sigma}"),
             (0 < self.prior_decay <= 1, f"prior_decay must be in (0, 1], got {self.prior_decay}"),
             *natural_gradient_checks(self, any(s.trainer == "vcl_ng" for s in specs)),
-            (self.prior_rel_std is None or self.prior_rel_std > 0,
-             f"prior_rel_std must be > 0 or none, got {self.prior_rel_std}"),
             (0 <= self.p_uncond < 1, f"p_uncond must be in [0, 1), got {self.p_uncond}"),
             (len(self.classes) >= 1, "classes must name at least one class"),
             *class_checks("classes", self.classes, NUM_CLASSES.get(self.dataset)),
@@ -266,36 +256,14 @@ PRESETS = {
 # one coreset size). A sub-run's checkpoints are keyed on the remaining fields.
 VCL_ONLY = ("train_samples", "eval_samples", "log_var_init", "prior_sigma", "kl_scale",
             "vcl_pretrain_epochs", "variational_norms", "eval_average_draws",
-            "estimator", "prior_rel_std", "weight_noise", "likelihood", "prior_decay")
+            "estimator", "likelihood", "prior_decay")
 NG_ONLY = ("ng_learning_rate", "ng_hess_init", "ng_b1", "ng_b2", "ng_clip", "ng_floor")
 EWC_ONLY = ("ewc_lambda", "fisher_samples", "fisher_t_min", "fisher_t_max", "fisher_chunk")
-# Fields added after run directories existed, with the value older runs implicitly had:
-# a checkpoint without the field matches a run with this value.
-ADDED_FIELDS = {"data_variant": "5k", "variational_norms": False, "eval_average_draws": False,
-                "context": "shared", "variational_lr_scale": 1.0, "estimator": "paper",
-                "weight_init": "paper", "prior_rel_std": None, "weight_noise": True,
-                "eval_eta": 0.0, "likelihood": "mean", "prior_decay": 1.0}
-# Fields retired after measuring no better (BENCHMARKS.md), with the one value runs now
-# have: part of a VCL sub-run's checkpoint key, so a run written with another value is
-# refused rather than continued without it.
-RETIRED = {"variational_lr_scale": 1.0}
 # Fields that change speed, not results (tested: both convolution forms agree); a
 # checkpoint written with another value is still this run's.
 SPEED_ONLY = ("conv_impl", "weight_draws", "eval_batch")
 SWEEP = ("methods", "coreset_sizes")
 CORESET_ONLY = ("coreset_method", "coreset_mode", "coreset_epochs")
-
-
-# The layout of a sub-run's checkpoints. 2: a coreset is a member of the method, its pool
-# part of the method state. A checkpoint without the field is older: the same layout
-# without a coreset, another one with (`unrecorded_format`).
-FORMAT = 2
-
-
-def unrecorded_format(coreset_size: int) -> int:
-    """The format a checkpoint that records none has: 1 (an older layout) for a coreset run,
-    else the current one (unchanged since)."""
-    return 1 if coreset_size else FORMAT
 
 
 def sub_run_config(cfg: VCLDiffusionConfig, method: str, coreset_size: int) -> dict:
@@ -308,8 +276,7 @@ def sub_run_config(cfg: VCLDiffusionConfig, method: str, coreset_size: int) -> d
     drop |= set(NG_ONLY) if spec.trainer != "vcl_ng" else set()
     drop |= set(CORESET_ONLY) if coreset_size == 0 else set()
     out = {k: v for k, v in to_dict(cfg).items() if k not in drop}
-    return dict(out, **(RETIRED if spec.variational else {}), method=method,
-                coreset_size=coreset_size, format=FORMAT)
+    return dict(out, method=method, coreset_size=coreset_size)
 
 
 def open_checkpoints(folder: str, cfg: VCLDiffusionConfig, method: str,
@@ -317,4 +284,4 @@ def open_checkpoints(folder: str, cfg: VCLDiffusionConfig, method: str,
     """The checkpoints of one sub-run, refusing a folder written with another config or
     (``data``, see :class:`~vcl_jax.checkpoint.Checkpoints`) other data."""
     return Checkpoints(folder, sub_run_config(cfg, method, coreset_size), ignore=SPEED_ONLY,
-                       data=data, added=dict(ADDED_FIELDS, format=unrecorded_format(coreset_size)))
+                       data=data)

@@ -14,7 +14,7 @@ from vcl_jax.continual import mle
 from vcl_jax.eval.classifier import EvalClassifier
 from vcl_jax.protocols.vcl_diffusion_config import open_checkpoints
 from vcl_jax.protocols.vcl_diffusion_setup import Setup, evaluate, run_keys, score, task_data
-from vcl_jax.training.sequence import new_record, upgrade_record
+from vcl_jax.training.sequence import new_record
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step, train_epochs
 
 
@@ -47,7 +47,7 @@ def run_joint(setup: Setup, tasks: list[np.ndarray], classifier: EvalClassifier,
     os.makedirs(out_dir, exist_ok=True)
     ckpt = open_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, "joint", 0, data_id)
     if ckpt.latest_step() is not None:
-        record = upgrade_record(ckpt.restore_meta(ckpt.latest_step())["record"])
+        record = ckpt.restore_meta(ckpt.latest_step())["record"]
         ckpt.close()
         return record
     keys = run_keys(cfg)

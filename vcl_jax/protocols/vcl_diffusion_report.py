@@ -6,9 +6,9 @@ import os
 
 import numpy as np
 
-from vcl_jax.data import describe
+from vcl_jax.data import data_text
 from vcl_jax.eval import plots
-from vcl_jax.eval.classifier import describe as describe_classifier
+from vcl_jax.eval.classifier import classifier_text
 from vcl_jax.eval.metrics import mean_se, mean_stderr
 from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig
 from vcl_jax.training.sequence import train_seconds
@@ -181,7 +181,7 @@ def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict, data: dict,
                            ylabel="classifier uncertainty (nats)",
                            title="Per-digit classifier uncertainty after each task")
     lines = ["# VCL for diffusion models — summary", "",
-             describe(data) + " " + describe_classifier(classifier_info), "",
+             data_text(data) + " " + classifier_text(classifier_info), "",
              "Average classifier uncertainty (nats, lower is better) over the digits seen so far, "
              "after each task, ± its standard error (over the samples of each digit).", "",
              "| run | " + " | ".join(str(i + 1) for i in range(n_tasks)) + " | train s | eval s |",

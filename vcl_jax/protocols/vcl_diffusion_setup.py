@@ -83,12 +83,10 @@ class Setup:
         cfg = self.cfg
         spec = parse_method(name)
         draws_loss = functools.partial(self.batch_loss, model=self.draws_model)
-        log_var = cfg.log_var_init if cfg.prior_rel_std is None else functools.partial(
-            mf.relative_log_var, fraction=cfg.prior_rel_std)
         vcl_kw = dict(n_samples=cfg.train_samples, estimator=cfg.estimator,
                       draws=self.draws_layout, kl_scale=cfg.kl_scale,
                       likelihood_scale=self.likelihood_scale, prior_sigma=cfg.prior_sigma,
-                      log_var_init=log_var, weight_noise=cfg.weight_noise,
+                      log_var_init=cfg.log_var_init,
                       pretrained_prior=cfg.vcl_pretrain_epochs > 0, prior_decay=cfg.prior_decay)
         factories = {
             "mle": lambda: mle(self.batch_loss),

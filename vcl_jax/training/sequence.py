@@ -36,7 +36,7 @@ from vcl_jax.training.state import TrainState, train_epochs
 PHASES = ("prepare", "train", "end", "tune", "eval")
 
 
-class Schedule(NamedTuple):
+class TrainSchedule(NamedTuple):
     """How each task is trained: ``epochs`` at ``learning_rate``, linearly decayed to 0
     within the task when ``decay``."""
 
@@ -50,30 +50,6 @@ def new_record(**phases: float) -> dict:
     names = (*PHASES, *phases)
     return {"history": [], "seconds": {p: float(phases.get(p, 0.0)) for p in names},
             "task_seconds": {p: [] for p in PHASES}}
-
-
-# The per-run totals of records written before this loop existed (vcl_diffusion's) and the
-# phase each now counts under.
-_LEGACY_SECONDS = {"train_seconds": "train", "eval_seconds": "eval",
-                   "pretrain_seconds": "pretrain"}
-
-
-def upgrade_record(record: dict) -> dict:
-    """A record read from a checkpoint, with every phase present: an earlier record's
-    totals carried over (an older vcl_diffusion ``train_seconds`` included its pre-training,
-    kept here as ``pretrain``), missing phases 0, and no per-task figures before it."""
-    seconds = record.setdefault("seconds", {})
-    if "train_seconds" in record:
-        old = {phase: record.pop(key, 0.0) for key, phase in _LEGACY_SECONDS.items()}
-        old["train"] -= old["pretrain"]
-        record.pop("task_train_seconds", None)
-        seconds.update(old)
-    for p in PHASES:
-        seconds.setdefault(p, 0.0)
-    tasks = record.setdefault("task_seconds", {})
-    for p in PHASES:
-        tasks.setdefault(p, [])
-    return record
 
 
 def train_seconds(record: dict) -> float:
@@ -95,7 +71,7 @@ TrainFn = Callable[[TrainState, TrainData, jax.Array, int, str],
                    tuple[TrainState, list[dict]]]
 
 
-def epoch_trainer(runner: EpochRunner, schedule: Schedule, *, where: str,
+def epoch_trainer(runner: EpochRunner, schedule: TrainSchedule, *, where: str,
                   progress: bool = True) -> TrainFn:
     """The usual :data:`TrainFn`: ``schedule``'s epochs of ``runner`` over the task's data
     (its ``shared`` arrays in every batch), with the optimizer state carried on; a
@@ -172,7 +148,7 @@ def run_sequence(
     if ckpt is not None and ckpt.latest_step() is not None:
         restored, meta = ckpt.restore(ckpt.latest_step(), like)
         state, start = restored["train"], ckpt.latest_step() + 1
-        record = upgrade_record(meta["record"])
+        record = meta["record"]
     log = runlog.current()
     if log is not None and start:
         log.skip(start)
