@@ -49,6 +49,16 @@ def example_loss(
     return jnp.mean((pred - noise) ** 2)
 
 
+def noised_batch(sched: Schedule, key: jax.Array, x0: jax.Array, p_uncond: float
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``(x_t, t, ε, keep)`` of a batch ``x0: [B, H, W, C]``: each example's randomness
+    (:func:`draw_noise`) from its own key of ``key``'s split, and its noised image."""
+    keys = jax.random.split(key, x0.shape[0])
+    t, noise, keep = jax.vmap(lambda k, x: draw_noise(k, x, sched.T, p_uncond))(keys, x0)
+    xt = jax.vmap(lambda x, t, n: q_sample(sched, x, t, n))(x0, t, noise)
+    return xt, t, noise, keep
+
+
 def batch_loss(eps_fn: EpsFn, sched: Schedule, key: jax.Array, x0: jax.Array, task: jax.Array,
                *, p_uncond: float = 0.1) -> jax.Array:
     """Mean of :func:`example_loss` over ``x0: [B, H, W, C]``, keys split per example.
@@ -58,9 +68,7 @@ def batch_loss(eps_fn: EpsFn, sched: Schedule, key: jax.Array, x0: jax.Array, ta
     ``vmap``-ped over batches of one: a kernel without a batching rule of its own (our CPU
     convolutions) then sees the batch (tested in ``tests/test_diffusion.py``).
     """
-    keys = jax.random.split(key, x0.shape[0])
-    t, noise, keep = jax.vmap(lambda k, x: draw_noise(k, x, sched.T, p_uncond))(keys, x0)
-    xt = jax.vmap(lambda x, t, n: q_sample(sched, x, t, n))(x0, t, noise)
+    xt, t, noise, keep = noised_batch(sched, key, x0, p_uncond)
     pred = eps_fn(xt, t / sched.T, task, keep)
     return jnp.mean(jnp.mean((pred - noise) ** 2, axis=tuple(range(1, x0.ndim))))
 

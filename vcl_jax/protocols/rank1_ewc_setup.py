@@ -20,7 +20,7 @@ from vcl_jax.continual.base import stack
 from vcl_jax.continual.methods import PENALTIES
 from vcl_jax.data import TaskStream, load, pad_to, to_float, to_unit
 from vcl_jax.diffusion.generate import generate
-from vcl_jax.diffusion.loss import draw_noise, example_loss_at, fisher_examples, q_sample
+from vcl_jax.diffusion.loss import example_loss_at, fisher_examples, noised_batch
 from vcl_jax.diffusion.schedule import linear_schedule
 from vcl_jax.eval.classifier import EvalClassifier
 from vcl_jax.eval.metrics import frechet_distance, gaussian_stats
@@ -71,14 +71,6 @@ class Setup:
     def eps_fn(self, params):
         return lambda x, t, d, keep: self.model.apply({"params": params}, x, t, d, keep)
 
-    def _noised(self, key, x0):
-        """Per-example t, noise and guidance drop (vmapped), and x_t."""
-        keys = jax.random.split(key, x0.shape[0])
-        t, noise, keep = jax.vmap(
-            lambda k, x: draw_noise(k, x, self.sched.T, self.cfg.p_uncond))(keys, x0)
-        xt = jax.vmap(lambda x, tt, n: q_sample(self.sched, x, tt, n))(x0, t, noise)
-        return xt, t, noise, keep
-
     def _mixed(self, batch, key):
         """The batch's real images, plus ``replay_batch`` drawn from the replay pool when
         the batch carries one; returns (x0, class index, number of real images)."""
@@ -95,7 +87,7 @@ class Setup:
         """Mean per-pixel ε-MSE over the real (and replayed) images."""
         k_mix, k_noise = jax.random.split(key)
         x0, c, _ = self._mixed(batch, k_mix)
-        xt, t, noise, keep = self._noised(k_noise, x0)
+        xt, t, noise, keep = noised_batch(self.sched, k_noise, x0, self.cfg.p_uncond)
         pred = self.eps_fn(params)(xt, t / self.sched.T, c, keep)
         return jnp.mean((pred - noise) ** 2)
 
@@ -104,7 +96,7 @@ class Setup:
         ``distill_weight`` · MSE(student ε̂, teacher ε̂) on the noised replay images."""
         k_mix, k_noise = jax.random.split(key)
         x0, c, n_real = self._mixed(batch, k_mix)
-        xt, t, noise, keep = self._noised(k_noise, x0)
+        xt, t, noise, keep = noised_batch(self.sched, k_noise, x0, self.cfg.p_uncond)
         pred = self.eps_fn(params)(xt, t / self.sched.T, c, keep)
         eps_loss = jnp.mean((pred - noise) ** 2)
         if "pool_x" not in batch:
