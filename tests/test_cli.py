@@ -136,3 +136,32 @@ def test_default_run_dir_names_what_differs_from_the_preset(tmp_path, monkeypatc
     assert seen["run_dir"] == os.path.join("runs", "x_cpu-coreset_sizes=0,200-seed=1")
     main("--preset", "cpu", "epochs=3")  # the preset's own value: no new directory
     assert seen["run_dir"] == os.path.join("runs", "x_cpu")
+
+
+def test_a_run_starts_from_another_runs_config(tmp_path, capsys, monkeypatch):
+    """--config takes a run's config.json (or its folder) as the base of the overrides;
+    the default run directory names the run it came from; another experiment's config, or
+    both --preset and --config, are clear errors."""
+    from vcl_jax.checkpoint import write_run_config
+    from vcl_jax.config import to_dict
+    from vcl_jax.protocols.rank1_ewc_config import PRESETS as RANK1
+
+    old = tmp_path / "old_run"
+    old.mkdir()
+    write_run_config(str(old), to_dict(override(PRESETS["cpu"], ["kl_scale=0.5", "seed=2"])))
+    seen, run = _capture(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    experiment_main(["--config", str(old), "epochs=4"], doc="", name="x", presets=PRESETS,
+                    run=run)
+    cfg = seen["cfg"]
+    assert (cfg.kl_scale, cfg.seed, cfg.epochs) == (0.5, 2, 4)
+    assert cfg.n_feat == PRESETS["cpu"].n_feat
+    assert seen["run_dir"] == os.path.join("runs", "x_from-old_run-epochs=4")
+    experiment_main(["--config", str(old / "config.json"), "--show-config"], doc="", name="x",
+                    presets=PRESETS, run=run)
+    assert "kl_scale = 0.5" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="not both"):
+        experiment_main(["--config", str(old), "--preset", "cpu"], doc="", name="x",
+                        presets=PRESETS, run=run)
+    with pytest.raises(ConfigError, match="not a Rank1EWCConfig: unknown keys"):
+        experiment_main(["--config", str(old)], doc="", name="x", presets=RANK1, run=run)

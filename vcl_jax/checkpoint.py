@@ -67,8 +67,8 @@ def write_run_config(run_dir: str, config: dict) -> None:
 
 
 def read_run_config(run_dir: str) -> dict:
-    """The config a run directory's ``config.json`` holds, without its format, after
-    checking that format.
+    """The config a run directory's ``config.json`` holds (``run_dir`` may also be that file
+    itself), without its format, after checking that format.
 
     Raises:
       FileNotFoundError: no config.json. ConfigError: an unreadable one.
@@ -76,7 +76,7 @@ def read_run_config(run_dir: str) -> dict:
     """
     from vcl_jax.config import ConfigError
 
-    path = os.path.join(run_dir, "config.json")
+    path = run_dir if run_dir.endswith(".json") else os.path.join(run_dir, "config.json")
     try:
         with open(path) as f:
             raw = json.load(f)

@@ -16,8 +16,8 @@ import sys
 from collections.abc import Callable
 
 from vcl_jax import distributed
-from vcl_jax.checkpoint import CheckpointError, ConfigMismatchError
-from vcl_jax.config import ConfigError, config_text, override, preset, to_dict
+from vcl_jax.checkpoint import CheckpointError, ConfigMismatchError, read_run_config
+from vcl_jax.config import ConfigError, config_text, from_dict, override, preset, to_dict
 from vcl_jax.data.errors import DataError
 from vcl_jax.interrupt import Terminated, on_signal, stop_if_requested
 from vcl_jax.run_lock import RunLockedError
@@ -89,20 +89,26 @@ def default_run_dir(name: str, preset_name: str, base, cfg) -> str:
 
 def experiment_main(argv: list[str] | None, *, doc: str, name: str, presets: dict,
                     run: Callable[..., dict]) -> dict:
-    """Parses ``--preset --run-dir --data-dir --quiet --show-config key=value…``, runs, prints
-    the summary (with ``--show-config``: prints the config and returns ``{}``).
+    """Parses ``--preset | --config``, ``--run-dir --data-dir --quiet --show-config
+    key=value…``, runs, prints the summary (with ``--show-config``: prints the config and
+    returns ``{}``).
 
     Args:
       argv: command-line arguments (None: ``sys.argv``).
       doc: the entry point's docstring (its ``--help``).
-      name: experiment name; the default run directory is ``runs/<name>_<preset>`` with
-        the settings that differ from the preset (:func:`default_run_dir`).
+      name: experiment name; the default run directory is ``runs/<name>_<preset>`` (or
+        ``runs/<name>_from-<run>`` with ``--config``) with the settings that differ from it
+        (:func:`default_run_dir`).
       presets: the experiment's presets.
       run: ``run(cfg, run_dir, progress=...) -> metrics``, writing ``summary.md``.
     """
     parser = argparse.ArgumentParser(description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cpu", help=f"one of {', '.join(presets)}")
+    parser.add_argument("--preset", default=None,
+                        help=f"one of {', '.join(presets)} (default: cpu)")
+    parser.add_argument("--config", default=None,
+                        help="start from a run's config instead of a preset: its run "
+                             "directory or its config.json (then the overrides)")
     parser.add_argument("--run-dir", default=None,
                         help=f"default: runs/{name}_<preset>[-key=value for each override]")
     parser.add_argument("--data-dir", default=None, help="folder with local dataset files")
@@ -118,14 +124,23 @@ def experiment_main(argv: list[str] | None, *, doc: str, name: str, presets: dic
                         help="config overrides, key=value or section.key=value")
     # Intermixed: overrides may stand before, between or after the options.
     args = parser.parse_intermixed_args(argv)
-    base = preset(presets, args.preset)
+    if args.config and args.preset:
+        raise ConfigError("give --preset or --config (a run's config), not both")
+    if args.config:
+        cls = type(next(iter(presets.values())))
+        base = from_dict(cls, read_run_config(args.config)).validate()
+        folder = args.config.removesuffix("config.json").rstrip(os.sep) or "."
+        label = f"from-{os.path.basename(os.path.abspath(folder))}"
+    else:
+        label = args.preset or "cpu"
+        base = preset(presets, label)
     cfg = override(base, args.overrides)
     if args.data_dir:
         cfg = override(cfg, [f"data_dir={args.data_dir}"])
     if args.show_config:
         print(config_text(cfg.validate()))
         return {}
-    run_dir = args.run_dir or default_run_dir(name, args.preset, base, cfg)
+    run_dir = args.run_dir or default_run_dir(name, label, base, cfg)
     if args.coordinator:
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     enable_compile_cache()

@@ -102,7 +102,14 @@ def to_dict(cfg: Any) -> dict:
 
 
 def from_dict(cls: type[C], raw: dict) -> C:
-    """The inverse of :func:`to_dict`: a config from a saved dict (lists become tuples)."""
+    """The inverse of :func:`to_dict`: a config from a saved dict (lists become tuples).
+
+    Raises:
+      ConfigError: keys that are no field of ``cls`` (another experiment's config).
+    """
+    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ConfigError(f"not a {cls.__name__}: unknown keys {', '.join(unknown)}")
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
 
 
