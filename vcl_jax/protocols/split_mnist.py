@@ -113,7 +113,7 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], *,
         if kind:
             keep = complement(setup.pick(kind, 0, x), len(x))
             x, y = x[keep], y[keep]
-        params, _ = setup.fit_mle(params, (), task_batch(x, y, 0, size), setup.task_keys(0)[1])
+        params, _ = setup.fit_mle(params, (), task_batch(x, y, 0, size), setup.task_keys(0).mle_fit)
     trainable, mstate = method.init(params)
     if is_vcl:
         trainable = setup.unseen_heads_at_prior(trainable)
@@ -133,13 +133,13 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], *,
         new_head = None
         if is_vcl and t > 0:  # a fresh head for the new task
             log_var = setup.ng_head_log_var(data.n_data) if method.optimizer else None
-            new_head = functools.partial(setup.new_head, setup.task_keys(t)[3], head=t,
+            new_head = functools.partial(setup.new_head, setup.task_keys(t).head, head=t,
                                          log_var=log_var)
         trained["state"], hist = train(state, data, key, t, label, size=size, before=new_head)
         return trained["state"], hist
 
     def evaluate(t, evaluated):
-        k_eval, row = setup.task_keys(t)[5], []
+        k_eval, row = setup.task_keys(t).eval, []
         for i in range(t + 1):
             q_i = evaluated[i] if isinstance(evaluated, list) else evaluated
             if is_vcl:
@@ -156,7 +156,7 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], *,
     rec = run_sequence(
         method, TrainState(trainable, (), mstate), len(tasks), prepare=prepare,
         train=train_task, tune=train_tune, evaluate=evaluate, name=name,
-        task_keys=lambda t: tuple(setup.task_keys(t)[jnp.array([2, 4])]), record=rec,
+        task_keys=lambda t: (setup.task_keys(t).train, setup.task_keys(t).tune), record=rec,
         progress=progress, describe=lambda m: f"average accuracy {m['average']:.4f}, ")
     sec = rec["seconds"]
     times = {"train_s": sec["pretrain"] + sec["prepare"] + sec["train"] + sec["end"],

@@ -5,7 +5,7 @@ per task, as the original code). :mod:`vcl_jax.protocols.split_mnist` runs them.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -118,6 +118,17 @@ class Trainer:
         return state.trainable, metrics
 
 
+class TaskKeys(NamedTuple):
+    """The keys of one task of a split-MNIST run."""
+
+    coreset: jax.Array  # its coreset's selection
+    mle_fit: jax.Array  # VCL's MLE fit of the first posterior's means (task 0)
+    train: jax.Array
+    head: jax.Array  # the new head's initial means
+    tune: jax.Array  # the coreset fine-tuning
+    eval: jax.Array  # the predictive's weight draws
+
+
 class Setup:
     """The methods of one config and their trainers, built once so that the runs of a
     comparison reuse the jitted steps."""
@@ -175,13 +186,13 @@ class Setup:
         return Trainer(method, learning_rate=self.learning_rate(method), epochs=cfg.epochs,
                        batch_size=cfg.batch_size)
 
-    def task_keys(self, task: int) -> jax.Array:
-        """Task ``task``'s keys: coreset, MLE pre-fit, training, new head, tuning, evaluation."""
-        return jax.random.split(jax.random.fold_in(self._k_tasks, task), 6)
+    def task_keys(self, task: int) -> TaskKeys:
+        """Task ``task``'s keys, split once from the run's task key folded with ``task``."""
+        return TaskKeys(*jax.random.split(jax.random.fold_in(self._k_tasks, task), 6))
 
     def pick(self, kind: str, task: int, x: np.ndarray) -> np.ndarray:
         """The indices of task ``task``'s coreset among its images ``x``."""
-        return select(kind, self.task_keys(task)[0], x, self.cfg.coreset_size)
+        return select(kind, self.task_keys(task).coreset, x, self.cfg.coreset_size)
 
     def run(self, name: str, dim: int) -> tuple[Method, Trainer, Trainer | None]:
         """Method ``name``, its trainer and its coreset fine-tuning trainer (or None), built
