@@ -28,8 +28,9 @@ import os
 
 import numpy as np
 
-from vcl_jax.data import cifar, idx
+from vcl_jax.data.cifar import TEST_FILES, TRAIN_FILES, read_cifar10_bin
 from vcl_jax.data.errors import DataError
+from vcl_jax.data.idx import read_idx
 
 ENV_VAR = "VCL_JAX_DATA_DIR"
 SYSTEM_ROOTS = ("/usr/share/datasets",)
@@ -75,7 +76,7 @@ _IDX_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
-_CIFAR_FILES = {"train": cifar.TRAIN_FILES, "test": cifar.TEST_FILES}
+_CIFAR_FILES = {"train": TRAIN_FILES, "test": TEST_FILES}
 NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10, "cifar10": 10}
 
 
@@ -218,9 +219,9 @@ def _read_local(folder: str, name: str, split: str) -> tuple[np.ndarray, np.ndar
         raise DataError(f"{folder} holds {name} files but not {', '.join(missing)} (or .gz) "
                         f"needed for split {split!r}")
     if name == "cifar10":
-        return cifar.read_cifar10_bin(paths)
-    images = idx.read_idx(paths[0], expected_ndim=3)
-    labels = idx.read_idx(paths[1], expected_ndim=1).astype(np.int32)
+        return read_cifar10_bin(paths)
+    images = read_idx(paths[0], expected_ndim=3)
+    labels = read_idx(paths[1], expected_ndim=1).astype(np.int32)
     if images.shape[0] != labels.shape[0]:
         raise DataError(f"{folder}: {paths[0]} holds {images.shape[0]} images but {paths[1]} "
                         f"holds {labels.shape[0]} labels; the two files do not belong together")
