@@ -101,6 +101,13 @@ def to_dict(cfg: Any) -> dict:
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
+def sections_dict(cfg: Any, unused: set[str]) -> dict:
+    """:func:`to_dict` of ``cfg`` without the fields of the sections in ``unused`` (e.g. a
+    sub-run's identity: the sections its method uses)."""
+    where = field_sections(type(cfg))
+    return {k: v for k, v in to_dict(cfg).items() if where[k] not in unused}
+
+
 def from_dict(cls: type[C], raw: dict) -> C:
     """The inverse of :func:`to_dict`: a config from a saved dict (lists become tuples).
 

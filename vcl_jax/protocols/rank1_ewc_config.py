@@ -11,7 +11,14 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
-from vcl_jax.config import ConfigError, check_choice, checks, class_checks, diffusion_checks
+from vcl_jax.config import (
+    ConfigError,
+    check_choice,
+    checks,
+    class_checks,
+    diffusion_checks,
+    sections_dict,
+)
 from vcl_jax.continual import methods
 from vcl_jax.data import variants
 from vcl_jax.data.preprocess import RANGES
@@ -181,20 +188,12 @@ PRESETS = {
         classifier_epochs=1, methods=("mle", "ewc_rank1+distill")),
 }
 
-# Fields that matter only to some methods (a sub-run's checkpoints ignore the others).
-EWC_ONLY = ("ewc_lambda", "fisher_samples", "fisher_t_min", "fisher_t_max", "fisher_chunk")
-REPLAY_ONLY = ("replay_per_class", "replay_batch", "replay_guidance", "replay_eta",
-               "ddim_steps")
-DISTILL_ONLY = ("distill_weight",)
-
 def sub_run_config(cfg: Rank1EWCConfig, method: str) -> dict:
-    """The config fields that determine one method's training (its checkpoints' key)."""
-    from vcl_jax.config import to_dict
-
+    """What determines one method's training, its checkpoints' key: the config's sections
+    that the method uses (ewc and replay only when it has them)."""
     spec = parse_method(method)
-    drop = {"methods", "data_dir"}  # where the data lives is not its identity (its checksum is)
-    drop |= set(EWC_ONLY) if spec.penalty is None else set()
-    drop |= set(REPLAY_ONLY) if spec.replay is None else set()
-    drop |= set(DISTILL_ONLY) if spec.replay != "distill" else set()
-    out = {k: v for k, v in to_dict(cfg).items() if k not in drop}
+    unused = {"methods"} | (set() if spec.penalty else {"ewc"})
+    unused |= set() if spec.replay else {"replay"}
+    # where the data lives is not its identity (its checksum is)
+    out = {k: v for k, v in sections_dict(cfg, unused).items() if k != "data_dir"}
     return dict(out, method=method)

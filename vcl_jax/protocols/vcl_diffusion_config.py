@@ -12,7 +12,7 @@ from vcl_jax.config import (
     class_checks,
     diffusion_checks,
     natural_gradient_checks,
-    to_dict,
+    sections_dict,
 )
 from vcl_jax.continual import methods
 from vcl_jax.continual.variational import DRAWS, ESTIMATORS
@@ -252,30 +252,24 @@ PRESETS = {
 }
 
 
-# Fields that only affect VCL runs, and the sweep lists (a sub-run has one method and
-# one coreset size). A sub-run's checkpoints are keyed on the remaining fields.
-VCL_ONLY = ("train_samples", "eval_samples", "log_var_init", "prior_sigma", "kl_scale",
-            "vcl_pretrain_epochs", "variational_norms", "eval_average_draws",
-            "estimator", "likelihood", "prior_decay")
-NG_ONLY = ("ng_learning_rate", "ng_hess_init", "ng_b1", "ng_b2", "ng_clip", "ng_floor")
-EWC_ONLY = ("ewc_lambda", "fisher_samples", "fisher_t_min", "fisher_t_max", "fisher_chunk")
 # Fields that change speed, not results (tested: both convolution forms agree); a
 # checkpoint written with another value is still this run's.
 SPEED_ONLY = ("conv_impl", "weight_draws", "eval_batch")
-SWEEP = ("methods", "coreset_sizes")
-CORESET_ONLY = ("coreset_method", "coreset_mode", "coreset_epochs")
 
 
 def sub_run_config(cfg: VCLDiffusionConfig, method: str, coreset_size: int) -> dict:
-    """The config fields that determine one (method, coreset size) sub-run."""
+    """What determines one (method, coreset size) sub-run, its checkpoints' key: the
+    config's sections that its method uses (the data, model, diffusion, optim, eval and run
+    sections always; vcl, vcl_ng, ewc and coreset when it has them)."""
 
     # where the data was read from is not part of a run's identity (its checksum is)
     spec = parse_method(method)
-    drop = {"data_dir"} | set(SWEEP) | (set(VCL_ONLY) if not spec.variational else set())
-    drop |= set(EWC_ONLY) if spec.penalty is None else set()
-    drop |= set(NG_ONLY) if spec.trainer != "vcl_ng" else set()
-    drop |= set(CORESET_ONLY) if coreset_size == 0 else set()
-    out = {k: v for k, v in to_dict(cfg).items() if k not in drop}
+    unused = {"methods"}  # the sweep: a sub-run has one method and one coreset size
+    unused |= set() if spec.variational else {"vcl"}
+    unused |= set() if spec.trainer == "vcl_ng" else {"vcl_ng"}
+    unused |= set() if spec.penalty else {"ewc"}
+    unused |= set() if coreset_size else {"coreset"}
+    out = {k: v for k, v in sections_dict(cfg, unused).items() if k != "data_dir"}
     return dict(out, method=method, coreset_size=coreset_size)
 
 
