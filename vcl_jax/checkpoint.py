@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vcl_jax import interrupt
+from vcl_jax.config import ConfigError
 
 PyTree = Any
 
@@ -71,16 +72,14 @@ def read_run_config(run_dir: str) -> dict:
     itself), without its format, after checking that format.
 
     Raises:
-      FileNotFoundError: no config.json. ConfigError: an unreadable one.
+      ConfigError: no config.json there, or an unreadable one.
       ConfigMismatchError: one written by another run format.
     """
-    from vcl_jax.config import ConfigError
-
     path = run_dir if run_dir.endswith(".json") else os.path.join(run_dir, "config.json")
     try:
         with open(path) as f:
             raw = json.load(f)
-    except json.JSONDecodeError as e:
+    except (OSError, json.JSONDecodeError) as e:
         raise ConfigError(f"{path} is unreadable ({e}); choose another run directory") from e
     check_format(raw.pop("format", None), path)
     return raw

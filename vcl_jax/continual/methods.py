@@ -25,11 +25,14 @@ chain or re-parses a name.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from typing import NamedTuple
 
 from vcl_jax.config import ConfigError
 from vcl_jax.continual.base import Method, chain
+from vcl_jax.continual.consolidation import ewc
+from vcl_jax.continual.fisher import ExampleLoss
 from vcl_jax.data.coreset import METHODS as CORESET_KINDS
 
 TRAINERS = ("mle", "vcl", "vcl_ng")
@@ -147,6 +150,15 @@ def _listing(allowed: tuple[str, ...]) -> str:
 # member's Method (``distill``'s: the trainer with a teacher; ``replay``'s also serves
 # ``distill``, which replays the same generated images).
 Factories = Mapping[str, Callable[[], Method]]
+
+
+def penalty_factories(example_loss: ExampleLoss, *, n_tasks: int, lam: float,
+                      chunk: int) -> dict[str, Callable[[], Method]]:
+    """The factory of each penalty member: :func:`~vcl_jax.continual.ewc` without a batch
+    loss (the penalty alone, chained after the trainer) with that member's Fisher."""
+    return {p: functools.partial(ewc, None, example_loss, n_tasks=n_tasks, lam=lam,
+                                 fisher=p.removeprefix("ewc_"), chunk=chunk)
+            for p in PENALTIES}
 
 
 def build(spec: Spec, factories: Factories) -> Method:

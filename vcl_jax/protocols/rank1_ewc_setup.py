@@ -7,7 +7,6 @@ FD-classifier and sample accuracy.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -15,9 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from vcl_jax.config import ConfigError
-from vcl_jax.continual import distillation, ewc, generative_replay, methods, mle
+from vcl_jax.continual import distillation, generative_replay, methods, mle
 from vcl_jax.continual.base import stack
-from vcl_jax.continual.methods import PENALTIES
 from vcl_jax.data import TaskStream, load, pad_to, to_float, to_unit
 from vcl_jax.diffusion.generate import generate
 from vcl_jax.diffusion.loss import example_loss_at, fisher_examples, noised_batch
@@ -119,9 +117,8 @@ class Setup:
         return methods.build(parse_method(name), {
             "mle": lambda: mle(self.batch_loss),
             "distill": lambda: distillation(self.loss_with_teacher),
-            **{p: functools.partial(ewc, None, self.example_loss, n_tasks=len(self.stream),
-                                    lam=cfg.ewc_lambda, fisher=p.removeprefix("ewc_"),
-                                    chunk=cfg.fisher_chunk) for p in PENALTIES},
+            **methods.penalty_factories(self.example_loss, n_tasks=len(self.stream),
+                                        lam=cfg.ewc_lambda, chunk=cfg.fisher_chunk),
             "replay": lambda: generative_replay(lambda params, d: replay_pool(
                 self, params, d, jax.random.fold_in(k_replay, d))),
         })

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
+import operator
 import os
 import time
 
@@ -156,7 +157,8 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], *,
     rec = run_sequence(
         method, TrainState(trainable, (), mstate), len(tasks), prepare=prepare,
         train=train_task, tune=train_tune, evaluate=evaluate, name=name,
-        task_keys=lambda t: (setup.task_keys(t).train, setup.task_keys(t).tune), record=rec,
+        task_keys=lambda t: operator.attrgetter("train", "tune")(setup.task_keys(t)),
+        record=rec,
         progress=progress, describe=lambda m: f"average accuracy {m['average']:.4f}, ")
     sec = rec["seconds"]
     times = {"train_s": sec["pretrain"] + sec["prepare"] + sec["train"] + sec["end"],

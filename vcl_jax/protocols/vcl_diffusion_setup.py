@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from vcl_jax.config import ConfigError
-from vcl_jax.continual import Method, coreset, ewc, methods, mle, vcl, vcl_ng
+from vcl_jax.continual import Method, coreset, methods, mle, vcl, vcl_ng
 from vcl_jax.data import TaskStream, load, select, to_float, to_unit
 from vcl_jax.diffusion.generate import fresh_draws, generate
 from vcl_jax.diffusion.loss import batch_loss, example_loss_at, fisher_examples
@@ -95,9 +95,8 @@ class Setup:
                 draws_loss, mask=self.mask(params), **vcl_kw, hess_init=cfg.ng_hess_init,
                 b1=cfg.ng_b1, b2=cfg.ng_b2, clip=cfg.ng_clip, floor=cfg.ng_floor,
                 deterministic_scale=cfg.learning_rate / cfg.ng_learning_rate),
-            **{p: functools.partial(ewc, None, self.example_loss, n_tasks=len(cfg.classes),
-                                    lam=cfg.ewc_lambda, fisher=p.removeprefix("ewc_"),
-                                    chunk=cfg.fisher_chunk) for p in methods.PENALTIES},
+            **methods.penalty_factories(self.example_loss, n_tasks=len(cfg.classes),
+                                        lam=cfg.ewc_lambda, chunk=cfg.fisher_chunk),
         }
         if coreset_size:
             spec = spec._replace(coreset=f"coreset_{cfg.coreset_method}")
