@@ -56,17 +56,17 @@ def train_rows(cfg, gemm: float, rounds: int) -> list[dict]:
     steps (the experiments before) and as one rolled scan per epoch (what they run now with
     our convolution kernels, ``Setup.steps_per_call``), interleaved; per image: analytic
     FLOPs (forward ×3) and XLA's count of the rest from the compiled unrolled call."""
-    batch, steps = cfg.batch_size, cfg.unroll * 2
+    batch, steps = cfg.optim.batch_size, cfg.optim.unroll * 2
     fns, first_s = {}, {}
     for m in ("mle", "vcl"):
-        for unroll in (cfg.unroll, 0):
-            fn = make_epoch(cfg.n_feat, m, batch, steps, unroll)
+        for unroll in (cfg.optim.unroll, 0):
+            fn = make_epoch(cfg.model.n_feat, m, batch, steps, unroll)
             t0 = time.perf_counter()
             fn()  # compiles
             first_s[m, unroll] = time.perf_counter() - t0
             fns[m, unroll] = fn
     times = interleaved_times(fns, rounds)
-    flops = 3 * unet_flops(cfg.n_feat)
+    flops = 3 * unet_flops(cfg.model.n_feat)
     cost = {m: _train_cost(cfg, m, batch) for m in ("mle", "vcl")}
     out = []
     for (m, unroll), ts in times.items():
@@ -85,7 +85,7 @@ def _train_cost(cfg, method: str, batch: int) -> dict:
     """XLA's cost analysis of one compiled call of the preset's unrolled steps, per image."""
     call, *args = unrolled_steps(vcl_diffusion_setup.build(cfg), method)
     c = _cost(jax.jit(call).lower(*args).compile())
-    images = batch * cfg.unroll
+    images = batch * cfg.optim.unroll
     return {"xla_flops_per_image": c["xla_flops"] / images,
             "xla_bytes_per_image": c["xla_bytes"] / images}
 
@@ -96,12 +96,12 @@ def sampler_rows(cfg, gemm: float, batches: list[int], steps: int, rounds: int) 
     setup = vcl_diffusion_setup.build(cfg)
     params = setup.init_params(jax.random.key(0))
     draws = jax.tree.map(lambda p: p[None], params)
-    flops = 2 * unet_flops(cfg.n_feat)  # one sampler step of one image
+    flops = 2 * unet_flops(cfg.model.n_feat)  # one sampler step of one image
     fns, compile_s, cost = {}, {}, {}
     for b in batches:
         tasks = np.arange(b) % 10
-        run = gen._sampler(setup.model, "ddim", (28, 28, 1), float(cfg.guidance), steps,
-                           float(cfg.eval_eta), None, False, None)
+        run = gen._sampler(setup.model, "ddim", (28, 28, 1), float(cfg.eval.guidance), steps,
+                           float(cfg.eval.eval_eta), None, False, None)
         args = (draws, 0, setup.sched, jax.random.key(1), jnp.asarray(tasks, jnp.int32))
         t0 = time.perf_counter()
         compiled = run.lower(*args).compile()
@@ -126,8 +126,8 @@ def evaluation_plan(cfg, draws: int, max_batch: int | None) -> list[int]:
     weight sets (1: MLE; ``eval_samples``: VCL), as ``generate`` batches them; ``max_batch``
     0: as it did before ``eval_batch`` (one call per draw, padded to a power of two)."""
     calls = []
-    for d in range(len(cfg.classes)):
-        n = cfg.eval_per_class * (d + 1)
+    for d in range(len(cfg.data.classes)):
+        n = cfg.eval.eval_per_class * (d + 1)
         for j in range(min(draws, n)):
             m = len(range(j, n, draws))
             calls.extend([1 << (m - 1).bit_length()] if max_batch == 0
@@ -166,18 +166,19 @@ def main(argv=None) -> dict:
                   if r["what"].startswith("sampler"))
     per_image = lambda b: next((s for bb, s in rate if bb >= b), rate[-1][1])
     plans = {}
-    for name, draws in (("mle", 1), ("vcl", cfg.eval_samples)):
-        for label, mb in (("power of two", 0), (f"eval_batch {cfg.eval_batch}", cfg.eval_batch)):
+    for name, draws in (("mle", 1), ("vcl", cfg.vcl.eval_samples)):
+        mb_eval = cfg.eval.eval_batch
+        for label, mb in (("power of two", 0), (f"eval_batch {mb_eval}", mb_eval)):
             calls = evaluation_plan(cfg, draws, mb)
             images = sum(calls)
-            seconds = sum(b * per_image(b) for b in calls) * cfg.ddim_steps
-            real = cfg.eval_per_class * sum(range(1, len(cfg.classes) + 1))
-            bound = real * cfg.ddim_steps * 2 * unet_flops(cfg.n_feat) / (gemm * 1e9)
+            seconds = sum(b * per_image(b) for b in calls) * cfg.eval.ddim_steps
+            real = cfg.eval.eval_per_class * sum(range(1, len(cfg.data.classes) + 1))
+            bound = real * cfg.eval.ddim_steps * 2 * unet_flops(cfg.model.n_feat) / (gemm * 1e9)
             plans[f"{name}, {label}"] = {"calls": len(calls), "images": images, "real": real,
                                          "batches": sorted(set(calls)),
                                          "predicted_s": seconds, "bound_s": bound}
             print(f"evaluation of 10 digits, {name}, {label}: {len(calls)} sampler calls of "
-                  f"batches {sorted(set(calls))}, {images} images × {cfg.ddim_steps} steps; "
+                  f"batches {sorted(set(calls))}, {images} images × {cfg.eval.ddim_steps} steps; "
                   f"predicted {seconds:.0f} s, matmul bound of its {real} images "
                   f"{bound:.0f} s", flush=True)
     results = {"date": datetime.date.today().isoformat(), "machine": platform.machine(),

@@ -151,7 +151,7 @@ def section_sampling(s: Sizes) -> dict:
     def sample(key):
         return jax.block_until_ready(generate(setup.model, draws, setup.sched, key, tasks,
                                               (28, 28, 1), sampler="ddpm",
-                                              guidance=cfg.guidance))
+                                              guidance=cfg.eval.guidance))
 
     t0 = time.perf_counter()
     sample(jax.random.key(1))
@@ -159,7 +159,8 @@ def section_sampling(s: Sizes) -> dict:
     t0 = time.perf_counter()
     sample(jax.random.key(2))
     dt = time.perf_counter() - t0
-    return {"n_feat": s.n_feat, "samples": s.samples, "steps": cfg.T, "guidance": cfg.guidance,
+    return {"n_feat": s.n_feat, "samples": s.samples, "steps": cfg.diffusion.T,
+            "guidance": cfg.eval.guidance,
             "seconds": dt, "first_call_s": first, "images_per_s": s.samples / dt}
 
 
@@ -191,10 +192,11 @@ def paper_two_task_config(s: Sizes, data: str):
 def expected_two_task_s(s: Sizes, data: str, steps: dict) -> float:
     """Training steps of the two-task run times the step times measured in ``steps``."""
     cfg = paper_two_task_config(s, data)
-    per_epoch = -(-6000 // cfg.batch_size)  # ~6,000 images per digit
-    mle_ms = steps["mle"]["step_ms"] * (cfg.batch_size / steps["batch"])
-    vcl_ms = steps["vcl_paper_K10"]["step_ms"] * (cfg.batch_size / steps["batch"])
-    train = per_epoch * (cfg.epochs * 2 * (mle_ms + vcl_ms) + cfg.vcl_pretrain_epochs * mle_ms)
+    per_epoch = -(-6000 // cfg.optim.batch_size)  # ~6,000 images per digit
+    mle_ms = steps["mle"]["step_ms"] * (cfg.optim.batch_size / steps["batch"])
+    vcl_ms = steps["vcl_paper_K10"]["step_ms"] * (cfg.optim.batch_size / steps["batch"])
+    train = per_epoch * (cfg.optim.epochs * 2 * (mle_ms + vcl_ms)
+                         + cfg.vcl.vcl_pretrain_epochs * mle_ms)
     return train / 1e3 * 1.3 + 60  # + compilation, evaluation and checkpoints
 
 
@@ -208,9 +210,10 @@ def section_paper_two_tasks(s: Sizes, data: str, n_tasks: int = 10) -> dict:
         t0 = time.perf_counter()
         metrics = vcl_diffusion.run(cfg, run_dir, progress=False)
         wall = time.perf_counter() - t0
-    out = {"wall_s": wall, "epochs": cfg.epochs, "vcl_pretrain_epochs": cfg.vcl_pretrain_epochs,
-           "train_samples": cfg.train_samples, "estimator": cfg.estimator,
-           "eval_per_class": cfg.eval_per_class}
+    out = {"wall_s": wall, "epochs": cfg.optim.epochs,
+           "vcl_pretrain_epochs": cfg.vcl.vcl_pretrain_epochs,
+           "train_samples": cfg.vcl.train_samples, "estimator": cfg.vcl.estimator,
+           "eval_per_class": cfg.eval.eval_per_class}
     for name, rec in metrics["runs"].items():
         first, second = task_train_seconds(rec)
         pretrain = rec["seconds"].get("pretrain", 0.0)

@@ -93,7 +93,8 @@ def sampling_throughput(n_feat: int, n: int, repeats: int = 1) -> dict:
                  sampler="ddpm", guidance=2.0)
 
     dt = _best(run, repeats)
-    return {"n_feat": n_feat, "samples": n, "steps": cfg.T, "seconds": dt, "images_per_s": n / dt}
+    return {"n_feat": n_feat, "samples": n, "steps": cfg.diffusion.T, "seconds": dt,
+            "images_per_s": n / dt}
 
 
 def compile_times(n_feat: int = 16) -> dict:
@@ -106,7 +107,7 @@ def compile_times(n_feat: int = 16) -> dict:
     setup = vcl_diffusion_setup.build(cfg)
     params = setup.init_params(jax.random.key(0))
     mask = setup.mask(params)
-    q = mf.init_from_params(params, cfg.log_var_init)
+    q = mf.init_from_params(params, cfg.vcl.log_var_init)
 
     def seconds(fn, *args):
         t = time.perf_counter()
@@ -117,21 +118,21 @@ def compile_times(n_feat: int = 16) -> dict:
     out = {"n_feat": n_feat, "random_leaves": sum(jax.tree.leaves(mask)),
            "draw_grouped_s": seconds(lambda k, q: mf.sample(k, q, mask), key, q)}
     for method in ("mle", "vcl"):
-        out[f"{method}_{cfg.unroll}_steps_s"] = seconds(*unrolled_steps(setup, method))
+        out[f"{method}_{cfg.optim.unroll}_steps_s"] = seconds(*unrolled_steps(setup, method))
     return out
 
 
 def unrolled_steps(setup, method: str) -> tuple:
-    """``(call, *args)``: one jitted call of ``setup.cfg.unroll`` unrolled train steps of
+    """``(call, *args)``: one jitted call of ``setup.cfg.optim.unroll`` unrolled train steps of
     ``method`` (Adam, K = 1 as configured) on zero images, for compile times and XLA's cost
     analysis."""
     cfg = setup.cfg
     params = setup.init_params(jax.random.key(0))
     m = setup.method(method, params)
-    opt = adam(cfg.learning_rate)
+    opt = adam(cfg.optim.learning_rate)
     tr, ms = m.init(params)
     state = TrainState(tr, opt.init(tr), m.begin_task(tr, ms, 0, 500)[1])
-    batch, steps = cfg.batch_size, cfg.unroll
+    batch, steps = cfg.optim.batch_size, cfg.optim.unroll
     data = {"x": jnp.zeros((batch * steps, 28, 28, 1)), "task": jnp.zeros(batch * steps, jnp.int32)}
     idx = jnp.arange(batch * steps).reshape(steps, batch)
     call = functools.partial(scan_steps, make_train_step(m, opt), unroll=True)

@@ -40,13 +40,13 @@ def training_flops(cfg, tasks, run: str) -> float:
     batch (``train_samples``×). VCL's first task adds the MLE fit of its means; coreset
     fine-tuning and EWC's Fisher are left out (< 1% here).
     """
-    dims = (tasks[0].x.shape[1], *cfg.hidden, len(cfg.groups[0]))
+    dims = (tasks[0].x.shape[1], *cfg.model.hidden, len(cfg.data.groups[0]))
     w = sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
-    per_image_epoch = 6.0 * w * cfg.epochs
+    per_image_epoch = 6.0 * w * cfg.optim.epochs
     n = [len(t.y) for t in tasks]
     if not run.startswith("vcl"):
         return per_image_epoch * sum(n)
-    draws = cfg.train_samples if cfg.estimator == "paper" else 1
+    draws = cfg.vcl.train_samples if cfg.vcl.estimator == "paper" else 1
     return per_image_epoch * (n[0] + draws * sum(n))
 
 
@@ -80,8 +80,8 @@ def gradient_variance(estimators: list[str], draws: int = 64) -> dict:
     task = split_mnist_setup.load_tasks(cfg)[0]
     setup = split_mnist_setup.Setup(cfg)
     data = split_mnist_setup.task_batch(task.x, task.y, 0)
-    params = mlp.init_mlp(jax.random.PRNGKey(0), task.x.shape[1], cfg.hidden,
-                          len(cfg.groups), len(cfg.groups[0]))
+    params = mlp.init_mlp(jax.random.PRNGKey(0), task.x.shape[1], cfg.model.hidden,
+                          len(cfg.data.groups), len(cfg.data.groups[0]))
     params, _ = setup.fit_mle(params, (), data, jax.random.PRNGKey(1))
     q, _ = setup.vcl.init(params)
     out = {}
@@ -141,14 +141,15 @@ def train_step_comparison(n_images: int = 12_000, repeats: int = 11) -> dict:
     key = jax.random.PRNGKey(0)
     x = jax.random.uniform(key, (n_images, 784))
     batch = split_mnist_setup.task_batch(x, jnp.zeros((n_images,), jnp.int32), 0)
-    params = mlp.init_mlp(key, 784, cfg.hidden, len(cfg.groups), 2, cfg.head_init_std)
+    params = mlp.init_mlp(key, 784, cfg.model.hidden, len(cfg.data.groups), 2,
+                          cfg.model.head_init_std)
 
     def one_draw(q, b, k):
         return bayes_mlp.expected_nll(q, b["x"], b["y"], b["head"], k, estimator="grouped",
                                       n_samples=1, weight=b["w"])
 
     methods = {"mle": setup.mle, "vcl (grouped, K=10)": setup.vcl,
-               f"vcl_ng ({cfg.ng_estimator}, K={cfg.ng_train_samples})": setup.vcl_ng,
+               f"vcl_ng ({cfg.vcl_ng.ng_estimator}, K={cfg.vcl_ng.ng_train_samples})": setup.vcl_ng,
                "vcl_ng (grouped, K=1)": vcl_ng(None, expected_loss=one_draw, log_var_init=-6.0)}
     fns = {}
     for name, method in methods.items():

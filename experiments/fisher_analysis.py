@@ -44,7 +44,7 @@ def main(argv=None) -> dict:
     result.update(run=os.path.abspath(args.run), method=method, task=task)
     out = args.out or os.path.join(args.run, "fisher_analysis",
                                    f"{parse_method(method).dir}_task{task}")
-    fa.write(out, result, f"{setup.cfg.dataset}, {method} after task {task + 1}")
+    fa.write(out, result, f"{setup.cfg.data.dataset}, {method} after task {task + 1}")
     with open(os.path.join(out, "summary.md")) as f:
         print(f.read())
     return result

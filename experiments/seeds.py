@@ -75,7 +75,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"error: {run} has no metrics.json (not a finished run)")
         with open(path) as f:
             metrics.append(json.load(f))
-    if "replay_per_class" in metrics[0]["config"]:  # a rank-1 EWC experiment
+    if "replay" in metrics[0]["config"]:  # a rank-1 EWC experiment
         out = rank1_ewc_report.across_seeds(metrics)
         table = rank1_ewc_report.seeds_markdown(out)
         print(table)

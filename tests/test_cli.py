@@ -7,7 +7,7 @@ import os
 import pytest
 
 from vcl_jax.cli import experiment_main
-from vcl_jax.config import ConfigError, config_text, field_sections, override
+from vcl_jax.config import ConfigError, config_text, override, section_names
 from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 
 
@@ -30,7 +30,7 @@ def test_overrides_may_stand_before_between_and_after_the_options(tmp_path):
     experiment_main(["--preset", "cpu", "classes=0", "--run-dir", run_dir, "kl_scale=0",
                      "--quiet", "epochs=3"], doc="", name="x", presets=PRESETS, run=run)
     cfg = seen["cfg"]
-    assert (cfg.classes, cfg.kl_scale, cfg.epochs) == ((0,), 0.0, 3)
+    assert (cfg.data.classes, cfg.vcl.kl_scale, cfg.optim.epochs) == ((0,), 0.0, 3)
     assert seen["run_dir"] == run_dir and seen["progress"] is False
 
 
@@ -53,37 +53,34 @@ def test_show_config_prints_every_field_by_section_and_runs_nothing(tmp_path, ca
 @pytest.mark.parametrize("module", ["vcl_diffusion_config", "rank1_ewc_config",
                                     "split_mnist_config"])
 def test_every_preset_reads_back_from_its_printed_config(module):
-    """Every field has one section, and `config_text` writes each value as an override that
-    parses back to it: the printed config of a run is a command line that repeats it."""
+    """`config_text` writes each value as an override that parses back to it, under its
+    section's heading: the printed config of a run is a command line that repeats it."""
     import dataclasses
     import importlib
 
     presets = importlib.import_module(f"vcl_jax.protocols.{module}").PRESETS
     for cfg in presets.values():
-        where = field_sections(type(cfg))
-        assert sorted(where) == sorted(f.name for f in dataclasses.fields(cfg))
-        lines = [line.strip() for line in config_text(cfg).splitlines() if "=" in line]
-        section = {}
+        overrides, section = [], None
         for line in config_text(cfg).splitlines():
             if line.startswith("["):
-                current = line.strip("[]")
+                section = line.strip("[]")
+                assert section in section_names(cfg)
             else:
-                section[line.split("=")[0].strip()] = current
-        assert section == where
-        blank = dataclasses.replace(cfg, **{f.name: f.default for f in dataclasses.fields(cfg)})
-        restored = override(blank, [f"{where[k]}.{k}={v}" for k, v in
-                                    (line.split(" = ", 1) for line in lines)])
-        assert restored == cfg
+                key, value = line.strip().split(" = ", 1)
+                overrides.append(f"{section}.{key}={value}" if section else f"{key}={value}")
+        n_fields = sum(len(dataclasses.fields(getattr(cfg, s))) for s in section_names(cfg))
+        assert len(overrides) == n_fields + len(dataclasses.fields(cfg)) - len(section_names(cfg))
+        assert override(type(cfg)(), overrides) == cfg
 
 
 def test_dotted_overrides_name_the_right_section():
     cfg = override(PRESETS["cpu"], ["model.n_feat=32", "vcl.kl_scale=0.5", "epochs=2"])
-    assert (cfg.n_feat, cfg.kl_scale, cfg.epochs) == (32, 0.5, 2)
+    assert (cfg.model.n_feat, cfg.vcl.kl_scale, cfg.optim.epochs) == (32, 0.5, 2)
     with pytest.raises(ConfigError, match="seed is in section 'run', not 'model'"):
         override(PRESETS["cpu"], ["model.seed=1"])
     with pytest.raises(ConfigError, match="unknown config section 'modle'"):
         override(PRESETS["cpu"], ["modle.n_feat=1"])
-    with pytest.raises(ConfigError, match="unknown config key 'n_fet'"):
+    with pytest.raises(ConfigError, match="unknown config key 'n_fet' in section 'model'"):
         override(PRESETS["cpu"], ["model.n_fet=1"])
 
 
@@ -91,7 +88,7 @@ def test_a_task_grouping_is_given_as_slash_joined_classes():
     from vcl_jax.protocols.split_mnist_config import PRESETS as SPLIT
 
     cfg = override(SPLIT["smoke"], ["data.groups=0/1,2/3,4/5"]).validate()
-    assert cfg.groups == ((0, 1), (2, 3), (4, 5))
+    assert cfg.data.groups == ((0, 1), (2, 3), (4, 5))
     with pytest.raises(ConfigError, match=r"every class must be in 0\.\.9"):
         override(SPLIT["smoke"], ["groups=0/1,2/12"]).validate()
     with pytest.raises(ConfigError, match="names a class twice"):
@@ -154,8 +151,8 @@ def test_a_run_starts_from_another_runs_config(tmp_path, capsys, monkeypatch):
     experiment_main(["--config", str(old), "epochs=4"], doc="", name="x", presets=PRESETS,
                     run=run)
     cfg = seen["cfg"]
-    assert (cfg.kl_scale, cfg.seed, cfg.epochs) == (0.5, 2, 4)
-    assert cfg.n_feat == PRESETS["cpu"].n_feat
+    assert (cfg.vcl.kl_scale, cfg.run.seed, cfg.optim.epochs) == (0.5, 2, 4)
+    assert cfg.model.n_feat == PRESETS["cpu"].model.n_feat
     assert seen["run_dir"] == os.path.join("runs", "x_from-old_run-epochs=4")
     experiment_main(["--config", str(old / "config.json"), "--show-config"], doc="", name="x",
                     presets=PRESETS, run=run)

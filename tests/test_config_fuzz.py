@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vcl_jax.config import ConfigError, override
+from vcl_jax.config import ConfigError, override, section_names
 from vcl_jax.protocols.fisher_analysis import FisherAnalysisConfig
 from vcl_jax.protocols.rank1_ewc_config import PRESETS as RANK1
 from vcl_jax.protocols.split_mnist_config import PRESETS as SPLIT
@@ -33,9 +33,12 @@ _value = st.one_of(
 
 
 def _key(cfg) -> st.SearchStrategy[str]:
-    names = [f.name for f in dataclasses.fields(cfg)]
+    sections = section_names(cfg)
+    names = [f.name for f in dataclasses.fields(cfg) if f.name not in sections]
+    for s in sections:  # each section's fields, written with their section and alone
+        names += [k for f in dataclasses.fields(getattr(cfg, s)) for k in (f"{s}.{f.name}", f.name)]
     odd = ["epochz", "model.n_feat", "", "data.classes", "data.groups", "run.seed",
-           "model.seed", "x.y.z", "."]
+           "model.seed", "x.y.z", ".", "data", "run", "optim.epochs.x"]
     return st.one_of(st.sampled_from(names), st.sampled_from(odd))
 
 

@@ -48,7 +48,7 @@ def test_smoke_writes_every_output(smoke_run):
         assert rec["forgetting"][0] == pytest.approx(
             rec["history"][1]["fd"][0] - rec["history"][0]["fd"][0])
         with np.load(os.path.join(run_dir, d, "samples_task1.npz")) as z:
-            assert z["images"].shape == (4 * cfg.eval_per_class, 28, 28)  # cropped back to 28
+            assert z["images"].shape == (4 * cfg.eval.eval_per_class, 28, 28)  # cropped back to 28
             assert 0 <= z["images"].min() and z["images"].max() <= 1
             assert sorted(set(z["labels"].tolist())) == [0, 1, 2, 3]
     # EWC methods spent time computing a Fisher (ending a task); mle did not. Every phase
@@ -154,13 +154,14 @@ def test_joint_reference_in_unit_range_without_padding(env, tmp_path):
     assert rec["forgetting"] == [0.0, 0.0]
     with np.load(os.path.join(tmp_path, "joint", "samples_task0.npz")) as z:
         assert sorted(set(z["labels"].tolist())) == [0, 1, 2, 3]
-        assert z["images"].shape == (4 * cfg.eval_per_class, 28, 28)
+        assert z["images"].shape == (4 * cfg.eval.eval_per_class, 28, 28)
     assert not os.path.exists(os.path.join(tmp_path, "joint", "samples_task1.npz"))
     # as many steps as a sequential method over the stream: epochs over the union
     with open(os.path.join(tmp_path, "log.jsonl")) as f:
         epochs = [json.loads(ln) for ln in f if '"epoch"' in ln]
     n = sum(len(t.x) for t in tasks)
-    assert len(epochs) == cfg.epochs and epochs[-1]["step"] == cfg.epochs * -(-n // cfg.batch_size)
+    opt = cfg.optim
+    assert len(epochs) == opt.epochs and epochs[-1]["step"] == opt.epochs * -(-n // opt.batch_size)
     assert os.path.isfile(os.path.join(tmp_path, "grid_joint.png"))
 
 
@@ -231,7 +232,7 @@ def test_seeds_table_of_rank1_runs(smoke_run, tmp_path):
 
     run_dir, _, metrics = smoke_run
     other = copy.deepcopy(metrics)
-    other["config"]["seed"] = 1
+    other["config"]["run"]["seed"] = 1
     rec = other["runs"]["ewc_rank1+distill"]
     rec["history"][1]["accuracy"][0] -= 0.5  # seed 1 forgets half its first task's samples
     rec["forgetting"][0] += 10.0

@@ -125,7 +125,7 @@ def test_tasks_of_different_sizes_share_one_compiled_trainer():
     split_mnist.run_one(setup, "mle", tasks, progress=False)
     assert setup.fit_mle._train._cache_size() == 1
     # Padding trains on the real examples only: the padded fit is the unpadded one.
-    params = mlp.init_mlp(jax.random.PRNGKey(1), 12, cfg.hidden, 2, 2)
+    params = mlp.init_mlp(jax.random.PRNGKey(1), 12, cfg.model.hidden, 2, 2)
     task = tasks[1]
     key = jax.random.PRNGKey(2)
     plain, _ = setup.fit_mle(params, (), split_mnist_setup.task_batch(task.x, task.y, 0), key)
@@ -257,7 +257,7 @@ def test_natural_gradient_vcl_runs_and_reports_its_posterior_spread(smoke, tmp_p
     ng = metrics["runs"]["vcl_ng"]["posterior_std"][-1]
     assert sorted(ng) == ["heads", "hidden0", "hidden1"]
     lo, mid, hi = ng["hidden0"]
-    start = 1 / np.sqrt(1 + 64 / cfg.ng_kl_scale * cfg.ng_hess_init)
+    start = 1 / np.sqrt(1 + 64 / cfg.vcl_ng.ng_kl_scale * cfg.vcl_ng.ng_hess_init)
     assert 0 < lo < mid < hi and abs(mid - start) > 0.2 * start
     with pytest.raises(ConfigError, match="ng_kl_scale > 0"):
         override(cfg, ["ng_kl_scale=0"]).validate()

@@ -45,11 +45,11 @@ def test_smoke_writes_every_output(smoke_run):
         assert all(np.isfinite(h["avg_uncertainty"]) and h["avg_uncertainty"] >= 0 for h in hist)
         assert sorted(hist[-1]["per_class"]) == ["0", "1", "2"]
         with np.load(os.path.join(run_dir, name, "samples_task2.npz")) as z:
-            assert z["images"].shape == (3 * cfg.eval_per_class, 28, 28)
+            assert z["images"].shape == (3 * cfg.eval.eval_per_class, 28, 28)
             assert z["images"].min() >= 0 and z["images"].max() <= 1
             assert sorted(set(z["labels"].tolist())) == [0, 1, 2]
     saved = json.load(open(os.path.join(run_dir, "config.json")))
-    assert saved["coreset_sizes"] == [0, 4] and saved["seed"] == cfg.seed
+    assert saved["coreset_sizes"] == [0, 4] and saved["run"]["seed"] == cfg.run.seed
 
 
 def _tb_scalars(folder: str) -> dict[str, list[tuple[int, float]]]:
@@ -87,9 +87,9 @@ def test_smoke_run_logs_every_epoch_and_task_with_its_provenance(smoke_run):
         run = f"{name}_coreset{size}"
         train = [e for e in epochs if e["run"] == run and e["phase"] == "train"]
         tune = [e for e in epochs if e["run"] == run and e["phase"] == "tune"]
-        pre = cfg.vcl_pretrain_epochs if name == "vcl" else 0
-        assert len(train) == 3 * cfg.epochs + pre  # every epoch of every task, pre-training
-        assert len(tune) == (3 * cfg.coreset_epochs if size else 0)
+        pre = cfg.vcl.vcl_pretrain_epochs if name == "vcl" else 0
+        assert len(train) == 3 * cfg.optim.epochs + pre  # every epoch of every task, pre-training
+        assert len(tune) == (3 * cfg.coreset.coreset_epochs if size else 0)
         steps = [e["step"] for e in train]
         assert steps == sorted(steps) and len(set(steps)) == len(steps)
         assert all(np.isfinite(e["loss"]) and e["samples_per_s"] > 0 and e["lr"] > 0
@@ -102,7 +102,7 @@ def test_smoke_run_logs_every_epoch_and_task_with_its_provenance(smoke_run):
     if importlib.util.find_spec("tensorboardX") is None:
         pytest.skip("tensorboardX (the `tensorboard` extra) is not installed")
     tb = _tb_scalars(os.path.join(run_dir, "tb"))
-    assert len(tb["vcl_coreset0/train/loss"]) == 3 * cfg.epochs + cfg.vcl_pretrain_epochs
+    assert len(tb["vcl_coreset0/train/loss"]) == 3 * cfg.optim.epochs + cfg.vcl.vcl_pretrain_epochs
     assert [v for _, v in tb["mle_coreset4/task/avg_uncertainty"]] == pytest.approx(
         [h["avg_uncertainty"] for h in metrics["runs"]["mle_coreset4"]["history"]])
 
@@ -452,11 +452,11 @@ def test_composed_method_vcl_with_rank1_ewc_penalises_the_posterior_means():
     setup = vcl_diffusion_setup.build(cfg)
     params = setup.init_params(jax.random.key(0))
     method = setup.method("vcl+ewc_rank1", params)
-    assert method.name == "vcl+ewc_rank1" and setup.eval_draws(method) == cfg.eval_samples
+    assert method.name == "vcl+ewc_rank1" and setup.eval_draws(method) == cfg.vcl.eval_samples
     x = np.asarray(jax.random.uniform(jax.random.key(1), (6, 28, 28, 1)))
     q, states = method.begin_task(*method.init(params), 0, 6)
     fisher = setup.fisher_data("vcl+ewc_rank1", x, 0, jax.random.key(4))
-    assert fisher["x"].shape[0] == min(cfg.fisher_samples, 6)
+    assert fisher["x"].shape[0] == min(cfg.ewc.fisher_samples, 6)
     assert set(fisher["task"].tolist()) == {0}
     assert setup.fisher_data("vcl", x, 0, jax.random.key(4)) is None
     states = method.end_task(q, states, 0, fisher)
@@ -494,7 +494,7 @@ def test_diagnostics_on_a_smoke_run(smoke_run):
     assert spread and all(r["log_var_min"] <= r["log_var_mean"] <= r["log_var_max"]
                           and r["sigma_over_rms"] > 0 for r in spread)
     # one task moves the log-variances a little from where the first prior put them
-    assert all(abs(r["log_var_mean"] - cfg.log_var_init) < 1 for r in spread)
+    assert all(abs(r["log_var_mean"] - cfg.vcl.log_var_init) < 1 for r in spread)
     with pytest.raises(ValueError, match="no posterior"):
         vcl_diagnostics.spread(run_dir, 0, "mle_coreset0")
     rows = vcl_diagnostics.noise_effect(run_dir, 1, 1, [-10.0], n=2, draws=2, average=True,
@@ -531,7 +531,7 @@ def test_scores_carry_standard_errors_and_rescoring_writes_nothing_over(smoke_ru
 
     run_dir, cfg, metrics = smoke_run
     h = metrics["runs"]["vcl_coreset0"]["history"][-1]
-    assert h["samples_per_class"] == cfg.eval_per_class
+    assert h["samples_per_class"] == cfg.eval.eval_per_class
     assert sorted(h["per_class_stderr"]) == ["0", "1", "2"] and h["avg_stderr"] > 0
     # the average's SE combines the digits' SEs as independent estimates
     se = np.array(list(h["per_class_stderr"].values()))
@@ -564,7 +564,7 @@ def test_seeds_summary_and_targets(tmp_path, capsys):
         hist = lambda avgs: {"history": [{"avg_uncertainty": a, "sample_accuracy": 0.5}
                                          for a in avgs]}
         cont = lambda f, r: {"forgetting": f, "right_after": r}
-        return {"config": {"seed": seed}, "runs": {"mle_coreset0": hist(mle),
+        return {"config": {"run": {"seed": seed}}, "runs": {"mle_coreset0": hist(mle),
                                                     "vcl_coreset0": hist(vcl)},
                 "continual": {"mle_coreset0": cont(*scores[0]), "vcl_coreset0": cont(*scores[1])}}
 

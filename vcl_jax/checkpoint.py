@@ -27,7 +27,8 @@ PyTree = Any
 # meaning of its config's fields. Raised whenever one of them changes; a run directory
 # written by another format is refused by name (there are no per-field upgrades).
 # 3: formats recorded in config.json and every checkpoint; methods named in one grammar.
-RUN_FORMAT = 3
+# 4: configs in sections (config.json nested; checkpoints keyed by ``section.field``).
+RUN_FORMAT = 4
 
 
 class ConfigMismatchError(ValueError):

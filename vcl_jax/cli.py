@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 from vcl_jax import distributed
 from vcl_jax.checkpoint import CheckpointError, ConfigMismatchError, read_run_config
-from vcl_jax.config import ConfigError, config_text, from_dict, override, preset, to_dict
+from vcl_jax.config import ConfigError, config_text, flat_dict, from_dict, override, preset
 from vcl_jax.data.errors import DataError
 from vcl_jax.interrupt import Terminated, on_signal, stop_if_requested
 from vcl_jax.run_lock import RunLockedError
@@ -80,9 +80,11 @@ def default_run_dir(name: str, preset_name: str, base, cfg) -> str:
     """``runs/<name>_<preset>``, followed by every setting that differs from the preset
     (``runs/vcl_diffusion_cpu-seed=1``), so that each config gets a directory of its own;
     the data folder is not part of it."""
-    want, have = to_dict(base), to_dict(cfg)
+    want, have = flat_dict(base), flat_dict(cfg)
     fmt = lambda v: ",".join(map(str, v)) if isinstance(v, list | tuple) else str(v)  # noqa: E731
-    changed = [f"{k}={fmt(v)}" for k, v in have.items() if k != "data_dir" and v != want[k]]
+    # a field by its name alone (each names one field of an experiment's config)
+    changed = [f"{k.rsplit('.', 1)[-1]}={fmt(v)}" for k, v in have.items()
+               if k != "data.data_dir" and v != want[k]]
     folder = "-".join([f"{name}_{preset_name}", *changed])
     return os.path.join("runs", folder.replace(os.sep, "_").replace(" ", ""))
 

@@ -1,14 +1,16 @@
-"""Config helpers: frozen dataclasses as the one config object of a run.
+"""Config helpers: a run's config is a frozen dataclass of sections.
 
-Overrides come from the command line as ``key=value`` strings and are parsed
-by the type of the field they replace (ints, floats, bools, strings, tuples
-as comma-separated lists, tuples of tuples as comma-separated groups of
-``/``-separated items such as ``groups=0/1,2/3``, ``none`` for optional fields).
+An experiment's config holds its sweep (``methods``, and for VCL-diffusion ``coreset_sizes``)
+as plain fields and everything else in sections — frozen dataclasses of their own, one per
+concern (``data``, ``model``, ``diffusion``, ``optim``, each method's settings, ``eval``,
+``run``); :mod:`vcl_jax.sections` holds the ones the experiments share. Each part of an
+experiment is built from its own section (``unet(cfg.model, …)``).
 
-A config class groups its fields into sections (``SECTIONS``, a class variable
-mapping a section of :data:`SECTION_ORDER` to its fields), so a key may also be
-written with its section, ``model.n_feat=32``; :func:`config_text` prints a config
-by section.
+Overrides come from the command line as ``key=value`` strings, where ``key`` is
+``section.field`` or a field's name alone when only one section has it (``seed=1`` is
+``run.seed=1``). The value is parsed by the type of the field it replaces (ints, floats,
+bools, strings, tuples as comma-separated lists, tuples of tuples as comma-separated
+groups of ``/``-separated items such as ``groups=0/1,2/3``, ``none`` for optional fields).
 """
 
 from __future__ import annotations
@@ -25,48 +27,61 @@ class ConfigError(ValueError):
     """An unknown preset, key, or impossible setting."""
 
 
-# The sections of every experiment's config, in the order they are shown: where the data
-# and tasks come from, the network, the noise process, the optimiser, which methods run,
-# each method's own settings, the evaluation, and the run itself.
-SECTION_ORDER = ("data", "model", "diffusion", "optim", "methods", "vcl", "vcl_ng", "ewc",
-                 "coreset", "replay", "eval", "run")
+def _is_section(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
-def field_sections(cls: type) -> dict[str, str]:
-    """Each field of the config class ``cls`` → its section (from ``cls.SECTIONS``).
+def section_names(cfg: Any) -> list[str]:
+    """The fields of ``cfg`` that are sections, in their order."""
+    return [f.name for f in dataclasses.fields(cfg) if _is_section(getattr(cfg, f.name))]
 
-    Raises:
-      TypeError: ``cls`` has no ``SECTIONS``, or they do not name each field exactly once
-        (a mistake in the config class, not in its user's settings).
-    """
-    table = getattr(cls, "SECTIONS", None)
-    if table is None:
-        raise TypeError(f"{cls.__name__} declares no SECTIONS")
-    where: dict[str, str] = {}
-    for section, names in table.items():
-        if section not in SECTION_ORDER:
-            raise TypeError(f"{cls.__name__}.SECTIONS: unknown section {section!r}")
-        for name in names:
-            if name in where:
-                raise TypeError(f"{cls.__name__}.SECTIONS names {name!r} twice")
-            where[name] = section
-    fields = [f.name for f in dataclasses.fields(cls)]
-    if set(where) != set(fields):
-        raise TypeError(f"{cls.__name__}.SECTIONS: fields without a section "
-                        f"{sorted(set(fields) - set(where))}, names that are no field "
-                        f"{sorted(set(where) - set(fields))}")
-    return where
+
+def _locate(cfg: Any, key: str) -> tuple[str | None, str]:
+    """(section, field) of an override's key: ``n_feat`` or ``model.n_feat``; the section
+    is None for a plain field of ``cfg`` itself."""
+    top = {f.name for f in dataclasses.fields(cfg)}
+    sections = section_names(cfg)
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in sections:
+            raise ConfigError(f"unknown config section {section!r} in {key!r}; known: "
+                              f"{', '.join(sections)}")
+        fields = {f.name for f in dataclasses.fields(getattr(cfg, section))}
+        if name not in fields:
+            homes = [s for s in sections
+                     if name in {f.name for f in dataclasses.fields(getattr(cfg, s))}]
+            if homes:
+                raise ConfigError(f"{key!r}: {name} is in section {homes[0]!r}, not "
+                                  f"{section!r} (write {homes[0]}.{name}, or {name})")
+            raise ConfigError(f"unknown config key {name!r} in section {section!r}; known: "
+                              f"{', '.join(sorted(fields))}")
+        return section, name
+    if key in top and key not in sections:
+        return None, key
+    homes = [s for s in sections
+             if key in {f.name for f in dataclasses.fields(getattr(cfg, s))}]
+    if len(homes) == 1:
+        return homes[0], key
+    if len(homes) > 1:
+        raise ConfigError(f"{key!r} is in sections {', '.join(homes)}: write "
+                          f"{homes[0]}.{key} (or another)")
+    known = sorted([n for n in top if n not in sections]
+                   + [f"{s}.{f.name}" for s in sections
+                      for f in dataclasses.fields(getattr(cfg, s))])
+    raise ConfigError(f"unknown config key {key!r}; known: {', '.join(known)}")
 
 
 def config_text(cfg: Any) -> str:
-    """``cfg`` as text, one ``[section]`` heading per section and ``key = value`` lines."""
-    where = field_sections(type(cfg))
-    lines = []
-    for section in SECTION_ORDER:
-        names = [f.name for f in dataclasses.fields(cfg) if where[f.name] == section]
-        if names:
-            lines.append(f"[{section}]")
-            lines += [f"  {name} = {_show(getattr(cfg, name))}" for name in names]
+    """``cfg`` as text: its plain fields as ``key = value`` lines, then one ``[section]``
+    heading per section with its ``key = value`` lines (each line an override)."""
+    sections = section_names(cfg)
+    lines = [f"{f.name} = {_show(getattr(cfg, f.name))}" for f in dataclasses.fields(cfg)
+             if f.name not in sections]
+    for section in sections:
+        part = getattr(cfg, section)
+        lines.append(f"[{section}]")
+        lines += [f"  {f.name} = {_show(getattr(part, f.name))}"
+                  for f in dataclasses.fields(part)]
     return "\n".join(lines)
 
 
@@ -79,45 +94,61 @@ def _show(value: Any) -> str:
     return str(value)
 
 
-def _field_name(cls: type, key: str) -> str:
-    """The field an override's key names: ``n_feat`` or ``model.n_feat``."""
-    if "." not in key:
-        return key
-    section, name = key.split(".", 1)
-    if not hasattr(cls, "SECTIONS"):
-        raise ConfigError(f"{key!r}: {cls.__name__} has no sections; write the key alone")
-    where = field_sections(cls)
-    if section not in SECTION_ORDER:
-        raise ConfigError(f"unknown config section {section!r} in {key!r}; known: "
-                          f"{', '.join(s for s in SECTION_ORDER if s in where.values())}")
-    if name in where and where[name] != section:
-        raise ConfigError(f"{key!r}: {name} is in section {where[name]!r}, not {section!r} "
-                          f"(write {where[name]}.{name}, or {name})")
-    return name
-
-
 def to_dict(cfg: Any) -> dict:
-    """A JSON-able dict of a config dataclass (tuples become lists)."""
+    """A JSON-able dict of a config dataclass, sections as nested dicts (tuples → lists)."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
 
 
-def sections_dict(cfg: Any, unused: set[str]) -> dict:
-    """:func:`to_dict` of ``cfg`` without the fields of the sections in ``unused`` (e.g. a
-    sub-run's identity: the sections its method uses)."""
-    where = field_sections(type(cfg))
-    return {k: v for k, v in to_dict(cfg).items() if where[k] not in unused}
+def flat_dict(cfg: Any, unused: set[str] = frozenset()) -> dict:
+    """:func:`to_dict` of ``cfg`` as ``{"section.field": value}`` (plain fields by their
+    name), without the sections in ``unused`` (e.g. a sub-run's identity: the sections its
+    method uses)."""
+    return flatten({k: v for k, v in to_dict(cfg).items() if k not in unused})
+
+
+def flatten(raw: dict) -> dict:
+    """A config's dict (:func:`to_dict`) as ``{"section.field": value}``."""
+    out = {}
+    for name, value in raw.items():
+        if isinstance(value, dict):
+            out.update({f"{name}.{k}": v for k, v in value.items()})
+        else:
+            out[name] = value
+    return out
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
 
 
 def from_dict(cls: type[C], raw: dict) -> C:
     """The inverse of :func:`to_dict`: a config from a saved dict (lists become tuples).
 
     Raises:
-      ConfigError: keys that are no field of ``cls`` (another experiment's config).
+      ConfigError: keys that are no field of ``cls`` or of its sections (another
+        experiment's config).
     """
-    unknown = sorted(set(raw) - {f.name for f in dataclasses.fields(cls)})
+    if not isinstance(raw, dict):
+        raise ConfigError(f"not a {cls.__name__}: expected a dict, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - fields)
+    values = {}
+    for name, value in raw.items():
+        if name not in fields:
+            continue
+        if dataclasses.is_dataclass(hints[name]):
+            sub = {f.name for f in dataclasses.fields(hints[name])}
+            unknown += [f"{name}.{k}" for k in sorted(set(value) - sub)] if isinstance(
+                value, dict) else [name]
+            if isinstance(value, dict):
+                values[name] = hints[name](**{k: _tuples(v) for k, v in value.items()
+                                              if k in sub})
+        else:
+            values[name] = _tuples(value)
     if unknown:
         raise ConfigError(f"not a {cls.__name__}: unknown keys {', '.join(unknown)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+    return cls(**values)
 
 
 _ELEMENT = object()  # the `current` of a tuple's element: "none" is not an element
@@ -152,25 +183,28 @@ def _parse(raw: str, current: Any, hint: Any, key: str, seps: str = ",/") -> Any
 
 
 def override(cfg: C, overrides: list[str] | None) -> C:
-    """Returns ``cfg`` with ``key=value`` overrides applied (``key`` or ``section.key``).
+    """Returns ``cfg`` with ``key=value`` overrides applied (``section.key`` or ``key``).
 
     Raises:
-      ConfigError: a malformed override, an unknown key, or a value of the wrong type.
+      ConfigError: a malformed override, an unknown or ambiguous key, or a value of the
+        wrong type.
     """
     if not overrides:
         return cfg
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
-    hints = typing.get_type_hints(type(cfg))
-    changes = {}
+    changes: dict[str | None, dict[str, Any]] = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
-        key = _field_name(type(cfg), key.strip())
-        if key not in fields:
-            raise ConfigError(f"unknown config key {key!r}; known: {', '.join(sorted(fields))}")
-        changes[key] = _parse(raw.strip(), getattr(cfg, key), hints[key], key)
-    return dataclasses.replace(cfg, **changes)
+        section, name = _locate(cfg, key.strip())
+        owner = cfg if section is None else getattr(cfg, section)
+        hint = typing.get_type_hints(type(owner))[name]
+        changes.setdefault(section, {})[name] = _parse(raw.strip(), getattr(owner, name), hint,
+                                                       key.strip())
+    top = changes.pop(None, {})
+    for section, fields in changes.items():
+        top[section] = dataclasses.replace(getattr(cfg, section), **fields)
+    return dataclasses.replace(cfg, **top)
 
 
 def check_choice(what: str, value: Any, accepted: tuple) -> None:
@@ -207,39 +241,4 @@ def class_checks(what: str, classes: tuple[int, ...], n_classes: int | None
         (n_classes is None or all(0 <= c < n_classes for c in classes),
          f"{what}: every class must be in 0..{(n_classes or 1) - 1}, got {classes}"),
         (len(set(classes)) == len(classes), f"{what} names a class twice: {classes}"),
-    ]
-
-
-def diffusion_checks(cfg: Any) -> list[tuple[bool, str]]:
-    """The checks both diffusion experiments' configs share: the U-Net's widths, the noise
-    schedule, the guidance and the sampler's steps (fields of the same names)."""
-    finite = lambda v: v == v and abs(v) != float("inf")  # noqa: E731 - NaN ≠ NaN
-    return [
-        (cfg.n_feat >= 1, f"n_feat must be ≥ 1, got {cfg.n_feat}"),
-        (cfg.embed_dim >= 1, f"embed_dim must be ≥ 1, got {cfg.embed_dim}"),
-        (cfg.T >= 1, f"T must be ≥ 1, got {cfg.T}"),
-        (0 < cfg.beta_1 <= cfg.beta_T < 1,
-         f"need 0 < beta_1 ≤ beta_T < 1, got beta_1={cfg.beta_1}, beta_T={cfg.beta_T}"),
-        (getattr(cfg, "sampler", "ddim") != "ddim" or 1 <= cfg.ddim_steps <= cfg.T,
-         f"ddim_steps must be in 1..T={cfg.T}, got {cfg.ddim_steps}"),
-        (all(finite(getattr(cfg, g)) for g in ("guidance", "eval_guidance", "replay_guidance")
-             if hasattr(cfg, g)), "guidance weights must be finite numbers"),
-        (cfg.seed >= 0, f"seed must be ≥ 0, got {cfg.seed}"),
-    ]
-
-
-def natural_gradient_checks(cfg: Any, used: bool, kl_field: str = "kl_scale"
-                            ) -> list[tuple[bool, str]]:
-    """The checks of the natural-gradient VCL fields (``ng_*``) every experiment shares;
-    ``used``: whether a run of the config trains by them (then its KL weight, the field
-    ``kl_field``, must be > 0)."""
-    return [
-        (getattr(cfg, kl_field) > 0 or not used,
-         f"natural-gradient VCL needs {kl_field} > 0 (its effective sample size is "
-         f"N/{kl_field})"),
-        (cfg.ng_learning_rate > 0, f"ng_learning_rate must be > 0, got {cfg.ng_learning_rate}"),
-        (cfg.ng_hess_init > 0, f"ng_hess_init must be > 0, got {cfg.ng_hess_init}"),
-        (0 <= cfg.ng_b1 < 1 and 0 <= cfg.ng_b2 < 1,
-         f"ng_b1 and ng_b2 must be in [0, 1), got {cfg.ng_b1}, {cfg.ng_b2}"),
-        (cfg.ng_clip is None or cfg.ng_clip > 0, f"ng_clip must be > 0 or none, got {cfg.ng_clip}"),
     ]

@@ -65,8 +65,10 @@ def load_run(run_dir: str, method: str | None = None, task: int | None = None,
     if not os.path.isfile(path):
         raise ConfigError(f"{run_dir} is not a rank1_ewc run directory (no config.json)")
     raw = read_run_config(run_dir)
-    raw["data_dir"] = data_dir or raw.get("data_dir")
-    cfg = from_dict(Rank1EWCConfig, raw).validate()
+    cfg = from_dict(Rank1EWCConfig, raw)
+    if data_dir:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir))
+    cfg.validate()
     method = method or cfg.methods[0]
     if method not in cfg.methods:
         raise ConfigError(f"method {method!r} is not in this run: {', '.join(cfg.methods)}")
@@ -75,14 +77,14 @@ def load_run(run_dir: str, method: str | None = None, task: int | None = None,
     folder = os.path.join(run_dir, rank1_ewc_config.parse_method(method).dir, "checkpoints")
     if not os.path.isdir(folder):
         raise ConfigError(f"no checkpoints for {method!r} in {run_dir}")
-    ckpt = rank1_ewc.method_checkpoints(folder, cfg, method, ignore=("data_dir",))
+    ckpt = rank1_ewc.method_checkpoints(folder, cfg, method)
     steps = ckpt.all_steps()
     task = steps[-1] if task is None else task
     if task not in steps:
         raise ConfigError(f"{method!r} has checkpoints after tasks {steps}, not {task}")
     m = setup.method(method)
     params = setup.init_params(jax.random.key(0))
-    like = {"train": TrainState.create(m, adam(cfg.learning_rate), params)}
+    like = {"train": TrainState.create(m, adam(cfg.optim.learning_rate), params)}
     restored, _ = ckpt.restore(task, like)
     ckpt.close()
     return setup, tasks, restored["train"].trainable, method, task

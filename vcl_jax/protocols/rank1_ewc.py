@@ -34,8 +34,8 @@ import numpy as np
 from vcl_jax import checkpoint, distributed, runlog
 from vcl_jax.config import to_dict
 from vcl_jax.continual import TrainData
-from vcl_jax.data import data_record, identity
-from vcl_jax.eval.classifier import EvalClassifier, get_classifier
+from vcl_jax.data import identity
+from vcl_jax.eval.classifier import EvalClassifier
 from vcl_jax.eval.metrics import gaussian_stats
 from vcl_jax.protocols.rank1_ewc_config import (
     Rank1EWCConfig,
@@ -94,9 +94,10 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClas
     params = setup.init_params(keys.init)
     method = setup.method(name)
     spec = parse_method(name)
-    opt = adam(cfg.learning_rate)
+    opt = adam(cfg.optim.learning_rate)
     state = TrainState.create(method, opt, params)
-    runner = EpochRunner(make_train_step(method, opt, data_sharding()), cfg.batch_size, cfg.unroll)
+    runner = EpochRunner(make_train_step(method, opt, data_sharding()), cfg.optim.batch_size,
+                         cfg.optim.unroll)
     ckpt = method_checkpoints(os.path.join(out_dir, "checkpoints"), cfg, name, data=data_id)
 
     def prepare(d, state):
@@ -117,7 +118,8 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClas
 
     record = run_sequence(
         method, state, len(stream), prepare=prepare, evaluate=evaluate_task,
-        train=epoch_trainer(runner, TrainSchedule(cfg.epochs, cfg.learning_rate, cfg.lr_decay),
+        train=epoch_trainer(runner, TrainSchedule(cfg.optim.epochs, cfg.optim.learning_rate,
+                                                  cfg.optim.lr_decay),
                             where="rank1_ewc", progress=progress),
         task_keys=fold_keys(keys.train), ckpt=ckpt, out_dir=out_dir, name=name, progress=progress,
         describe=lambda m: (f"avg FD-classifier {m['avg_fd']:.3f}, sample accuracy "
@@ -158,15 +160,13 @@ def run(cfg: Rank1EWCConfig, run_dir: str, *, progress: bool = True) -> dict:
 
     cfg.validate()
     tasks, data_shape = load_tasks(cfg)
-    data = data_record(cfg.dataset, cfg.data_dir, cfg.data_variant, [len(t.x) for t in tasks],
-                  [a for t in tasks for a in (t.x, t.c)])
+    data = cfg.data.record([len(t.x) for t in tasks], [a for t in tasks for a in (t.x, t.c)])
     check_run_dir(run_dir, cfg, identity(data))
     setup = build(cfg, data_shape)
     primary = distributed.is_primary()
     with RunLock(run_dir):
-        classifier = distributed.primary_first(lambda: get_classifier(
-            cfg.dataset, data_dir=cfg.data_dir, variant=cfg.data_variant,
-            epochs=cfg.classifier_epochs, progress=progress), "classifier")
+        classifier = distributed.primary_first(lambda: cfg.data.classifier(
+            cfg.eval.classifier_epochs, progress=progress), "classifier")
         ref_stats = [gaussian_stats(classifier.features(t.reference)) for t in tasks]
         if primary:
             checkpoint.write_run_config(run_dir, to_dict(cfg))

@@ -21,18 +21,20 @@ def write(run_dir: str, cfg: Rank1EWCConfig, results: dict, data: dict,
         n_evals = 1 if name == "joint" else len(rec["history"])
         rows = plots.grid_rows(os.path.join(run_dir, parse_method(name).dir), n_evals)
         plots.sample_grid(os.path.join(run_dir, f"grid_{parse_method(name).dir}.png"), rows,
-                          list(cfg.classes), f"{name}: row i = after task i, column j = class j")
+                          list(cfg.data.classes),
+                          f"{name}: row i = after task i, column j = class j")
     avg = {name: [h["avg_fd"] for h in rec["history"]] for name, rec in results.items()}
     plots.curves(os.path.join(run_dir, "fd.png"), avg, xlabel="tasks seen",
                  ylabel="average FD-classifier over seen tasks",
-                 title=f"{cfg.dataset}: average FD-classifier (lower is better)")
-    n = len(cfg.classes) // 2
-    ref = "validation" if cfg.eval_split == "validation" else "test"
-    lines = [f"# Rank-1 EWC — {cfg.dataset}", "",
+                 title=f"{cfg.data.dataset}: average FD-classifier (lower is better)")
+    n = len(cfg.data.classes) // 2
+    ref = "validation" if cfg.eval.eval_split == "validation" else "test"
+    lines = [f"# Rank-1 EWC — {cfg.data.dataset}", "",
              data_text(data) + " " + classifier_text(classifier_info), "",
              f"FD-classifier: Fréchet distance in the evaluation classifier's feature space "
-             f"(not FID) between {cfg.eval_per_class} DDIM-{cfg.ddim_steps} samples per class "
-             f"(η = {cfg.eval_eta:g}, guidance {cfg.eval_guidance:g}) "
+             f"(not FID) between {cfg.eval.eval_per_class} DDIM-{cfg.replay.ddim_steps} samples "
+             f"per class "
+             f"(η = {cfg.eval.eval_eta:g}, guidance {cfg.eval.eval_guidance:g}) "
              f"and the task's {ref} images; averaged over the tasks seen so far. Forgetting of "
              "a task: its FD after the last task minus its FD right after it was learned, "
              "averaged over all tasks but the last. Lower is better for both.", "",
@@ -82,7 +84,7 @@ def across_seeds(metrics: list[dict]) -> dict:
     :func:`scores`, each as (mean, SE) over seeds; and the paired differences of forgetting
     (FD and accuracy) between the paper's method and the two it claims to beat."""
     names = [n for n in metrics[0]["runs"] if all(n in m["runs"] for m in metrics)]
-    out = {"seeds": [m["config"]["seed"] for m in metrics], "runs": {}, "differences": {},
+    out = {"seeds": [m["config"]["run"]["seed"] for m in metrics], "runs": {}, "differences": {},
            "reference_accuracy": metrics[0].get("reference_accuracy")}
     per_seed = {name: [scores(m["runs"][name]) for m in metrics] for name in names}
     for name in names:

@@ -16,13 +16,11 @@ import numpy as np
 from vcl_jax.config import ConfigError
 from vcl_jax.continual import distillation, generative_replay, methods, mle
 from vcl_jax.continual.base import stack
-from vcl_jax.data import TaskStream, load, pad_to, to_float, to_unit
+from vcl_jax.data import TaskStream, pad_to, to_float, to_unit
 from vcl_jax.diffusion.generate import generate
 from vcl_jax.diffusion.loss import example_loss_at, fisher_examples, noised_batch
-from vcl_jax.diffusion.schedule import linear_schedule
 from vcl_jax.eval.classifier import EvalClassifier
 from vcl_jax.eval.metrics import frechet_distance, gaussian_stats
-from vcl_jax.models.layers import resolve_impl
 from vcl_jax.models.unet import ContextUNet, init_unet
 from vcl_jax.protocols.rank1_ewc_config import Rank1EWCConfig, parse_method
 
@@ -36,7 +34,7 @@ class TaskData:
     Attributes:
       classes: dataset labels of the task.
       x: ``[N, S, S, C]`` training images in model space ([−1, 1], padded).
-      c: ``[N]`` class index (position in ``cfg.classes``: the U-Net's embedding).
+      c: ``[N]`` class index (position in ``cfg.data.classes``: the U-Net's embedding).
       reference: ``[M, H, W, C]`` images in [0, 1] at the dataset's size (test or
         validation) that the task's samples are compared with.
       reference_labels: ``[M]`` their dataset labels.
@@ -61,7 +59,7 @@ class Setup:
 
     @property
     def stream(self) -> TaskStream:
-        return TaskStream.pairs(self.cfg.classes)
+        return TaskStream.pairs(self.cfg.data.classes)
 
     def init_params(self, key: jax.Array) -> dict:
         return init_unet(self.model, key, self.shape)
@@ -75,7 +73,7 @@ class Setup:
         x, c = batch["x"], batch["c"]
         n_real = x.shape[0]
         if "pool_x" in batch:
-            m = self.cfg.replay_batch or self.cfg.batch_size
+            m = self.cfg.replay.replay_batch or self.cfg.optim.batch_size
             idx = jax.random.randint(key, (m,), 0, batch["pool_n"])
             x = jnp.concatenate([x, batch["pool_x"][idx]])
             c = jnp.concatenate([c, batch["pool_c"][idx]])
@@ -85,7 +83,7 @@ class Setup:
         """Mean per-pixel ε-MSE over the real (and replayed) images."""
         k_mix, k_noise = jax.random.split(key)
         x0, c, _ = self._mixed(batch, k_mix)
-        xt, t, noise, keep = noised_batch(self.sched, k_noise, x0, self.cfg.p_uncond)
+        xt, t, noise, keep = noised_batch(self.sched, k_noise, x0, self.cfg.diffusion.p_uncond)
         pred = self.eps_fn(params)(xt, t / self.sched.T, c, keep)
         return jnp.mean((pred - noise) ** 2)
 
@@ -94,7 +92,7 @@ class Setup:
         ``distill_weight`` · MSE(student ε̂, teacher ε̂) on the noised replay images."""
         k_mix, k_noise = jax.random.split(key)
         x0, c, n_real = self._mixed(batch, k_mix)
-        xt, t, noise, keep = noised_batch(self.sched, k_noise, x0, self.cfg.p_uncond)
+        xt, t, noise, keep = noised_batch(self.sched, k_noise, x0, self.cfg.diffusion.p_uncond)
         pred = self.eps_fn(params)(xt, t / self.sched.T, c, keep)
         eps_loss = jnp.mean((pred - noise) ** 2)
         if "pool_x" not in batch:
@@ -102,7 +100,7 @@ class Setup:
         sl = slice(n_real, None)
         target = self.eps_fn(teacher)(xt[sl], t[sl] / self.sched.T, c[sl], keep[sl])
         dist = jnp.mean((pred[sl] - target) ** 2)
-        return eps_loss + self.cfg.distill_weight * dist, {"loss": eps_loss, "distill": dist}
+        return eps_loss + self.cfg.replay.distill_weight * dist, {"loss": eps_loss, "distill": dist}
 
     def example_loss(self, params, example):
         """ε-MSE of one example at its own (fixed) timestep and noise (the Fisher's)."""
@@ -118,7 +116,7 @@ class Setup:
             "mle": lambda: mle(self.batch_loss),
             "distill": lambda: distillation(self.loss_with_teacher),
             **methods.penalty_factories(self.example_loss, n_tasks=len(self.stream),
-                                        lam=cfg.ewc_lambda, chunk=cfg.fisher_chunk),
+                                        lam=cfg.ewc.ewc_lambda, chunk=cfg.ewc.fisher_chunk),
             "replay": lambda: generative_replay(lambda params, d: replay_pool(
                 self, params, d, jax.random.fold_in(k_replay, d))),
         })
@@ -136,49 +134,47 @@ class RunKeys(NamedTuple):
 
 
 def run_keys(cfg: Rank1EWCConfig) -> RunKeys:
-    return RunKeys(*jax.random.split(jax.random.key(cfg.seed), 5))
+    return RunKeys(*jax.random.split(jax.random.key(cfg.run.seed), 5))
 
 
 def build(cfg: Rank1EWCConfig, data_shape: tuple[int, int, int]) -> Setup:
     """``data_shape``: the dataset's ``(H, W, C)``."""
     cfg.validate()
     h, _, c = data_shape
-    if h > cfg.image_size:
-        raise ConfigError(f"image_size {cfg.image_size} is smaller than the images ({h}×{h})")
-    model = ContextUNet(n_feat=cfg.n_feat, n_tasks=len(cfg.classes), channels=c,
-                        embed_dim=cfg.embed_dim, impl=resolve_impl(cfg.conv_impl, False),
-                        context=cfg.context, weight_init=cfg.weight_init)
-    return Setup(cfg, model, linear_schedule(cfg.T, cfg.beta_1, cfg.beta_T),
-                 (cfg.image_size, cfg.image_size, c), h)
+    if h > cfg.data.image_size:
+        raise ConfigError(f"image_size {cfg.data.image_size} is smaller than the images ({h}×{h})")
+    size = cfg.data.image_size
+    return Setup(cfg, cfg.model.module(len(cfg.data.classes), c), cfg.diffusion.schedule(),
+                 (size, size, c), h)
 
 
 def load_tasks(cfg: Rank1EWCConfig) -> tuple[list[TaskData], tuple[int, int, int]]:
     """Training images per task (minus the validation hold-out) and FD references."""
-    train = load(cfg.dataset, "train", data_dir=cfg.data_dir, variant=cfg.data_variant)
-    test = load(cfg.dataset, "test", data_dir=cfg.data_dir, variant=cfg.data_variant)
-    stream = TaskStream.pairs(cfg.classes)
-    rng = np.random.default_rng(cfg.seed)
+    data = cfg.data
+    train, test = data.load("train"), data.load("test")
+    stream = TaskStream.pairs(data.classes)
+    rng = np.random.default_rng(cfg.run.seed)
     tasks = []
     for group in stream.groups:
         xs, cs, vals, val_labels = [], [], [], []
         for label in group:
             images = train.images[train.labels == label]
             if len(images) == 0:
-                raise ConfigError(f"class {label} has no training images in {cfg.dataset}")
+                raise ConfigError(f"class {label} has no training images in {cfg.data.dataset}")
             order = rng.permutation(len(images))
-            n_val = cfg.validation_per_class
+            n_val = cfg.data.validation_per_class
             if n_val >= len(images):
                 raise ConfigError(f"validation_per_class={n_val} leaves no training image of "
                                   f"class {label} ({len(images)} in all)")
             val, rest = images[order[:n_val]], images[order[n_val:]]
-            rest = rest[: cfg.max_per_class] if cfg.max_per_class else rest
+            rest = rest[: cfg.data.max_per_class] if cfg.data.max_per_class else rest
             xs.append(rest)
-            cs.append(np.full(len(rest), cfg.classes.index(label), np.int32))
+            cs.append(np.full(len(rest), cfg.data.classes.index(label), np.int32))
             vals.append(val)
             val_labels.append(np.full(len(val), label, np.int32))
-        x = pad_to(to_float(np.concatenate(xs), cfg.pixel_range), cfg.image_size,
-                   value=black(cfg.pixel_range))
-        if cfg.eval_split == "validation":
+        x = pad_to(to_float(np.concatenate(xs), cfg.data.pixel_range), cfg.data.image_size,
+                   value=black(cfg.data.pixel_range))
+        if cfg.eval.eval_split == "validation":
             ref, ref_labels = np.concatenate(vals), np.concatenate(val_labels)
         else:
             mask = np.isin(test.labels, group)
@@ -203,7 +199,7 @@ def sample_clip(pixel_range: str) -> tuple[float, float] | None:
 
 def _to_data_space(setup: Setup, x: np.ndarray) -> np.ndarray:
     """Model-space samples ``[N, S, S, C]`` → [0, 1] at the dataset's size (centre crop)."""
-    x = to_unit(x, setup.cfg.pixel_range)
+    x = to_unit(x, setup.cfg.data.pixel_range)
     off = (setup.shape[0] - setup.data_size) // 2
     return x[:, off:off + setup.data_size, off:off + setup.data_size, :]
 
@@ -212,12 +208,13 @@ def replay_pool(setup: Setup, params: dict, task: int, key: jax.Array) -> dict:
     """``replay_per_class`` DDIM samples of every class of tasks ``< task``, padded to the
     size of the largest pool of the stream (one compiled train step for all tasks)."""
     cfg = setup.cfg
-    old = [cfg.classes.index(c) for g in setup.stream.groups[:task] for c in g]
-    cls = np.repeat(np.asarray(old, np.int32), cfg.replay_per_class)
+    old = [cfg.data.classes.index(c) for g in setup.stream.groups[:task] for c in g]
+    rp = cfg.replay
+    cls = np.repeat(np.asarray(old, np.int32), rp.replay_per_class)
     x = generate(setup.model, stack(params, 1), setup.sched, key, cls, setup.shape,
-                 sampler="ddim", guidance=cfg.replay_guidance, ddim_steps=cfg.ddim_steps,
-                 eta=cfg.replay_eta, clip=sample_clip(cfg.pixel_range))
-    largest = cfg.replay_per_class * (len(cfg.classes) - len(setup.stream.groups[-1]))
+                 sampler="ddim", guidance=rp.replay_guidance, ddim_steps=rp.ddim_steps,
+                 eta=rp.replay_eta, clip=sample_clip(cfg.data.pixel_range))
+    largest = rp.replay_per_class * (len(cfg.data.classes) - len(setup.stream.groups[-1]))
     pool_x = np.zeros((largest, *setup.shape), np.float32)
     pool_c = np.zeros((largest,), np.int32)
     pool_x[: len(cls)], pool_c[: len(cls)] = x, cls
@@ -229,8 +226,8 @@ def fisher_data(setup: Setup, task: TaskData, key: jax.Array) -> dict:
     """``fisher_samples`` of the task's real training images, each with its own timestep
     (uniform in ``fisher_t_min..fisher_t_max``) and noise."""
     cfg = setup.cfg
-    return fisher_examples(key, task.x, task.c, cfg.fisher_samples, T=cfg.T,
-                           t_min=cfg.fisher_t_min, t_max=cfg.fisher_t_max)
+    return fisher_examples(key, task.x, task.c, cfg.ewc.fisher_samples, T=cfg.diffusion.T,
+                           t_min=cfg.ewc.fisher_t_min, t_max=cfg.ewc.fisher_t_max)
 
 
 def evaluate(setup: Setup, params: dict, tasks: list[TaskData], upto: int, key: jax.Array,
@@ -243,11 +240,11 @@ def evaluate(setup: Setup, params: dict, tasks: list[TaskData], upto: int, key: 
     """
     cfg = setup.cfg
     labels = np.asarray([c for t in tasks[: upto + 1] for c in t.classes], np.int32)
-    labels = np.repeat(labels, cfg.eval_per_class)
-    cls = np.asarray([cfg.classes.index(int(c)) for c in labels], np.int32)
+    labels = np.repeat(labels, cfg.eval.eval_per_class)
+    cls = np.asarray([cfg.data.classes.index(int(c)) for c in labels], np.int32)
     x = generate(setup.model, stack(params, 1), setup.sched, key, cls, setup.shape,
-                 sampler="ddim", guidance=cfg.eval_guidance, ddim_steps=cfg.ddim_steps,
-                 eta=cfg.eval_eta, clip=sample_clip(cfg.pixel_range))
+                 sampler="ddim", guidance=cfg.eval.eval_guidance, ddim_steps=cfg.replay.ddim_steps,
+                 eta=cfg.eval.eval_eta, clip=sample_clip(cfg.data.pixel_range))
     images = _to_data_space(setup, x)
     feats = classifier.features(images)
     pred = classifier.log_probs(images).argmax(-1)

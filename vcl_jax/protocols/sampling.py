@@ -82,7 +82,7 @@ def sample_from_run(run_dir: str, *, task: int | None = None, digits: list[int] 
       ``images [N, H, W]`` in [0, 1] and ``labels [N]``).
     """
     cfg, setup, m, method, task, restored = load_checkpoint(run_dir, task=task, method=method)
-    seen = list(cfg.classes[: task + 1])
+    seen = list(cfg.data.classes[: task + 1])
     digits = seen if digits is None else digits
     unseen = [d for d in digits if d not in seen]
     if unseen:
@@ -92,8 +92,8 @@ def sample_from_run(run_dir: str, *, task: int | None = None, digits: list[int] 
     weights = None if average_draws is None else ("average" if average_draws else "draws")
     x = setup.sample(m, restored["eval"], jax.random.fold_in(key, 0),
                      jax.random.fold_in(key, 1), task_ids, weights=weights)
-    images = to_unit(x, cfg.pixel_range)[..., 0]
-    labels = np.asarray(cfg.classes)[task_ids]
+    images = to_unit(x, cfg.data.pixel_range)[..., 0]
+    labels = np.asarray(cfg.data.classes)[task_ids]
     out = out or os.path.join(run_dir, f"sample_{method}_task{task}.png")
     if out.endswith(".npz"):
         np.savez_compressed(out, images=images, labels=labels)
@@ -127,19 +127,15 @@ def rescore(run_dir: str, *, method: str | None = None, n: int = 50, seed: int =
     Returns:
       ``{"args": …, "history": [score per task, as in metrics.json]}``.
     """
-    from vcl_jax.eval.classifier import get_classifier
-
     if weights not in WEIGHTS:
         raise ValueError(f"unknown weights {weights!r}; accepted: {', '.join(WEIGHTS)}")
     first = load_checkpoint(run_dir, method=method)
     cfg = first.cfg
-    classifier = classifier or get_classifier(
-        cfg.dataset, data_dir=cfg.data_dir, variant=cfg.data_variant,
-        epochs=cfg.classifier_epochs, progress=False)
-    sampler = sampler or cfg.sampler
-    ddim_steps = ddim_steps or cfg.ddim_steps
-    eta = cfg.eval_eta if eta is None else eta
-    guidance = cfg.guidance if guidance is None else guidance
+    classifier = classifier or cfg.data.classifier(cfg.eval.classifier_epochs)
+    sampler = sampler or cfg.eval.sampler
+    ddim_steps = ddim_steps or cfg.eval.ddim_steps
+    eta = cfg.eval.eval_eta if eta is None else eta
+    guidance = cfg.eval.guidance if guidance is None else guidance
     tasks = list(range(first.task + 1)) if tasks is None else tasks
     history = []
     for d in tasks:
@@ -151,8 +147,8 @@ def rescore(run_dir: str, *, method: str | None = None, n: int = 50, seed: int =
         x = setup.sample(m, trainable, jax.random.fold_in(key, 0), jax.random.fold_in(key, 1),
                          seen, weights=weights, sampler=sampler, ddim_steps=ddim_steps,
                          eta=eta, guidance=guidance)
-        images = to_unit(x, cfg.pixel_range)
-        history.append(vcl_diffusion_setup.score(images, np.asarray(cfg.classes)[seen], d,
+        images = to_unit(x, cfg.data.pixel_range)
+        history.append(vcl_diffusion_setup.score(images, np.asarray(cfg.data.classes)[seen], d,
                                            classifier))
     args = {"method": first.run, "n": n, "seed": seed, "weights": weights, "sampler": sampler,
             "ddim_steps": ddim_steps, "eta": eta, "guidance": guidance}

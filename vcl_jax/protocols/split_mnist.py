@@ -25,9 +25,9 @@ import numpy as np
 
 from vcl_jax import distributed, runlog
 from vcl_jax.checkpoint import config_diff, read_run_config, write_run_config
-from vcl_jax.config import ConfigError, to_dict
+from vcl_jax.config import ConfigError, flat_dict, flatten, to_dict
 from vcl_jax.continual import TrainData
-from vcl_jax.data import complement, data_record
+from vcl_jax.data import complement
 from vcl_jax.models import mlp
 from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig, parse_method
 from vcl_jax.protocols.split_mnist_setup import (
@@ -93,8 +93,9 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], *,
       and evaluation.
     """
     cfg = setup.cfg
-    dim, n_out = tasks[0].x.shape[1], len(cfg.groups[0])
-    params = mlp.init_mlp(setup.k_init, dim, cfg.hidden, len(tasks), n_out, cfg.head_init_std)
+    dim, n_out = tasks[0].x.shape[1], len(cfg.data.groups[0])
+    params = mlp.init_mlp(setup.k_init, dim, cfg.model.hidden, len(tasks), n_out,
+                          cfg.model.head_init_std)
     method, fit, tune = setup.run(name, dim)
     spec = parse_method(name)
     is_vcl, kind = spec.variational, spec.coreset_kind
@@ -103,7 +104,7 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], *,
     # once for the whole comparison, not once per task shape. (Minibatches are drawn from
     # real examples only, so minibatch training keeps the task's own size.)
     n_train = max(len(task.y) for task in tasks)
-    size = n_train if cfg.batch_size is None or cfg.batch_size >= n_train else None
+    size = n_train if cfg.optim.batch_size is None or cfg.optim.batch_size >= n_train else None
     n_test = max(len(task.x_test) for task in tasks)
     test_x = [jnp.asarray(np.pad(task.x_test, ((0, n_test - len(task.x_test)), (0, 0))))
               for task in tasks]
@@ -145,7 +146,7 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], *,
             q_i = evaluated[i] if isinstance(evaluated, list) else evaluated
             if is_vcl:
                 probs = setup.predict(q_i, test_x[i], i, jax.random.fold_in(k_eval, i),
-                                       n_samples=cfg.test_samples)
+                                       n_samples=cfg.vcl.test_samples)
             else:
                 probs = setup.predict_mle(q_i, test_x[i], i)
             row.append(_accuracy(probs[:len(tasks[i].y_test)], tasks[i].y_test))
@@ -176,7 +177,8 @@ def check_run_dir(run_dir: str, cfg: SplitMNISTConfig) -> None:
     if not os.path.isfile(os.path.join(run_dir, "config.json")):
         return
     saved = read_run_config(run_dir)
-    diff = config_diff(saved, to_dict(cfg), ignore=("data_dir",))  # a folder, not the data
+    # a folder is not the data
+    diff = config_diff(flatten(saved), flat_dict(cfg), ignore=("data.data_dir",))
     if diff:
         raise ConfigError(f"{run_dir} holds the results of a different config; nothing was "
                           f"overwritten. Differences:\n  " + "\n  ".join(diff) +
@@ -190,9 +192,10 @@ def run(cfg: SplitMNISTConfig, run_dir: str, *, progress: bool = True) -> dict:
     cfg.validate()
     check_run_dir(run_dir, cfg)
     tasks = load_tasks(cfg)
+    size = cfg.coreset.coreset_size
     for i, task in enumerate(tasks):
-        if any(parse_method(m).coreset for m in cfg.methods) and cfg.coreset_size > len(task.y):
-            raise ConfigError(f"coreset_size {cfg.coreset_size} is larger than task {i} "
+        if any(parse_method(m).coreset for m in cfg.methods) and size > len(task.y):
+            raise ConfigError(f"coreset_size {size} is larger than task {i} "
                               f"({len(task.y)} training images); use ≤ {len(task.y)}")
     primary = distributed.is_primary()
     with RunLock(run_dir):
@@ -203,8 +206,7 @@ def run(cfg: SplitMNISTConfig, run_dir: str, *, progress: bool = True) -> dict:
             results = {name: run_one(setup, name, tasks, progress=progress)
                        for name in cfg.methods}
         metrics = {"config": to_dict(cfg), "provenance": runlog.provenance(),
-                   "data": data_record(cfg.dataset, cfg.data_dir, cfg.data_variant,
-                                  [len(t.y) for t in tasks], [t.x for t in tasks]),
+                   "data": cfg.data.record([len(t.y) for t in tasks], [t.x for t in tasks]),
                    "train_sizes": [len(t.y) for t in tasks],
                    "test_sizes": [len(t.y_test) for t in tasks],
                    "runs": results}

@@ -47,13 +47,15 @@ def heatmaps(path: str, runs: dict[str, dict], task_names: list[str]) -> None:
 
 
 def summary(cfg: SplitMNISTConfig, metrics: dict) -> str:
-    task_names = ["/".join(map(str, g)) for g in cfg.groups]
+    task_names = ["/".join(map(str, g)) for g in cfg.data.groups]
+    opt, v, ng = cfg.optim, cfg.vcl, cfg.vcl_ng
     lines = ["# Split-MNIST VCL", "",
              data_text(metrics["data"]) + f" Test images per task {metrics['test_sizes']}; "
-             f"{cfg.epochs} epochs per task, "
-             f"batch {cfg.batch_size or 'full'}, Adam {cfg.learning_rate:g}; VCL: K = "
-             f"{cfg.train_samples} ({cfg.estimator} estimator), {cfg.test_samples} test draws, "
-             f"log-variance init {cfg.log_var_init:g}; coresets {cfg.coreset_size} per task.", "",
+             f"{opt.epochs} epochs per task, "
+             f"batch {opt.batch_size or 'full'}, Adam {opt.learning_rate:g}; VCL: K = "
+             f"{v.train_samples} ({v.estimator} estimator), {v.test_samples} test draws, "
+             f"log-variance init {v.log_var_init:g}; coresets {cfg.coreset.coreset_size} per "
+             f"task.", "",
              "Final per-task test accuracy (%) and average, after the last task:", "",
              "| run | " + " | ".join(task_names) + " | average | wall time (s) |",
              "|---|" + "---|" * (len(task_names) + 2)]
@@ -76,17 +78,17 @@ def summary(cfg: SplitMNISTConfig, metrics: dict) -> str:
             for layer, (lo, mid, hi) in spread.items():
                 lines.append(f"| {name} | {layer} | {lo:.2e} | {mid:.2e} | {hi:.2e} |")
     if any(parse_method(n).trainer == "vcl_ng" for n in metrics["runs"]):
-        lines += ["", f"Natural-gradient VCL: step {cfg.ng_learning_rate:g}, "
-                  f"{cfg.ng_train_samples} draw(s) per step ({cfg.ng_estimator} estimator), "
-                  f"KL weight {cfg.ng_kl_scale:g}, h₀ {cfg.ng_hess_init:g}, "
-                  f"β₁ {cfg.ng_b1:g}, β₂ {cfg.ng_b2:g}, clip {cfg.ng_clip}, curvature floor "
-                  f"{cfg.ng_floor}."]
+        lines += ["", f"Natural-gradient VCL: step {ng.ng_learning_rate:g}, "
+                  f"{ng.ng_train_samples} draw(s) per step ({ng.ng_estimator} estimator), "
+                  f"KL weight {ng.ng_kl_scale:g}, h₀ {ng.ng_hess_init:g}, "
+                  f"β₁ {ng.ng_b1:g}, β₂ {ng.ng_b2:g}, clip {ng.ng_clip}, curvature floor "
+                  f"{ng.ng_floor}."]
     return "\n".join(lines) + "\n"
 
 
 def write(run_dir: str, cfg: SplitMNISTConfig, metrics: dict) -> None:
     """``accuracy_heatmap.png``, ``average_accuracy.png`` and ``summary.md`` in ``run_dir``."""
-    task_names = ["/".join(map(str, g)) for g in cfg.groups]
+    task_names = ["/".join(map(str, g)) for g in cfg.data.groups]
     runs = metrics["runs"]
     heatmaps(os.path.join(run_dir, "accuracy_heatmap.png"), runs, task_names)
     curves(os.path.join(run_dir, "average_accuracy.png"),

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 from vcl_jax.continual import Method, coreset, ewc, methods, mle, vcl, vcl_ng
-from vcl_jax.data import TaskStream, load, select, to_float
+from vcl_jax.data import TaskStream, select, to_float
 from vcl_jax.models import bayes_mlp, mlp
 from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig, parse_method
 from vcl_jax.training.epoch import epoch_indices, scan_steps
@@ -39,19 +39,19 @@ def _flat(images: np.ndarray) -> np.ndarray:
 
 def load_tasks(cfg: SplitMNISTConfig) -> list[TaskData]:
     """The task stream's train/test subsets, capped as the config says."""
-    train = load(cfg.dataset, "train", data_dir=cfg.data_dir, variant=cfg.data_variant)
-    test = load(cfg.dataset, "test", data_dir=cfg.data_dir, variant=cfg.data_variant)
-    stream = TaskStream.from_groups(cfg.groups)
-    rng = np.random.default_rng(cfg.seed)  # caps take a random subset (mnist-5k is sorted)
+    train, test = cfg.data.load("train"), cfg.data.load("test")
+    stream = TaskStream.from_groups(cfg.data.groups)
+    rng = np.random.default_rng(cfg.run.seed)  # caps take a random subset (mnist-5k is sorted)
     tasks = []
     for tr, te in zip(stream.split(train), stream.split(test), strict=True):
-        keep = np.sort(rng.permutation(len(tr))[:cfg.max_per_task])
+        keep = np.sort(rng.permutation(len(tr))[:cfg.data.max_per_task])
         x, y = _flat(tr.images[keep]), tr.local_labels[keep]
-        keep = np.sort(rng.permutation(len(te))[:cfg.max_test_per_task])
+        keep = np.sort(rng.permutation(len(te))[:cfg.data.max_test_per_task])
         xt, yt = _flat(te.images[keep]), te.local_labels[keep]
-        if cfg.validation_fraction:  # evaluate on held-out training images, never the test split
+        # evaluate on held-out training images, never the test split
+        if cfg.data.validation_fraction:
             perm = rng.permutation(len(y))
-            n_val = max(1, int(round(cfg.validation_fraction * len(y))))
+            n_val = max(1, int(round(cfg.data.validation_fraction * len(y))))
             val, fit = np.sort(perm[:n_val]), np.sort(perm[n_val:])
             x, y, xt, yt = x[fit], y[fit], x[val], y[val]
         tasks.append(TaskData(x, y, xt, yt))
@@ -135,14 +135,14 @@ class Setup:
 
     def __init__(self, cfg: SplitMNISTConfig):
         self.cfg = cfg
-        self.k_init, self._k_tasks = jax.random.split(jax.random.PRNGKey(cfg.seed))
+        self.k_init, self._k_tasks = jax.random.split(jax.random.PRNGKey(cfg.run.seed))
 
         def mle_loss(params, batch, key):
             del key
             nll = mlp.nll(mlp.apply(params, batch["x"], batch["head"]), batch["y"])
             return jnp.sum(nll * batch["w"]) / jnp.sum(batch["w"])
 
-        def expected_loss(estimator, n_samples=cfg.train_samples):
+        def expected_loss(estimator, n_samples=cfg.vcl.train_samples):
             return lambda q, batch, key: bayes_mlp.expected_nll(
                 q, batch["x"], batch["y"], batch["head"], key, estimator=estimator,
                 n_samples=n_samples, weight=batch["w"])
@@ -155,21 +155,22 @@ class Setup:
         # summed by matmuls (the same numbers as vmapped per-example gradients, without
         # materialising one gradient per example).
         fisher = jax.jit(lambda p, d: mlp.diag_fisher(p, d["x"], d["y"], d["head"]))
-        self.ewc = ewc(None, example_loss, n_tasks=len(cfg.groups), lam=cfg.ewc_lambda,
+        self.ewc = ewc(None, example_loss, n_tasks=len(cfg.data.groups), lam=cfg.ewc.ewc_lambda,
                        diag_fn=fisher)  # the penalty, chained after MLE
-        vcl_kw = dict(n_samples=cfg.train_samples, kl_scale=cfg.kl_scale,
-                      prior_sigma=cfg.prior_sigma, log_var_init=cfg.log_var_init)
-        self.vcl = vcl(None, **vcl_kw, expected_loss=expected_loss(cfg.estimator))
+        vcl_kw = dict(n_samples=cfg.vcl.train_samples, kl_scale=cfg.vcl.kl_scale,
+                      prior_sigma=cfg.vcl.prior_sigma, log_var_init=cfg.vcl.log_var_init)
+        self.vcl = vcl(None, **vcl_kw, expected_loss=expected_loss(cfg.vcl.estimator))
         # the coreset fine-tuning's VCL: the same objective with its own estimator
-        self.vcl_tune = self.vcl if cfg.tune_estimator == cfg.estimator else vcl(
-            None, **vcl_kw, expected_loss=expected_loss(cfg.tune_estimator))
-        ng_kw = dict(vcl_kw, kl_scale=cfg.ng_kl_scale, n_samples=cfg.ng_train_samples,
-                     hess_init=cfg.ng_hess_init,
-                     b1=cfg.ng_b1, b2=cfg.ng_b2, clip=cfg.ng_clip, floor=cfg.ng_floor)
+        self.vcl_tune = self.vcl if cfg.vcl.tune_estimator == cfg.vcl.estimator else vcl(
+            None, **vcl_kw, expected_loss=expected_loss(cfg.vcl.tune_estimator))
+        ng = cfg.vcl_ng
+        ng_kw = dict(vcl_kw, kl_scale=ng.ng_kl_scale, n_samples=ng.ng_train_samples,
+                     hess_init=ng.ng_hess_init, b1=ng.ng_b1, b2=ng.ng_b2, clip=ng.ng_clip,
+                     floor=ng.ng_floor)
         self.vcl_ng = vcl_ng(None, **ng_kw, expected_loss=expected_loss(
-            cfg.ng_estimator, cfg.ng_train_samples))
-        self.vcl_ng_tune = self.vcl_ng if cfg.tune_estimator == cfg.ng_estimator else vcl_ng(
-            None, **ng_kw, expected_loss=expected_loss(cfg.tune_estimator, cfg.ng_train_samples))
+            ng.ng_estimator, ng.ng_train_samples))
+        self.vcl_ng_tune = self.vcl_ng if cfg.vcl.tune_estimator == ng.ng_estimator else vcl_ng(
+            None, **ng_kw, expected_loss=expected_loss(cfg.vcl.tune_estimator, ng.ng_train_samples))
         self.fit_mle = self.trainer(self.mle)
         self._runs: dict = {}
         self.predict = jax.jit(bayes_mlp.predict_proba, static_argnames=("n_samples",))
@@ -179,12 +180,13 @@ class Setup:
         """``ng_learning_rate`` for a method that owns its update (natural-gradient VCL),
         else Adam's ``learning_rate``."""
         cfg = self.cfg
-        return cfg.ng_learning_rate if method.optimizer is not None else cfg.learning_rate
+        ng = method.optimizer is not None
+        return cfg.vcl_ng.ng_learning_rate if ng else cfg.optim.learning_rate
 
     def trainer(self, method: Method) -> Trainer:
         cfg = self.cfg
-        return Trainer(method, learning_rate=self.learning_rate(method), epochs=cfg.epochs,
-                       batch_size=cfg.batch_size)
+        return Trainer(method, learning_rate=self.learning_rate(method), epochs=cfg.optim.epochs,
+                       batch_size=cfg.optim.batch_size)
 
     def task_keys(self, task: int) -> TaskKeys:
         """Task ``task``'s keys, split once from the run's task key folded with ``task``."""
@@ -192,7 +194,7 @@ class Setup:
 
     def pick(self, kind: str, task: int, x: np.ndarray) -> np.ndarray:
         """The indices of task ``task``'s coreset among its images ``x``."""
-        return select(kind, self.task_keys(task).coreset, x, self.cfg.coreset_size)
+        return select(kind, self.task_keys(task).coreset, x, self.cfg.coreset.coreset_size)
 
     def run(self, name: str, dim: int) -> tuple[Method, Trainer, Trainer | None]:
         """Method ``name``, its trainer and its coreset fine-tuning trainer (or None), built
@@ -210,7 +212,7 @@ class Setup:
                            "head": jax.ShapeDtypeStruct((), jnp.int32),
                            "w": jax.ShapeDtypeStruct((), jnp.float32)}
                 core = coreset(lambda t, ex: self.pick(spec.coreset_kind, t, ex["x"]),
-                               self.cfg.coreset_size, len(self.cfg.groups), example,
+                               self.cfg.coreset.coreset_size, len(self.cfg.data.groups), example,
                                mode="finetune_each")
                 factories[spec.coreset] = lambda: core
                 tune = methods.build(spec, dict(factories, vcl=lambda: self.vcl_tune,
@@ -227,22 +229,22 @@ class Setup:
         cfg = self.cfg
         kw, kb = jax.random.split(key)
         d, o = q.mean["heads"]["w"].shape[1:]
-        mean = {"w": mlp.truncated_normal(kw, (d, o), cfg.head_init_std),
-                "b": mlp.truncated_normal(kb, (o,), cfg.head_init_std)}
+        mean = {"w": mlp.truncated_normal(kw, (d, o), cfg.model.head_init_std),
+                "b": mlp.truncated_normal(kb, (o,), cfg.model.head_init_std)}
         return bayes_mlp.reset_head(q, head, mean,
-                                    cfg.log_var_init if log_var is None else log_var)
+                                    cfg.vcl.log_var_init if log_var is None else log_var)
 
     def ng_head_log_var(self, n_data: int) -> float:
         """A new head's log-variance under natural-gradient VCL: the precision its prior
         N(0, σ₀²) gives plus λ·h₀, as every other weight's at a task's start."""
         cfg = self.cfg
-        ess = n_data / cfg.ng_kl_scale
-        return -float(np.log(cfg.prior_sigma ** -2 + ess * cfg.ng_hess_init))
+        ess = n_data / cfg.vcl_ng.ng_kl_scale
+        return -float(np.log(cfg.vcl.prior_sigma ** -2 + ess * cfg.vcl_ng.ng_hess_init))
 
     def unseen_heads_at_prior(self, q: mf.MeanField) -> mf.MeanField:
         """Heads of later tasks equal their prior N(0, σ₀²), so they add nothing to the KL."""
         d, o = q.mean["heads"]["w"].shape[1:]
         zero = {"w": jnp.zeros((d, o)), "b": jnp.zeros((o,))}
         for h in range(1, q.mean["heads"]["w"].shape[0]):
-            q = bayes_mlp.reset_head(q, h, zero, 2.0 * float(np.log(self.cfg.prior_sigma)))
+            q = bayes_mlp.reset_head(q, h, zero, 2.0 * float(np.log(self.cfg.vcl.prior_sigma)))
         return q

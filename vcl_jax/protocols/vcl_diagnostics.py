@@ -27,7 +27,6 @@ from flax import traverse_util
 from vcl_jax.config import ConfigError
 from vcl_jax.data import to_unit
 from vcl_jax.diffusion.generate import generate
-from vcl_jax.eval.classifier import get_classifier
 from vcl_jax.eval.metrics import classifier_uncertainty
 from vcl_jax.models.unet import EMBEDDING_PARAMS
 from vcl_jax.protocols.sampling import load_checkpoint
@@ -119,21 +118,20 @@ def noise_effect(run_dir: str, task: int, digit: int, log_vars: list[float], *, 
     """
     loaded = load_checkpoint(run_dir, task=task, method=method)
     cfg, setup = loaded.cfg, loaded.setup
-    seen = list(cfg.classes[: loaded.task + 1])
+    seen = list(cfg.data.classes[: loaded.task + 1])
     if digit not in seen:
         raise ConfigError(f"digit {digit} not learned by task {loaded.task}; seen: {seen}")
     point = _point(loaded)
     mask = setup.mask(point)
-    clf = get_classifier(cfg.dataset, data_dir=cfg.data_dir, variant=cfg.data_variant,
-                         epochs=cfg.classifier_epochs, progress=False)
+    clf, ev = cfg.data.classifier(cfg.eval.classifier_epochs), cfg.eval
     key = jax.random.key(seed)
 
     def score(name, stack, m, avg=False):
         x = generate(setup.model, stack, setup.sched, key, np.full(m, seen.index(digit)),
-                     setup.shape, sampler=cfg.sampler, guidance=cfg.guidance,
-                     ddim_steps=cfg.ddim_steps, eta=cfg.eval_eta, average=avg,
-                     max_batch=cfg.eval_batch)
-        lp = clf.log_probs(to_unit(x, cfg.pixel_range))
+                     setup.shape, sampler=ev.sampler, guidance=ev.guidance,
+                     ddim_steps=ev.ddim_steps, eta=ev.eval_eta, average=avg,
+                     max_batch=ev.eval_batch)
+        lp = clf.log_probs(to_unit(x, cfg.data.pixel_range))
         u = classifier_uncertainty(lp, np.full(m, digit))
         return {"weights": name, "uncertainty": float(u.mean()),
                 "stderr": float(u.std() / np.sqrt(m)),
@@ -207,7 +205,7 @@ def swap_effect(run_dir: str, task: int, digit: int, swaps: list[tuple[str, ...]
     """
     loaded = load_checkpoint(run_dir, task=task, method=method)
     cfg, setup = loaded.cfg, loaded.setup
-    seen = list(cfg.classes[: loaded.task + 1])
+    seen = list(cfg.data.classes[: loaded.task + 1])
     if digit not in seen:
         raise ConfigError(f"digit {digit} not learned by task {loaded.task}; seen: {seen}")
     bad = [g for sw in swaps for g in sw if g not in (*GROUPS, "all")]
@@ -221,8 +219,7 @@ def swap_effect(run_dir: str, task: int, digit: int, swaps: list[tuple[str, ...]
     point = _point(loaded)
     flat_p, flat_r = traverse_util.flatten_dict(point), traverse_util.flatten_dict(ref)
     mask = traverse_util.flatten_dict(setup.mask(point))
-    clf = get_classifier(cfg.dataset, data_dir=cfg.data_dir, variant=cfg.data_variant,
-                         epochs=cfg.classifier_epochs, progress=False)
+    clf, ev = cfg.data.classifier(cfg.eval.classifier_epochs), cfg.eval
     key = jax.random.key(seed)
     rows = []
     for sw in swaps:
@@ -230,10 +227,10 @@ def swap_effect(run_dir: str, task: int, digit: int, swaps: list[tuple[str, ...]
                  for k, v in flat_p.items()}
         params = traverse_util.unflatten_dict(mixed)
         x = generate(setup.model, jax.tree.map(lambda a: a[None], params), setup.sched, key,
-                     np.full(n, seen.index(digit)), setup.shape, sampler=cfg.sampler,
-                     guidance=cfg.guidance, ddim_steps=cfg.ddim_steps, eta=cfg.eval_eta,
-                     max_batch=cfg.eval_batch)
-        lp = clf.log_probs(to_unit(x, cfg.pixel_range))
+                     np.full(n, seen.index(digit)), setup.shape, sampler=ev.sampler,
+                     guidance=ev.guidance, ddim_steps=ev.ddim_steps, eta=ev.eval_eta,
+                     max_batch=ev.eval_batch)
+        lp = clf.log_probs(to_unit(x, cfg.data.pixel_range))
         u = classifier_uncertainty(lp, np.full(n, digit))
         name = ("checkpoint as it is" if not sw else
                 f"{ref_name} alone" if "all" in sw else f"{' + '.join(sw)} from {ref_name}")

@@ -23,8 +23,8 @@ from vcl_jax import distributed, rng, runlog
 from vcl_jax.checkpoint import write_run_config
 from vcl_jax.config import to_dict
 from vcl_jax.continual import TrainData
-from vcl_jax.data import complement, data_record, identity
-from vcl_jax.eval.classifier import EvalClassifier, get_classifier
+from vcl_jax.data import complement, identity
+from vcl_jax.eval.classifier import EvalClassifier
 from vcl_jax.protocols import vcl_diffusion_mle as mle_runs
 from vcl_jax.protocols.vcl_diffusion_config import (
     VCLDiffusionConfig,
@@ -77,7 +77,7 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
                             data_id)
     record = new_record()
     variational = parse_method(method_name).variational
-    if ckpt.latest_step() is None and variational and cfg.vcl_pretrain_epochs:
+    if ckpt.latest_step() is None and variational and cfg.vcl.vcl_pretrain_epochs:
         t0 = time.perf_counter()
         # the first task without its coreset (the one the coreset member withholds)
         x0 = tasks[0][complement(setup.coreset_of(0, tasks[0], coreset_size), len(tasks[0]))]
@@ -106,10 +106,11 @@ def run_one(setup: Setup, method_name: str, coreset_size: int, tasks: list[np.nd
         return metrics, {"images": images, "labels": labels}
 
     trainer = functools.partial(epoch_trainer, runner, where="vcl_diffusion", progress=progress)
+    rate = setup.learning_rate(method)
     return run_sequence(
         method, state, len(tasks), prepare=prepare, evaluate=evaluate_task,
-        train=trainer(TrainSchedule(cfg.epochs, setup.learning_rate(method), cfg.lr_decay)),
-        tune=trainer(TrainSchedule(cfg.coreset_epochs, setup.learning_rate(method), cfg.lr_decay)),
+        train=trainer(TrainSchedule(cfg.optim.epochs, rate, cfg.optim.lr_decay)),
+        tune=trainer(TrainSchedule(cfg.coreset.coreset_epochs, rate, cfg.optim.lr_decay)),
         task_keys=fold_keys(keys.train), ckpt=ckpt, out_dir=out_dir, keep_evaluated=True,
         name=name, record=record, progress=progress,
         describe=lambda m: f"avg uncertainty {m['avg_uncertainty']:.4f} nats, ")
@@ -139,14 +140,13 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
 
     setup = build(cfg)
     tasks = load_tasks(cfg)
-    data = data_record(cfg.dataset, cfg.data_dir, cfg.data_variant, [len(x) for x in tasks], tasks)
+    data = cfg.data.record([len(x) for x in tasks], tasks)
     check_run_dir(run_dir, cfg, identity(data))
     primary = distributed.is_primary()
     with RunLock(run_dir):
         # the other processes load the classifier process 0 trained and cached
-        classifier = distributed.primary_first(lambda: get_classifier(
-            cfg.dataset, data_dir=cfg.data_dir, variant=cfg.data_variant,
-            epochs=cfg.classifier_epochs, progress=progress and primary), "classifier")
+        classifier = distributed.primary_first(lambda: cfg.data.classifier(
+            cfg.eval.classifier_epochs, progress=progress and primary), "classifier")
         if primary:
             write_run_config(run_dir, to_dict(cfg))
         results = {}
@@ -160,7 +160,7 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
                     results[rn] = mle_runs.run_joint(setup, tasks, classifier, out_dir, **kw)
                 else:
                     results[rn] = run_one(setup, name, size, tasks, classifier, out_dir, **kw)
-        scores = {rn: report.continual_scores(rec["history"], cfg.classes)
+        scores = {rn: report.continual_scores(rec["history"], cfg.data.classes)
                   for rn, rec in results.items() if rn != "joint"}
         over_mle = report.ratios(results)
         metrics = {"config": to_dict(cfg), "provenance": runlog.provenance(), "data": data,

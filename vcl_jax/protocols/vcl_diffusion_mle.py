@@ -24,12 +24,13 @@ def pretrain_mle(setup: Setup, params: dict, x: np.ndarray, key: jax.Array, *,
     the sub-run's, in progress bars and the run's log)."""
     cfg = setup.cfg
     method = mle(setup.batch_loss)
-    opt = adam(cfg.learning_rate)
+    opt = adam(cfg.optim.learning_rate)
     state = TrainState.create(method, opt, params)
     runner = setup.runner(make_train_step(method, opt, data_sharding()), "mle")
     state, _ = train_epochs(runner, state, task_data([x], [0]), key,
-                            epochs=cfg.vcl_pretrain_epochs, learning_rate=cfg.learning_rate,
-                            decay=cfg.lr_decay, desc=f"{name} MLE pre-training",
+                            epochs=cfg.vcl.vcl_pretrain_epochs,
+                            learning_rate=cfg.optim.learning_rate,
+                            decay=cfg.optim.lr_decay, desc=f"{name} MLE pre-training",
                             progress=progress,
                             where=f"vcl_diffusion {name}, MLE pre-training on task 1")
     return state.trainable
@@ -58,15 +59,15 @@ def run_joint(setup: Setup, tasks: list[np.ndarray], classifier: EvalClassifier,
     runner = setup.runner(make_train_step(method, opt, data_sharding()), "joint")
     t0 = time.perf_counter()
     state, hist = train_epochs(runner, state, task_data(tasks, list(range(n))), keys.train,
-                               epochs=cfg.epochs, learning_rate=cfg.learning_rate,
-                               decay=cfg.lr_decay, desc=f"joint, {n} tasks at once",
+                               epochs=cfg.optim.epochs, learning_rate=cfg.optim.learning_rate,
+                               decay=cfg.optim.lr_decay, desc=f"joint, {n} tasks at once",
                                progress=progress, where=f"vcl_diffusion joint, {n} tasks at once")
     jax.block_until_ready(state.trainable)
     t1 = time.perf_counter()
     _, images, labels = evaluate(setup, method, state.trainable, n - 1, keys.eval, classifier)
     history = []
     for d in range(n):
-        sel = np.isin(labels, cfg.classes[:d + 1])
+        sel = np.isin(labels, cfg.data.classes[:d + 1])
         np.savez_compressed(os.path.join(out_dir, f"samples_task{d}.npz"), images=images[sel],
                             labels=labels[sel])
         history.append(dict(score(images[sel], labels[sel], d, classifier),

@@ -72,7 +72,7 @@ def across_seeds(metrics: list[dict], run: str) -> dict:
     quality and forgetting."""
     hists = [m["runs"][run]["history"] for m in metrics]
     n = min(len(h) for h in hists)
-    out = {"seeds": [m["config"]["seed"] for m in metrics],
+    out = {"seeds": [m["config"]["run"]["seed"] for m in metrics],
            "after_task": [mean_se([h[d]["avg_uncertainty"] for h in hists]) for d in range(n)],
            # the fraction of samples the classifier recognises as their digit: uncertainty
            # also falls when wrong samples are merely ambiguous rather than another digit
@@ -107,7 +107,7 @@ def seed_figures(metrics: list[dict], out_dir: str) -> list[str]:
         r = across_seeds(metrics, n)
         by_size.setdefault(f"coreset {size} per task", {})[method] = (
             [p[0] for p in r["after_task"]], [p[1] for p in r["after_task"]])
-    seeds = ", ".join(str(m["config"]["seed"]) for m in metrics)
+    seeds = ", ".join(str(m["config"]["run"]["seed"]) for m in metrics)
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for log in (False, True):
@@ -115,7 +115,7 @@ def seed_figures(metrics: list[dict], out_dir: str) -> list[str]:
         plots.panels(paths[-1], by_size, xlabel="tasks seen",
                      ylabel="avg classifier uncertainty (nats)", log=log,
                      title=f"Average uncertainty over seen digits, mean ± SE over seeds {seeds}")
-    classes = metrics[0]["config"]["classes"]
+    classes = metrics[0]["config"]["data"]["classes"]
     per_class = {}
     names = sorted(names, key=lambda n: (split_name(n)[0], split_name(n)[1]))  # method rows
     for n in names:
@@ -142,7 +142,7 @@ def vcl_targets(metrics: list[dict], first_task: int = 4) -> dict:
         below = [v["avg_uncertainty"] < u["avg_uncertainty"]
                  for u, v in zip(mle[first_task - 1:], vcl[first_task - 1:], strict=False)]
         out["per_seed"].append({
-            "seed": m["config"]["seed"], "below_mle": all(below), "tasks_below": below,
+            "seed": m["config"]["run"]["seed"], "below_mle": all(below), "tasks_below": below,
             "forgetting_ratio": cv["forgetting"] / cm["forgetting"],
             "right_after_ratio": cv["right_after"] / cm["right_after"]})
     seeds = out["per_seed"]
@@ -156,10 +156,10 @@ def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict, data: dict,
           classifier_info: dict, scores: dict, over_mle: dict) -> None:
     """Writes grids, uncertainty plots (linear, log, per class) and ``summary.md``;
     ``scores`` and ``over_mle`` are the runs' :func:`continual_scores` and :func:`ratios`."""
-    n_tasks = len(cfg.classes)
+    n_tasks = len(cfg.data.classes)
     for name, rec in results.items():
         rows = plots.grid_rows(os.path.join(run_dir, name), len(rec["history"]))
-        plots.sample_grid(os.path.join(run_dir, f"grid_{name}.png"), rows, list(cfg.classes),
+        plots.sample_grid(os.path.join(run_dir, f"grid_{name}.png"), rows, list(cfg.data.classes),
                           f"{name}: row i = after task i, column j = digit j")
     avg = {name: [h["avg_uncertainty"] for h in rec["history"]] for name, rec in results.items()}
     se = {name: [h.get("avg_stderr", 0.0) for h in rec["history"]]
@@ -172,7 +172,7 @@ def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict, data: dict,
     per_class = {}
     for name, rec in results.items():
         series: dict[int, tuple[int, list[float]]] = {}
-        for i, c in enumerate(cfg.classes):
+        for i, c in enumerate(cfg.data.classes):
             ys = [h["per_class"][str(c)] for h in rec["history"][i:]]
             if ys:
                 series[c] = (i, ys)
@@ -196,7 +196,7 @@ def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict, data: dict,
               "| run | " + " | ".join(str(i + 1) for i in range(n_tasks)) + " |",
               "|---|" + "---|" * n_tasks]
     for name, rec in results.items():
-        bound = no_forgetting_bound(rec["history"], cfg.classes)
+        bound = no_forgetting_bound(rec["history"], cfg.data.classes)
         lines.append(f"| {name} | " + " | ".join(
             [f"{v:.3g}" for v in bound] + ["–"] * (n_tasks - len(bound))) + " |")
     for name, rs in over_mle.items():
@@ -211,7 +211,7 @@ def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict, data: dict,
         lines.append(f"| {name} | {c['right_after']:.3g} ± {c['right_after_stderr']:.2g} "
                      f"| {forget} |")
     if "mle_coreset0" in results:
-        bound = no_forgetting_bound(results["mle_coreset0"]["history"], cfg.classes)
+        bound = no_forgetting_bound(results["mle_coreset0"]["history"], cfg.data.classes)
         lines += ["", "MLE's no-forgetting bound / MLE (coreset 0), per task — the VCL / MLE "
                   "ratio a method with MLE's per-task quality and no forgetting would reach: "
                   + ", ".join(f"{r:.3g}" for r in _over(bound, avg["mle_coreset0"]))]

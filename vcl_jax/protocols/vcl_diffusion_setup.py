@@ -17,10 +17,9 @@ import optax
 
 from vcl_jax.config import ConfigError
 from vcl_jax.continual import Method, coreset, methods, mle, vcl, vcl_ng
-from vcl_jax.data import TaskStream, load, select, to_float, to_unit
+from vcl_jax.data import TaskStream, select, to_float, to_unit
 from vcl_jax.diffusion.generate import fresh_draws, generate
 from vcl_jax.diffusion.loss import batch_loss, example_loss_at, fisher_examples
-from vcl_jax.diffusion.schedule import linear_schedule
 from vcl_jax.eval.classifier import EvalClassifier
 from vcl_jax.eval.metrics import (
     classifier_uncertainty,
@@ -69,7 +68,7 @@ class Setup:
 
     def batch_loss(self, params, batch, key, *, model: ContextUNet | None = None):
         return batch_loss(self.eps_fn(params, model), self.sched, key, batch["x"],
-                          batch["task"], p_uncond=self.cfg.p_uncond)
+                          batch["task"], p_uncond=self.cfg.diffusion.p_uncond)
 
     def example_loss(self, params, example):
         """ε-MSE of one example at its own fixed timestep and noise (an EWC Fisher's)."""
@@ -83,28 +82,28 @@ class Setup:
         cfg = self.cfg
         spec = parse_method(name)
         draws_loss = functools.partial(self.batch_loss, model=self.draws_model)
-        vcl_kw = dict(n_samples=cfg.train_samples, estimator=cfg.estimator,
-                      draws=self.draws_layout, kl_scale=cfg.kl_scale,
-                      likelihood_scale=self.likelihood_scale, prior_sigma=cfg.prior_sigma,
-                      log_var_init=cfg.log_var_init,
-                      pretrained_prior=cfg.vcl_pretrain_epochs > 0, prior_decay=cfg.prior_decay)
+        v, ng = cfg.vcl, cfg.vcl_ng
+        vcl_kw = dict(n_samples=v.train_samples, estimator=v.estimator, draws=self.draws_layout,
+                      kl_scale=v.kl_scale, likelihood_scale=self.likelihood_scale,
+                      prior_sigma=v.prior_sigma, log_var_init=v.log_var_init,
+                      pretrained_prior=v.vcl_pretrain_epochs > 0, prior_decay=v.prior_decay)
         factories = {
             "mle": lambda: mle(self.batch_loss),
             "vcl": lambda: vcl(draws_loss, mask=self.mask(params), **vcl_kw),
             "vcl_ng": lambda: vcl_ng(
-                draws_loss, mask=self.mask(params), **vcl_kw, hess_init=cfg.ng_hess_init,
-                b1=cfg.ng_b1, b2=cfg.ng_b2, clip=cfg.ng_clip, floor=cfg.ng_floor,
-                deterministic_scale=cfg.learning_rate / cfg.ng_learning_rate),
-            **methods.penalty_factories(self.example_loss, n_tasks=len(cfg.classes),
-                                        lam=cfg.ewc_lambda, chunk=cfg.fisher_chunk),
+                draws_loss, mask=self.mask(params), **vcl_kw, hess_init=ng.ng_hess_init,
+                b1=ng.ng_b1, b2=ng.ng_b2, clip=ng.ng_clip, floor=ng.ng_floor,
+                deterministic_scale=cfg.optim.learning_rate / ng.ng_learning_rate),
+            **methods.penalty_factories(self.example_loss, n_tasks=len(cfg.data.classes),
+                                        lam=cfg.ewc.ewc_lambda, chunk=cfg.ewc.fisher_chunk),
         }
         if coreset_size:
-            spec = spec._replace(coreset=f"coreset_{cfg.coreset_method}")
+            spec = spec._replace(coreset=f"coreset_{cfg.coreset.coreset_method}")
             example = {"x": jax.ShapeDtypeStruct(self.shape, jnp.float32),
                        "task": jax.ShapeDtypeStruct((), jnp.int32)}
             factories[spec.coreset] = lambda: coreset(
                 lambda d, ex: self.coreset_of(d, ex["x"], coreset_size), coreset_size,
-                len(cfg.classes), example, mode=cfg.coreset_mode)
+                len(cfg.data.classes), example, mode=cfg.coreset.coreset_mode)
         return methods.build(spec, factories)
 
     def coreset_of(self, task: int, x: np.ndarray, size: int) -> np.ndarray:
@@ -123,20 +122,22 @@ class Setup:
         its EWC Fisher (``fisher_samples`` of the task's training images ``x``), or None."""
         if parse_method(name).penalty is None:
             return None
-        cfg = self.cfg
-        return fisher_examples(key, x, np.full(len(x), task, np.int32), cfg.fisher_samples,
-                               T=cfg.T, t_min=cfg.fisher_t_min, t_max=cfg.fisher_t_max)
+        ewc = self.cfg.ewc
+        return fisher_examples(key, x, np.full(len(x), task, np.int32), ewc.fisher_samples,
+                               T=self.cfg.diffusion.T, t_min=ewc.fisher_t_min,
+                               t_max=ewc.fisher_t_max)
 
     @property
     def likelihood_scale(self) -> float:
         """Likelihood terms per example for VCL's KL weight: 1 for the loss averaged over
         pixels (``likelihood=mean``), the pixel count for their sum (``sum``)."""
-        return float(np.prod(self.shape)) if self.cfg.likelihood == "sum" else 1.0
+        return float(np.prod(self.shape)) if self.cfg.vcl.likelihood == "sum" else 1.0
 
     def learning_rate(self, method: Method) -> float:
         """The rate ``method`` trains at (decayed within a task when ``lr_decay``):
         ``ng_learning_rate`` for natural-gradient VCL, else ``learning_rate``."""
-        return self.cfg.ng_learning_rate if method.optimizer else self.cfg.learning_rate
+        cfg = self.cfg
+        return cfg.vcl_ng.ng_learning_rate if method.optimizer else cfg.optim.learning_rate
 
     def optimizer(self, method: Method) -> optax.GradientTransformation:
         """The update rule of ``method``: its own (natural-gradient VCL), else Adam."""
@@ -144,12 +145,12 @@ class Setup:
 
     def mask(self, params: dict) -> dict:
         """Which leaves VCL treats as random (in the posterior and the KL)."""
-        return variational_mask(params, norms=self.cfg.variational_norms)
+        return variational_mask(params, norms=self.cfg.vcl.variational_norms)
 
     def eval_draws(self, method: Method) -> int:
         """Weight draws of an evaluation: ``eval_samples`` for a posterior (a method that
         owns trainables other than the params: VCL), else the params themselves."""
-        return self.cfg.eval_samples if method.view is not None else 1
+        return self.cfg.vcl.eval_samples if method.view is not None else 1
 
     def steps_per_call(self, name: str) -> int:
         """Train steps per jitted call of method ``name`` (``EpochRunner``'s ``unroll``;
@@ -159,15 +160,15 @@ class Setup:
         ``ffi``, ``n_feat`` a multiple of their vector width) the epoch is one rolled scan:
         the kernels run as fast inside a loop as unrolled, and the step compiles once instead
         of ``unroll`` times (VCL's step: 17 against 79 s; BENCHMARKS.md). Otherwise
-        ``cfg.unroll`` counts U-Net copies in one compiled call (XLA:CPU's own convolutions
+        ``cfg.optim.unroll`` counts U-Net copies in one compiled call (XLA:CPU's own convolutions
         are an order of magnitude slower in a loop): VCL with looped weight draws has K
         copies per step, so it runs the largest divisor of ``unroll`` that is ≤
         ``unroll // K`` steps per call, at least 1 (the compile's memory grows with the
         copies). Either way an epoch has ``unroll``'s step count (:meth:`runner`), so the
         training is the same.
         """
-        u, k = self.cfg.unroll, self.cfg.train_samples
-        if u and self.model.impl == "ffi" and cpu_conv.supports(self.cfg.n_feat):
+        u, k = self.cfg.optim.unroll, self.cfg.vcl.train_samples
+        if u and self.model.impl == "ffi" and cpu_conv.supports(self.cfg.model.n_feat):
             return 0
         if not parse_method(name).variational or k == 1 or not u or self.draws_layout != "loop":
             return u
@@ -176,8 +177,8 @@ class Setup:
     def runner(self, step, name: str) -> EpochRunner:
         """The epoch runner of train step ``step`` of method ``name``: ``steps_per_call``
         steps per jitted call, epochs rounded up to a multiple of ``unroll`` steps."""
-        return EpochRunner(step, self.cfg.batch_size, self.steps_per_call(name),
-                           multiple=max(self.cfg.unroll, 1))
+        return EpochRunner(step, self.cfg.optim.batch_size, self.steps_per_call(name),
+                           multiple=max(self.cfg.optim.unroll, 1))
 
     def sample(self, method: Method, trainable, k_draw: jax.Array, k_sample: jax.Array,
                tasks: np.ndarray, *, weights: str | None = None, sampler: str | None = None,
@@ -202,7 +203,7 @@ class Setup:
             raise ValueError(f"unknown weights {weights!r}; accepted: {', '.join(WEIGHTS)}")
         m = self.eval_draws(method)
         # the config's eval_average_draws: ε averaged over the draws (only with several)
-        weights = weights or ("average" if cfg.eval_average_draws and m > 1 else "draws")
+        weights = weights or ("average" if cfg.vcl.eval_average_draws and m > 1 else "draws")
         if m == 1 and weights == "average":
             weights = "draws"
         redraw = None
@@ -212,11 +213,11 @@ class Setup:
             draws, redraw = (trainable, k_draw), fresh_draws(method.draws, m)
         else:
             draws = method.draws(trainable, k_draw, m)
+        ev = cfg.eval
         return generate(self.model, draws, self.sched, k_sample, tasks, self.shape,
-                        sampler=sampler or cfg.sampler, guidance=_given(guidance, cfg.guidance),
-                        ddim_steps=ddim_steps or cfg.ddim_steps, eta=_given(eta, cfg.eval_eta),
-                        average=weights == "average", redraw=redraw,
-                        max_batch=cfg.eval_batch)
+                        sampler=sampler or ev.sampler, guidance=_given(guidance, ev.guidance),
+                        ddim_steps=ddim_steps or ev.ddim_steps, eta=_given(eta, ev.eval_eta),
+                        average=weights == "average", redraw=redraw, max_batch=ev.eval_batch)
 
 
 def _given(value, default):
@@ -225,14 +226,11 @@ def _given(value, default):
 
 def build(cfg: VCLDiffusionConfig, shape: tuple[int, int, int] = (28, 28, 1)) -> Setup:
     cfg.validate()
-    model = ContextUNet(n_feat=cfg.n_feat, n_tasks=len(cfg.classes), channels=shape[-1],
-                        embed_dim=cfg.embed_dim, impl=resolve_impl(cfg.conv_impl, False),
-                        context=cfg.context, weight_init=cfg.weight_init)
-    layout = draws_layout(cfg.weight_draws, cfg.train_samples)
-    vmapped = cfg.train_samples > 1 and layout == "vmap"
-    draws_model = model.clone(impl=resolve_impl(cfg.conv_impl, vmapped))
-    return Setup(cfg, model, linear_schedule(cfg.T, cfg.beta_1, cfg.beta_T), shape, draws_model,
-                 layout)
+    model = cfg.model.module(len(cfg.data.classes), shape[-1])
+    layout = draws_layout(cfg.vcl.weight_draws, cfg.vcl.train_samples)
+    vmapped = cfg.vcl.train_samples > 1 and layout == "vmap"
+    draws_model = model.clone(impl=resolve_impl(cfg.model.conv_impl, vmapped))
+    return Setup(cfg, model, cfg.diffusion.schedule(), shape, draws_model, layout)
 
 
 def draws_layout(weight_draws: str, k: int) -> str:
@@ -255,22 +253,22 @@ class RunKeys(NamedTuple):
 
 def run_keys(cfg: VCLDiffusionConfig) -> RunKeys:
     """The keys of a sub-run (the same for every method: they start from one init)."""
-    return RunKeys(*jax.random.split(jax.random.key(cfg.seed), 4))
+    return RunKeys(*jax.random.split(jax.random.key(cfg.run.seed), 4))
 
 
 def load_tasks(cfg: VCLDiffusionConfig) -> list[np.ndarray]:
     """Training images of each task, float ``[N_d, H, W, C]`` in [0, 1]."""
-    train = load(cfg.dataset, "train", data_dir=cfg.data_dir, variant=cfg.data_variant)
-    stream = TaskStream.one_class_per_task(cfg.classes)
+    data = cfg.data
+    train = data.load("train")
     out = []
-    for task in stream.split(train):
-        x = to_float(task.images, cfg.pixel_range)
-        out.append(x[: cfg.max_per_task] if cfg.max_per_task else x)
+    for task in TaskStream.one_class_per_task(data.classes).split(train):
+        x = to_float(task.images, data.pixel_range)
+        out.append(x[: data.max_per_task] if data.max_per_task else x)
     for size in cfg.coreset_sizes:
         for d, x in enumerate(out):
             if size > len(x):
                 raise ConfigError(f"coreset size {size} is larger than task {d} "
-                                  f"(class {cfg.classes[d]}: {len(x)} training images)")
+                                  f"(class {cfg.data.classes[d]}: {len(x)} training images)")
     return out
 
 
@@ -279,7 +277,7 @@ def coreset_indices(cfg: VCLDiffusionConfig, key: jax.Array, task: int, x: np.nd
     """Task ``task``'s coreset (deterministic given the key): withheld from its training data."""
     if not size:
         return np.zeros((0,), np.int32)
-    return select(cfg.coreset_method, jax.random.fold_in(key, task), x, size)
+    return select(cfg.coreset.coreset_method, jax.random.fold_in(key, task), x, size)
 
 
 def evaluate(setup: Setup, method, trainable, task: int, key: jax.Array,
@@ -290,11 +288,11 @@ def evaluate(setup: Setup, method, trainable, task: int, key: jax.Array,
       (metrics, images ``[N, H, W]`` in [0, 1], class labels ``[N]``).
     """
     cfg = setup.cfg
-    seen = np.repeat(np.arange(task + 1), cfg.eval_per_class)
+    seen = np.repeat(np.arange(task + 1), cfg.eval.eval_per_class)
     k_draw, k_sample = jax.random.split(key)
     x = setup.sample(method, trainable, k_draw, k_sample, seen)
-    images = to_unit(x, cfg.pixel_range)
-    labels = np.asarray(cfg.classes)[seen]
+    images = to_unit(x, cfg.data.pixel_range)
+    labels = np.asarray(cfg.data.classes)[seen]
     return score(images, labels, task, classifier), _squeeze(images), labels
 
 
