@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -162,3 +163,32 @@ def test_a_run_starts_from_another_runs_config(tmp_path, capsys, monkeypatch):
                         presets=PRESETS, run=run)
     with pytest.raises(ConfigError, match="not a Rank1EWCConfig: unknown keys"):
         experiment_main(["--config", str(old)], doc="", name="x", presets=RANK1, run=run)
+
+
+
+@dataclasses.dataclass(frozen=True)
+class _A:
+    steps: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class _B:
+    steps: int = 2
+    width: int = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class _Both:
+    name: str = "x"
+    a: _A = _A()
+    b: _B = _B()
+
+
+def test_a_key_in_two_sections_must_name_its_section():
+    """A field's name alone is accepted only when one section has it."""
+    cfg = override(_Both(), ["width=5", "a.steps=7", "name=y"])
+    assert (cfg.b.width, cfg.a.steps, cfg.b.steps, cfg.name) == (5, 7, 2, "y")
+    with pytest.raises(ConfigError, match="'steps' is in sections a, b: write a.steps"):
+        override(_Both(), ["steps=4"])
+    with pytest.raises(ConfigError, match="unknown config key 'a'"):
+        override(_Both(), ["a=4"])

@@ -468,9 +468,9 @@ def test_composed_method_vcl_with_rank1_ewc_penalises_the_posterior_means():
     _, metrics = method.loss(moved, states, batch, jax.random.key(2))
     assert {"loss", "kl", "penalty"} <= set(metrics) and float(metrics["penalty"]) > 0
     # EWC's settings key only the sub-runs that use them
-    assert "ewc_lambda" in sub_run_config(cfg, "vcl+ewc_rank1", 0)
-    assert "ewc_lambda" not in sub_run_config(cfg, "vcl", 0)
-    assert "kl_scale" not in sub_run_config(cfg, "ewc_diag", 0)
+    assert "ewc.ewc_lambda" in sub_run_config(cfg, "vcl+ewc_rank1", 0)
+    assert "ewc.ewc_lambda" not in sub_run_config(cfg, "vcl", 0)
+    assert "vcl.kl_scale" not in sub_run_config(cfg, "ewc_diag", 0)
     for bad, msg in (("vcl+mle", "at most one trainer"),
                      ("vcl+ewc_kfac", "'ewc_kfac' is not a member"),
                      ("ewc_diag+ewc_diag", "at most one penalty"),
