@@ -17,10 +17,10 @@ def test_peak_table_matches_device_kinds():
     assert gpu_check.peak_tflops("cpu") is None
 
 
+@pytest.mark.slow  # ~70 s; the slow test below runs these sections too, with the rest
 def test_smoke_step_sections_run_and_report(env, tmp_path, capsys):
-    # The default suite's share: the sections whose code is the check's own (timed steps, the
-    # utilisation table, precisions); the protocol sections reuse code tested elsewhere and
-    # run whole in the slow test below.
+    # The sections whose code is the check's own (timed steps, the utilisation table,
+    # precisions), on their own; the protocol sections reuse code tested elsewhere.
     results = gpu_check.main(["--data", env["VCL_JAX_DATA_DIR"], "--smoke", "--only",
                               "device,steps,precision", "--out", str(tmp_path / "gpu.json")])
     sec = results["sections"]

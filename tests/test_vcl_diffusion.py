@@ -257,37 +257,6 @@ def test_bad_settings_are_clear_errors(env, tmp_path):
     assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "b")
 
 
-def test_natural_gradient_vcl_learns_its_variances_and_resumes(env, tmp_path):
-    # vcl_ng on two smoke digits: its posterior's log-variances leave the value each task
-    # starts from (the prior's precision + λ·h₀), the checkpoints restore (its optimizer
-    # state is the natural-gradient one) and a re-run resumes without training
-    from vcl_jax.protocols.sampling import load_checkpoint
-
-    cfg = override(PRESETS["smoke"], ["methods=vcl_ng", "classes=0,1", "likelihood=sum",
-                                      "ng_b2=0.5"])
-    run_dir = str(tmp_path / "ng")
-    metrics = vcl_diffusion.run(cfg, run_dir, progress=False)
-    hist = metrics["runs"]["vcl_ng_coreset0"]["history"]
-    assert [h["task"] for h in hist] == [0, 1]
-    assert all(np.isfinite(h["avg_uncertainty"]) for h in hist)
-    loaded = load_checkpoint(run_dir, task=1, method="vcl_ng_coreset0")
-    q = loaded.restored["train"].trainable
-    lv = np.concatenate([np.ravel(a) for a, r in zip(
-        jax.tree.leaves(q.log_var), jax.tree.leaves(loaded.setup.mask(q.mean)), strict=True)
-        if r])
-    assert np.std(lv) > 0.1  # one value per weight, not the common start
-    assert loaded.setup.likelihood_scale == 28 * 28
-    start = time.perf_counter()
-    assert vcl_diffusion.run(cfg, run_dir, progress=False)["runs"] == metrics["runs"]
-    assert time.perf_counter() - start < 60
-    with pytest.raises(ConfigError, match="at most one trainer"):
-        override(cfg, ["methods=vcl+vcl_ng"]).validate()
-    with pytest.raises(ConfigError, match="kl_scale > 0"):
-        override(cfg, ["kl_scale=0"]).validate()
-    with pytest.raises(ConfigError, match="unknown likelihood 'max'"):
-        override(cfg, ["likelihood=max"]).validate()
-
-
 def test_a_coreset_is_selected_once_per_task(monkeypatch):
     # VCL's pre-training withholds task 0's coreset and the coreset member asks for it again:
     # one selection, the same indices; other images or another size select afresh
@@ -479,6 +448,7 @@ def test_composed_method_vcl_with_rank1_ewc_penalises_the_posterior_means():
             override(cfg, [f"methods={bad}"]).validate()
 
 
+@pytest.mark.slow  # ~45 s of sampling and scoring
 def test_diagnostics_on_a_smoke_run(smoke_run):
     from vcl_jax.protocols import vcl_diagnostics
 
