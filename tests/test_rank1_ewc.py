@@ -182,7 +182,8 @@ def test_unet_at_32x32x3_and_timestep_examples():
     # t and noise come with the example: the loss is the ε-error at exactly that x_t
     ab = sched.alpha_bar[one["t"] - 1]
     xt = jnp.sqrt(ab) * one["x"] + jnp.sqrt(1 - ab) * one["noise"]
-    pred = eps_fn(xt[None], (one["t"] / 50)[None], one["task"][None], jnp.ones(1, bool))[0]
+    pred = jax.jit(eps_fn)(xt[None], (one["t"] / 50)[None], one["task"][None],
+                           jnp.ones(1, bool))[0]
     np.testing.assert_allclose(loss(one), jnp.mean((pred - one["noise"]) ** 2), rtol=1e-5)
     other = dict(one, noise=-one["noise"])
     assert abs(float(loss(other)) - float(loss(one))) > 1e-3  # another draw, another loss

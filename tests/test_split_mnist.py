@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -62,8 +63,8 @@ def test_estimators_are_unbiased_for_the_same_objective(estimator):
     head = jnp.arange(12) % 2
     est = jax.jit(jax.vmap(lambda k: bayes_mlp.expected_nll(q, x, y, head, k,
                                                             estimator=estimator, n_samples=4)))
-    reference = jax.vmap(lambda k: bayes_mlp.expected_nll(q, x, y, head, k, estimator="paper",
-                                                          n_samples=50))
+    reference = jax.jit(jax.vmap(lambda k: bayes_mlp.expected_nll(
+        q, x, y, head, k, estimator="paper", n_samples=50)))
     values = est(jax.random.split(jax.random.PRNGKey(3), 4000))
     ref = reference(jax.random.split(jax.random.PRNGKey(4), 400))
     se = jnp.sqrt(values.var() / values.size + ref.var() / ref.size)
@@ -77,9 +78,8 @@ def test_grouped_estimator_pads_a_batch_that_does_not_divide():
     y = jnp.arange(7) % 2
     exact = jnp.mean(mlp.nll(mlp.apply(p, x, 0), y))
     for est in ("paper", "local", "grouped"):
-        got = bayes_mlp.expected_nll(q, x, y, 0, jax.random.PRNGKey(0), estimator=est,
-                                     n_samples=3)
-        np.testing.assert_allclose(got, exact, rtol=1e-4)
+        nll = jax.jit(functools.partial(bayes_mlp.expected_nll, estimator=est, n_samples=3))
+        np.testing.assert_allclose(nll(q, x, y, 0, jax.random.PRNGKey(0)), exact, rtol=1e-4)
 
 
 def test_weight_zero_rows_do_not_change_any_estimate():
@@ -91,9 +91,9 @@ def test_weight_zero_rows_do_not_change_any_estimate():
     assert batch["x"].shape == (16, 6) and float(batch["w"].sum()) == 9
     exact = jnp.mean(mlp.nll(mlp.apply(p, x, 1), y))
     for est in ("paper", "local", "grouped"):
-        got = bayes_mlp.expected_nll(q, batch["x"], batch["y"], batch["head"],
-                                     jax.random.PRNGKey(0), estimator=est, n_samples=3,
-                                     weight=batch["w"])
+        nll = jax.jit(functools.partial(bayes_mlp.expected_nll, estimator=est, n_samples=3))
+        got = nll(q, batch["x"], batch["y"], batch["head"], jax.random.PRNGKey(0),
+                  weight=batch["w"])
         np.testing.assert_allclose(got, exact, rtol=1e-4)
     with pytest.raises(ValueError, match="cannot pad 9 examples to 4"):
         split_mnist_setup.task_batch(np.asarray(x), np.asarray(y), 1, size=4)
@@ -149,7 +149,7 @@ def test_elbo_decreases_on_a_tiny_problem():
         keys = jax.random.split(jax.random.PRNGKey(9), 64)
         return jnp.mean(jax.vmap(lambda k: method.loss(q, state, data, k)[0])(keys))
 
-    trainer = split_mnist_setup.Trainer(method, learning_rate=1e-2, epochs=60, batch_size=None)
+    trainer = split_mnist_setup.TaskRunner(method, learning_rate=1e-2, epochs=60, batch_size=None)
     before = neg_elbo(q)
     q, metrics = trainer(q, state, data, jax.random.PRNGKey(1))
     assert metrics["loss"].shape == (60,)
@@ -172,10 +172,11 @@ def test_predictive_is_the_mean_of_softmaxes_over_weight_draws():
     x = jax.random.normal(jax.random.PRNGKey(1), (9, 12))
     key, n_chunks, chunk, head = jax.random.PRNGKey(0), 3, 7, 1
     probs = bayes_mlp.predict_proba(q, x, head, key, n_samples=n_chunks * chunk, chunk=chunk)
-    # the same 21 draws, one at a time through the deterministic MLP
-    draws = [jax.tree.map(lambda a, i=i: a[i], mf.sample_many(jax.random.split(k, chunk), q))
-             for k in jax.random.split(key, n_chunks) for i in range(chunk)]
-    logits = jnp.stack([mlp.apply(w, x, head) for w in draws])
+    # the same 21 draws, each through the deterministic MLP
+    sample_many = jax.jit(mf.sample_many)
+    draws = [sample_many(jax.random.split(k, chunk), q) for k in jax.random.split(key, n_chunks)]
+    draws = jax.tree.map(lambda *a: jnp.concatenate(a), *draws)
+    logits = jax.jit(jax.vmap(lambda w: mlp.apply(w, x, head)))(draws)
     np.testing.assert_allclose(probs, jax.nn.softmax(logits).mean(0), rtol=1e-5, atol=1e-6)
     assert np.abs(probs - jax.nn.softmax(logits.mean(0))).max() > 1e-2
 

@@ -139,6 +139,7 @@ print("RESULT" + json.dumps(out))
 """
 
 
+@pytest.mark.slow  # ~35 s of compiles in a subprocess; CI runs it (and the two-process test)
 def test_two_devices_match_one():
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=(
         os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=2").strip())

@@ -33,7 +33,7 @@ from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig, parse_method
 from vcl_jax.protocols.split_mnist_setup import (
     Setup,
     TaskData,
-    Trainer,
+    TaskRunner,
     load_tasks,
     pad_batch,
     task_batch,
@@ -61,10 +61,11 @@ def posterior_spread(q, seen: int) -> dict:
     return out
 
 
-def _trained(fit: Trainer, where: str):
-    """A :data:`~vcl_jax.training.sequence.TrainFn` of ``fit`` (a fresh Adam per task, the
-    original code's), full-batch tasks padded to ``size`` rows; ``before`` changes the
-    trainables first (VCL: a new head)."""
+def task_trainer(fit: TaskRunner, where: str):
+    """The :data:`~vcl_jax.training.sequence.TrainFn` of ``fit``, as
+    :func:`~vcl_jax.training.sequence.epoch_trainer` is of an epoch runner (a fresh Adam per
+    task, the original code's), full-batch tasks padded to ``size`` rows; ``before`` changes
+    the trainables first (VCL: a new head)."""
 
     def train(state, task_data, key, task, label, *, size=None, before=None):
         del task
@@ -127,7 +128,7 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], *,
         batch = task_batch(tasks[t].x, tasks[t].y, t)
         return TrainData(batch, len(tasks[t].y), end=batch)
 
-    train, train_tune = _trained(fit, "split_mnist"), tune and _trained(tune, "split_mnist")
+    train, train_tune = task_trainer(fit, "split_mnist"), tune and task_trainer(tune, "split_mnist")
 
     trained = {}  # the latest trained state (its posterior is reported, not a tuned copy)
 

@@ -81,8 +81,9 @@ def pad_batch(batch: dict, size: int) -> dict:
             "w": jnp.pad(batch["w"], (0, pad))}
 
 
-class Trainer:
-    """All epochs of a task in one jitted call, with a fresh Adam per call (the original code).
+class TaskRunner:
+    """All epochs of a task in one jitted call, with a fresh Adam per call (the original code):
+    split MNIST's counterpart of :class:`~vcl_jax.training.epoch.EpochRunner`.
 
     One ``lax.scan`` over epochs; an epoch is one full-batch step, or a scan over
     shuffled minibatches when ``batch_size`` is smaller than the data.
@@ -171,7 +172,7 @@ class Setup:
             ng.ng_estimator, ng.ng_train_samples))
         self.vcl_ng_tune = self.vcl_ng if cfg.vcl.tune_estimator == ng.ng_estimator else vcl_ng(
             None, **ng_kw, expected_loss=expected_loss(cfg.vcl.tune_estimator, ng.ng_train_samples))
-        self.fit_mle = self.trainer(self.mle)
+        self.fit_mle = self.task_runner(self.mle)
         self._runs: dict = {}
         self.predict = jax.jit(bayes_mlp.predict_proba, static_argnames=("n_samples",))
         self.predict_mle = jax.jit(lambda p, x, head: jax.nn.softmax(mlp.apply(p, x, head)))
@@ -183,10 +184,10 @@ class Setup:
         ng = method.optimizer is not None
         return cfg.vcl_ng.ng_learning_rate if ng else cfg.optim.learning_rate
 
-    def trainer(self, method: Method) -> Trainer:
+    def task_runner(self, method: Method) -> TaskRunner:
         cfg = self.cfg
-        return Trainer(method, learning_rate=self.learning_rate(method), epochs=cfg.optim.epochs,
-                       batch_size=cfg.optim.batch_size)
+        return TaskRunner(method, learning_rate=self.learning_rate(method),
+                          epochs=cfg.optim.epochs, batch_size=cfg.optim.batch_size)
 
     def task_keys(self, task: int) -> TaskKeys:
         """Task ``task``'s keys, split once from the run's task key folded with ``task``."""
@@ -196,7 +197,7 @@ class Setup:
         """The indices of task ``task``'s coreset among its images ``x``."""
         return select(kind, self.task_keys(task).coreset, x, self.cfg.coreset.coreset_size)
 
-    def run(self, name: str, dim: int) -> tuple[Method, Trainer, Trainer | None]:
+    def run(self, name: str, dim: int) -> tuple[Method, TaskRunner, TaskRunner | None]:
         """Method ``name``, its trainer and its coreset fine-tuning trainer (or None), built
         by the grammar's builder: VCL with a coreset is ``chain(vcl, coreset)``, each task's
         coreset tuning a copy of its own (``finetune_each``, the original's multi-head
@@ -218,8 +219,8 @@ class Setup:
                 tune = methods.build(spec, dict(factories, vcl=lambda: self.vcl_tune,
                                                 vcl_ng=lambda: self.vcl_ng_tune))
             method = methods.build(spec, factories)
-            fit = self.fit_mle if method is self.mle else self.trainer(method)
-            self._runs[name] = (method, fit, tune and self.trainer(tune))
+            fit = self.fit_mle if method is self.mle else self.task_runner(method)
+            self._runs[name] = (method, fit, tune and self.task_runner(tune))
         return self._runs[name]
 
     def new_head(self, key: jax.Array, q: mf.MeanField, head: int,
