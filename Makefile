@@ -13,7 +13,7 @@ endif
 
 help:
 	@echo "make install                  venv in .venv with vcl_jax and dev tools"
-	@echo "make test                     the default test suite (5-11 min on 2 cores)"
+	@echo "make test                     the default test suite (~6 min from a clean clone on 2 cores)"
 	@echo "make test-slow                the tests marked slow (end to end; CI runs them too)"
 	@echo "make test-classifiers         the evaluation classifiers trained from scratch on real data"
 	@echo "make test-all                 everything, with the tests marked slow and classifier"
