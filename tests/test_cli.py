@@ -192,3 +192,23 @@ def test_a_key_in_two_sections_must_name_its_section():
         override(_Both(), ["steps=4"])
     with pytest.raises(ConfigError, match="unknown config key 'a'"):
         override(_Both(), ["a=4"])
+
+
+@pytest.mark.parametrize("module", ["vcl_diffusion_config", "rank1_ewc_config",
+                                    "split_mnist_config"])
+def test_every_preset_survives_its_config_json(module):
+    """`config.json` (nested sections) reads back to the same config; a key of no section,
+    or a section's unknown key, is named."""
+    import importlib
+    import json
+
+    from vcl_jax.config import from_dict, to_dict
+
+    presets = importlib.import_module(f"vcl_jax.protocols.{module}").PRESETS
+    for cfg in presets.values():
+        raw = json.loads(json.dumps(to_dict(cfg)))
+        assert from_dict(type(cfg), raw) == cfg
+        with pytest.raises(ConfigError, match="unknown keys model.n_fet"):
+            from_dict(type(cfg), dict(raw, model=dict(raw["model"], n_fet=1)))
+        with pytest.raises(ConfigError, match="unknown keys epochs"):
+            from_dict(type(cfg), dict(raw, epochs=3))
