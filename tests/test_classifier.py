@@ -82,3 +82,28 @@ def test_a_classifier_being_trained_elsewhere_is_waited_for_and_reloaded(tmp_pat
         fcntl.flock(held, fcntl.LOCK_UN)
     waiter.join(timeout=60)
     assert got["clf"].info == first.info
+
+
+def test_a_cached_classifier_outlives_run_formats(tmp_path, monkeypatch):
+    """The run format describes run directories, not the classifier cache: an entry saved
+    while another run format was current still loads (a run's checkpoints of that format are
+    refused)."""
+    import jax.numpy as jnp
+
+    from vcl_jax import checkpoint
+
+    params = {"w": jnp.arange(3.0)}
+    monkeypatch.setattr(checkpoint, "RUN_FORMAT", checkpoint.RUN_FORMAT - 1)
+    for run in (True, False):
+        old = checkpoint.Checkpoints(str(tmp_path / f"run{run}"), {"epochs": 1}, local=True,
+                                     run=run)
+        old.save(0, params, {"info": {}})
+        old.close()
+    monkeypatch.undo()
+    cache = checkpoint.Checkpoints(str(tmp_path / "runFalse"), {"epochs": 1}, local=True,
+                                   run=False)
+    restored, _ = cache.restore(0, params)
+    np.testing.assert_array_equal(restored["w"], params["w"])
+    cache.close()
+    with pytest.raises(checkpoint.ConfigMismatchError, match="run format"):
+        checkpoint.Checkpoints(str(tmp_path / "runTrue"), {"epochs": 1}, local=True)

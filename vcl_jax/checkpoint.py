@@ -107,14 +107,18 @@ class Checkpoints:
         leave it out.
       local: files of this process alone (a cache) in a multi-process run; by default every
         process takes part in each save and restore, as Orbax coordinates them.
+      run: the checkpoints of a run, which record and check :data:`RUN_FORMAT`; False for a
+        cache whose entries the run format does not describe (the evaluation classifiers:
+        their key is their own config and data, and a run's format says nothing of them).
     """
 
     def __init__(self, directory: str, config: dict, *, ignore: tuple[str, ...] = (),
-                 data: dict | None = None, local: bool = False):
+                 data: dict | None = None, local: bool = False, run: bool = True):
         self.directory = os.path.abspath(directory)
         extra = {} if data is None else {"data": data}
         self.config = json.loads(json.dumps({**config, **extra}))
         self._ignore = ignore
+        self._run = run
         # local: this process's own files (e.g. a cache), with no other process taking part
         # in a multi-process run; else Orbax coordinates every process's save and restore
         me, self._local = jax.process_index(), local
@@ -133,7 +137,8 @@ class Checkpoints:
 
     def _check_config(self, step: int) -> None:
         meta = self.restore_meta(step)
-        check_format(meta.get("format"), f"checkpoint step {step} in {self.directory}")
+        if self._run:
+            check_format(meta.get("format"), f"checkpoint step {step} in {self.directory}")
         diff = config_diff(meta.get("config", {}), self.config, self._ignore)
         if diff:
             raise ConfigMismatchError(
@@ -155,7 +160,7 @@ class Checkpoints:
         fails or is killed half way leaves the earlier steps as they were. A failed write
         (e.g. a full disk) removes its own partial folder and raises :class:`CheckpointError`.
         """
-        meta = dict(meta, config=self.config, format=RUN_FORMAT)
+        meta = dict(meta, config=self.config, **({"format": RUN_FORMAT} if self._run else {}))
         try:
             with interrupt.deferred():  # SIGTERM / Ctrl-C stop the run after this write
                 self._manager.save(step, args=ocp.args.Composite(

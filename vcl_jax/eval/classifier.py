@@ -209,7 +209,7 @@ def get_classifier(
     folder = os.path.join(cache or cache_dir(), "classifiers", f"{dataset}-{fp}")
     model = _model(int(train.labels.max()) + 1, config)
     with _entry_lock(folder, progress):
-        ckpt = checkpoint.Checkpoints(folder, dataclasses.asdict(config), local=True)
+        ckpt = checkpoint.Checkpoints(folder, dataclasses.asdict(config), local=True, run=False)
         if ckpt.latest_step() is not None:
             like = jax.eval_shape(model.init, jax.random.key(0),
                                   jnp.zeros((1,) + train.images.shape[1:]))  # a template only
@@ -250,7 +250,7 @@ def _train_and_cache(train: Dataset, model: Classifier, config: ClassifierConfig
     acc = clf.accuracy(to_float(test.images), test.labels)
     info = {"dataset": dataset, "fingerprint": fp, "n_train": len(train), "train_source":
             train.source, "test_accuracy": acc, "final_train_loss": losses[-1]}
-    ckpt = checkpoint.Checkpoints(folder, dataclasses.asdict(config), local=True)
+    ckpt = checkpoint.Checkpoints(folder, dataclasses.asdict(config), local=True, run=False)
     ckpt.save(0, params, {"info": info})
     ckpt.close()
     return EvalClassifier(params, model, info)
