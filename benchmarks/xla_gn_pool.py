@@ -17,12 +17,10 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import os
-import subprocess
-import sys
-import tempfile
 
 import numpy as np
+
+from benchmarks.xla_opt_levels import arrays_per_level
 
 
 def _gradients(out: str) -> None:
@@ -91,16 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
         _gradients(args.child)
         return {}
     levels = sorted(set(map(int, args.levels.split(","))) | {3})
-    grads = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for level in levels:
-            out = os.path.join(tmp, f"level{level}.npz")
-            env = dict(os.environ, JAX_COMPILATION_CACHE_DIR="",  # compile here, every time
-                       XLA_FLAGS=f"--xla_backend_optimization_level={level}")
-            subprocess.run([sys.executable, "-m", "benchmarks.xla_gn_pool", "--child", out],
-                           env=env, check=True)
-            with np.load(out) as z:
-                grads[level] = {k: z[k] for k in z.files}
+    grads = arrays_per_level("benchmarks.xla_gn_pool", levels)
     results = {}
     for level in levels:
         g = grads[level]

@@ -47,6 +47,24 @@ def _gradients(n_feat: int, out: str) -> None:
     np.savez(out, **res)
 
 
+def arrays_per_level(module: str, levels: list[int], child_args: tuple[str, ...] = ()
+                     ) -> dict[int, dict[str, np.ndarray]]:
+    """Runs ``python -m <module> --child FILE <child_args>`` once per LLVM optimisation level,
+    each in a process of its own (XLA reads its flags when it starts) compiling afresh (no
+    persistent cache), and returns the arrays each child saved in FILE, by level."""
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for level in levels:
+            path = os.path.join(tmp, f"level{level}.npz")
+            env = dict(os.environ, JAX_COMPILATION_CACHE_DIR="",
+                       XLA_FLAGS=f"--xla_backend_optimization_level={level}")
+            subprocess.run([sys.executable, "-m", module, "--child", path, *child_args],
+                           env=env, check=True)
+            with np.load(path) as z:
+                out[level] = {k: z[k] for k in z.files}
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n-feat", type=int, default=16)
@@ -58,15 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
         _gradients(args.n_feat, args.child)
         return {}
     levels = sorted(set(map(int, args.levels.split(","))) | {3})
-    grads = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for level in levels:
-            out = os.path.join(tmp, f"level{level}.npz")
-            env = dict(os.environ, XLA_FLAGS=f"--xla_backend_optimization_level={level}")
-            subprocess.run([sys.executable, "-m", "benchmarks.xla_opt_levels", "--child", out,
-                            "--n-feat", str(args.n_feat)], env=env, check=True)
-            with np.load(out) as z:
-                grads[level] = {k: z[k] for k in z.files}
+    grads = arrays_per_level("benchmarks.xla_opt_levels", levels, ("--n-feat", str(args.n_feat)))
     ref = grads[3]["xla"]
     scale = float(np.abs(ref).max())
     diff = lambda a, b: float(np.abs(a - b).max() / scale)  # noqa: E731 (NaN stays NaN)

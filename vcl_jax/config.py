@@ -4,7 +4,7 @@ An experiment's config holds its sweep (``methods``, and for VCL-diffusion ``cor
 as plain fields and everything else in sections — frozen dataclasses of their own, one per
 concern (``data``, ``model``, ``diffusion``, ``optim``, each method's settings, ``eval``,
 ``run``); :mod:`vcl_jax.sections` holds the ones the experiments share. Each part of an
-experiment is built from its own section (``unet(cfg.model, …)``).
+experiment is built from its own section (``cfg.model.module(…)``, ``cfg.data.load(…)``).
 
 Overrides come from the command line as ``key=value`` strings, where ``key`` is
 ``section.field`` or a field's name alone when only one section has it (``seed=1`` is
@@ -39,35 +39,35 @@ def section_names(cfg: Any) -> list[str]:
 def _locate(cfg: Any, key: str) -> tuple[str | None, str]:
     """(section, field) of an override's key: ``n_feat`` or ``model.n_feat``; the section
     is None for a plain field of ``cfg`` itself."""
-    top = {f.name for f in dataclasses.fields(cfg)}
-    sections = section_names(cfg)
+    fields = {s: [f.name for f in dataclasses.fields(getattr(cfg, s))]
+              for s in section_names(cfg)}
+    plain = [f.name for f in dataclasses.fields(cfg) if f.name not in fields]
+
+    def homes(name: str) -> list[str]:
+        return [s for s, names in fields.items() if name in names]
+
     if "." in key:
         section, name = key.split(".", 1)
-        if section not in sections:
+        if section not in fields:
             raise ConfigError(f"unknown config section {section!r} in {key!r}; known: "
-                              f"{', '.join(sections)}")
-        fields = {f.name for f in dataclasses.fields(getattr(cfg, section))}
-        if name not in fields:
-            homes = [s for s in sections
-                     if name in {f.name for f in dataclasses.fields(getattr(cfg, s))}]
-            if homes:
-                raise ConfigError(f"{key!r}: {name} is in section {homes[0]!r}, not "
-                                  f"{section!r} (write {homes[0]}.{name}, or {name})")
+                              f"{', '.join(fields)}")
+        if name not in fields[section]:
+            if homes(name):
+                home = homes(name)[0]
+                raise ConfigError(f"{key!r}: {name} is in section {home!r}, not "
+                                  f"{section!r} (write {home}.{name}, or {name})")
             raise ConfigError(f"unknown config key {name!r} in section {section!r}; known: "
-                              f"{', '.join(sorted(fields))}")
+                              f"{', '.join(sorted(fields[section]))}")
         return section, name
-    if key in top and key not in sections:
+    if key in plain:
         return None, key
-    homes = [s for s in sections
-             if key in {f.name for f in dataclasses.fields(getattr(cfg, s))}]
-    if len(homes) == 1:
-        return homes[0], key
-    if len(homes) > 1:
-        raise ConfigError(f"{key!r} is in sections {', '.join(homes)}: write "
-                          f"{homes[0]}.{key} (or another)")
-    known = sorted([n for n in top if n not in sections]
-                   + [f"{s}.{f.name}" for s in sections
-                      for f in dataclasses.fields(getattr(cfg, s))])
+    found = homes(key)
+    if len(found) == 1:
+        return found[0], key
+    if len(found) > 1:
+        raise ConfigError(f"{key!r} is in sections {', '.join(found)}: write "
+                          f"{found[0]}.{key} (or another)")
+    known = sorted(plain + [f"{s}.{n}" for s, names in fields.items() for n in names])
     raise ConfigError(f"unknown config key {key!r}; known: {', '.join(known)}")
 
 
@@ -137,15 +137,15 @@ def from_dict(cls: type[C], raw: dict) -> C:
     for name, value in raw.items():
         if name not in fields:
             continue
-        if dataclasses.is_dataclass(hints[name]):
-            sub = {f.name for f in dataclasses.fields(hints[name])}
-            unknown += [f"{name}.{k}" for k in sorted(set(value) - sub)] if isinstance(
-                value, dict) else [name]
-            if isinstance(value, dict):
-                values[name] = hints[name](**{k: _tuples(v) for k, v in value.items()
-                                              if k in sub})
-        else:
+        section = hints[name]
+        if not dataclasses.is_dataclass(section):
             values[name] = _tuples(value)
+        elif not isinstance(value, dict):  # a section saved as something else
+            unknown.append(name)
+        else:
+            sub = {f.name for f in dataclasses.fields(section)}
+            unknown += [f"{name}.{k}" for k in sorted(set(value) - sub)]
+            values[name] = section(**{k: _tuples(v) for k, v in value.items() if k in sub})
     if unknown:
         raise ConfigError(f"not a {cls.__name__}: unknown keys {', '.join(unknown)}")
     return cls(**values)

@@ -132,12 +132,11 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClas
 
 
 def method_checkpoints(folder: str, cfg: Rank1EWCConfig, name: str,
-                       ignore: tuple[str, ...] = (), data: dict | None = None
-                       ) -> checkpoint.Checkpoints:
+                       data: dict | None = None) -> checkpoint.Checkpoints:
     """Method ``name``'s checkpoints, keyed on the config fields that determine its training
     and, when given, on what the data is (``data``, see
     :class:`~vcl_jax.checkpoint.Checkpoints`)."""
-    return checkpoint.Checkpoints(folder, sub_run_config(cfg, name), ignore=ignore, data=data)
+    return checkpoint.Checkpoints(folder, sub_run_config(cfg, name), data=data)
 
 
 def reference_accuracy(classifier: EvalClassifier, task: TaskData) -> float:

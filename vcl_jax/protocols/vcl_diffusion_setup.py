@@ -28,7 +28,6 @@ from vcl_jax.eval.metrics import (
     per_class_stderr,
 )
 from vcl_jax.kernels import conv3x3 as cpu_conv
-from vcl_jax.models.layers import resolve_impl
 from vcl_jax.models.unet import ContextUNet, init_unet, variational_mask
 from vcl_jax.protocols.vcl_diffusion_config import (
     VCLDiffusionConfig,
@@ -229,7 +228,7 @@ def build(cfg: VCLDiffusionConfig, shape: tuple[int, int, int] = (28, 28, 1)) ->
     model = cfg.model.module(len(cfg.data.classes), shape[-1])
     layout = draws_layout(cfg.vcl.weight_draws, cfg.vcl.train_samples)
     vmapped = cfg.vcl.train_samples > 1 and layout == "vmap"
-    draws_model = model.clone(impl=resolve_impl(cfg.model.conv_impl, vmapped))
+    draws_model = cfg.model.module(len(cfg.data.classes), shape[-1], vmapped=vmapped)
     return Setup(cfg, model, cfg.diffusion.schedule(), shape, draws_model, layout)
 
 
