@@ -36,10 +36,10 @@ import numpy as np
 from benchmarks.run import gemm_gflops, make_epoch, unrolled_steps
 from benchmarks.timing import interleaved_times
 from vcl_jax.config import override
+from vcl_jax.configs.vcl_diffusion import PRESETS
 from vcl_jax.diffusion import generate as gen
 from vcl_jax.models.unet import unet_flops
 from vcl_jax.protocols import vcl_diffusion_setup
-from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 
 
 def _cost(compiled) -> dict:

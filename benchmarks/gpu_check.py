@@ -138,9 +138,9 @@ def section_steps(s: Sizes, device: dict) -> dict:
 
 def section_sampling(s: Sizes) -> dict:
     """Guided DDPM sampling (the paper preset's T and guidance) of one MLE model."""
+    from vcl_jax.configs.vcl_diffusion import PRESETS
     from vcl_jax.diffusion.generate import generate
     from vcl_jax.protocols import vcl_diffusion_setup
-    from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 
     cfg = override(PRESETS[s.diffusion_preset], [f"n_feat={s.n_feat}", "conv_impl=xla"])
     setup = vcl_diffusion_setup.build(cfg)
@@ -166,8 +166,8 @@ def section_sampling(s: Sizes) -> dict:
 
 def section_split_mnist(s: Sizes, data: str) -> dict:
     """Split-MNIST VCL (no coreset) over the 5 tasks, compilation included."""
+    from vcl_jax.configs.split_mnist import PRESETS
     from vcl_jax.protocols import split_mnist, split_mnist_setup
-    from vcl_jax.protocols.split_mnist_config import PRESETS
 
     cfg = override(PRESETS[s.split_preset], [f"data_dir={data}", "methods=vcl"]).validate()
     tasks = split_mnist_setup.load_tasks(cfg)
@@ -179,7 +179,7 @@ def section_split_mnist(s: Sizes, data: str) -> dict:
 
 
 def paper_two_task_config(s: Sizes, data: str):
-    from vcl_jax.protocols.vcl_diffusion_config import PRESETS
+    from vcl_jax.configs.vcl_diffusion import PRESETS
 
     # On a GPU: XLA's convolutions and the K draws vmapped; at smoke size the preset's own.
     backend = [] if s.smoke else ["conv_impl=xla", "weight_draws=vmap"]
@@ -227,8 +227,8 @@ def section_paper_two_tasks(s: Sizes, data: str, n_tasks: int = 10) -> dict:
 def section_precision(s: Sizes) -> dict:
     """``precision_steps`` MLE steps from the same start and keys under each matmul
     precision: per-step losses side by side, the largest gap to float32, step time."""
+    from vcl_jax.configs.vcl_diffusion import PRESETS
     from vcl_jax.protocols import vcl_diffusion_setup
-    from vcl_jax.protocols.vcl_diffusion_config import PRESETS
     from vcl_jax.training.epoch import scan_steps
     from vcl_jax.training.state import TrainState, adam, make_train_step
 

@@ -22,11 +22,11 @@ import jax.numpy as jnp
 
 from benchmarks.timing import interleaved_times
 from vcl_jax.config import override
+from vcl_jax.configs.vcl_diffusion import PRESETS
 from vcl_jax.diffusion.generate import generate
 from vcl_jax.models.layers import resolve_impl
 from vcl_jax.models.unet import unet_flops
 from vcl_jax.protocols import vcl_diffusion_setup
-from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 from vcl_jax.training.epoch import EpochRunner, scan_steps
 from vcl_jax.training.guard import check_finite
 from vcl_jax.training.state import TrainState, adam, make_train_step

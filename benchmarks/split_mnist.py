@@ -27,8 +27,8 @@ import jax.numpy as jnp
 from benchmarks.run import gemm_gflops
 from benchmarks.timing import interleaved_times
 from vcl_jax.config import override
+from vcl_jax.configs.split_mnist import PRESETS, PUBLISHED
 from vcl_jax.protocols import split_mnist, split_mnist_setup
-from vcl_jax.protocols.split_mnist_config import PRESETS, PUBLISHED
 
 
 def training_flops(cfg, tasks, run: str) -> float:

@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 
 from vcl_jax.config import override
+from vcl_jax.configs.vcl_diffusion import PRESETS
 from vcl_jax.protocols import vcl_diffusion_mle, vcl_diffusion_setup
-from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 from vcl_jax.training.state import TrainState, make_train_step
 
 

@@ -11,8 +11,8 @@ fields, e.g. ``estimator=paper epochs=60``.
 from __future__ import annotations
 
 from vcl_jax.cli import command, experiment_main
+from vcl_jax.configs.split_mnist import PRESETS
 from vcl_jax.protocols import split_mnist
-from vcl_jax.protocols.split_mnist_config import PRESETS
 
 
 def main(argv=None) -> dict:

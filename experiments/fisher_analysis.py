@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import os
 
+from vcl_jax.analysis import fisher_analysis as fa
 from vcl_jax.cli import command
-from vcl_jax.protocols import fisher_analysis as fa
-from vcl_jax.protocols.rank1_ewc_config import parse_method
+from vcl_jax.configs.rank1_ewc import parse_method
 
 
 def main(argv=None) -> dict:

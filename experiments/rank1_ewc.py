@@ -10,8 +10,8 @@ after the last finished task of each method.
 from __future__ import annotations
 
 from vcl_jax.cli import command, experiment_main
+from vcl_jax.configs.rank1_ewc import PRESETS
 from vcl_jax.protocols import rank1_ewc
-from vcl_jax.protocols.rank1_ewc_config import PRESETS
 
 
 def main(argv=None) -> dict:

@@ -14,8 +14,8 @@ import argparse
 import json
 import os
 
+from vcl_jax.analysis.sampling import WEIGHTS, rescore
 from vcl_jax.cli import command
-from vcl_jax.protocols.sampling import WEIGHTS, rescore
 
 
 def main(argv=None) -> dict:

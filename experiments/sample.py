@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from vcl_jax.analysis.sampling import sample_from_run
 from vcl_jax.cli import command
-from vcl_jax.protocols.sampling import sample_from_run
 
 
 def main(argv=None) -> str:

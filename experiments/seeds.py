@@ -26,14 +26,15 @@ import os
 
 import numpy as np
 
-from vcl_jax.cli import command
-from vcl_jax.protocols import rank1_ewc_report
-from vcl_jax.protocols.vcl_diffusion_report import (
-    across_seeds,
+from vcl_jax.analysis.seeds import (
+    fd_across_seeds,
+    fd_seeds_markdown,
     seed_figures,
     split_name,
+    uncertainty_across_seeds,
     vcl_targets,
 )
+from vcl_jax.cli import command
 
 
 def markdown(metrics: list[dict], out: dict) -> str:
@@ -76,8 +77,8 @@ def main(argv=None) -> dict:
         with open(path) as f:
             metrics.append(json.load(f))
     if "replay" in metrics[0]["config"]:  # a rank-1 EWC experiment
-        out = rank1_ewc_report.across_seeds(metrics)
-        table = rank1_ewc_report.seeds_markdown(out)
+        out = fd_across_seeds(metrics)
+        table = fd_seeds_markdown(out)
         print(table)
         for path, text in ((args.out, json.dumps(out, indent=2)), (args.markdown, table)):
             if path:
@@ -85,7 +86,7 @@ def main(argv=None) -> dict:
                     f.write(text)
         return out
     names = [n for n in metrics[0]["runs"] if all(n in m["runs"] for m in metrics)]
-    out = {"runs": {n: across_seeds(metrics, n) for n in names}}
+    out = {"runs": {n: uncertainty_across_seeds(metrics, n) for n in names}}
     fmt = lambda p: f"{p[0]:.3g} ± {p[1]:.2g}"  # noqa: E731
     print(f"seeds {out['runs'][names[0]]['seeds']}; mean over seeds ± SE over seeds\n")
     for n, r in out["runs"].items():

@@ -1,4 +1,4 @@
-"""Diagnostics of a VCL-diffusion run (see ``vcl_jax.protocols.vcl_diagnostics``).
+"""Diagnostics of a VCL-diffusion run (see ``vcl_jax.analysis.vcl_diagnostics``).
 
     python -m experiments.vcl_diagnostics drift --run DIR --task 1 [--method vcl_coreset0]
     python -m experiments.vcl_diagnostics spread --run DIR --task 3 [--method vcl_coreset0]
@@ -16,8 +16,8 @@ import argparse
 import json
 import os
 
+from vcl_jax.analysis import vcl_diagnostics
 from vcl_jax.cli import command
-from vcl_jax.protocols import vcl_diagnostics
 
 
 def main(argv=None) -> list[dict]:

@@ -9,8 +9,8 @@ finished task. Overrides are config fields, e.g. ``coreset_sizes=0,50``.
 from __future__ import annotations
 
 from vcl_jax.cli import command, experiment_main
+from vcl_jax.configs.vcl_diffusion import PRESETS
 from vcl_jax.protocols import vcl_diffusion
-from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 
 
 def main(argv=None) -> dict:

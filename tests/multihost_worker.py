@@ -33,7 +33,7 @@ def main() -> None:
         distributed.initialize(f"localhost:{args.port}", args.num_processes, args.process_id)
 
     from vcl_jax.config import override
-    from vcl_jax.protocols.vcl_diffusion_config import PRESETS
+    from vcl_jax.configs.vcl_diffusion import PRESETS
     from vcl_jax.protocols.vcl_diffusion_setup import build
     from vcl_jax.training.state import TrainState, data_sharding, make_train_step
 

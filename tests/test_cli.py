@@ -9,7 +9,7 @@ import pytest
 
 from vcl_jax.cli import experiment_main
 from vcl_jax.config import ConfigError, config_text, override, section_names
-from vcl_jax.protocols.vcl_diffusion_config import PRESETS
+from vcl_jax.configs.vcl_diffusion import PRESETS
 
 
 def _capture(tmp_path):
@@ -51,15 +51,15 @@ def test_show_config_prints_every_field_by_section_and_runs_nothing(tmp_path, ca
     assert "[model]\n  n_feat = 32\n" in out and "[run]\n  seed = 3" in out
 
 
-@pytest.mark.parametrize("module", ["vcl_diffusion_config", "rank1_ewc_config",
-                                    "split_mnist_config"])
+@pytest.mark.parametrize("module", ["vcl_diffusion", "rank1_ewc",
+                                    "split_mnist"])
 def test_every_preset_reads_back_from_its_printed_config(module):
     """`config_text` writes each value as an override that parses back to it, under its
     section's heading: the printed config of a run is a command line that repeats it."""
     import dataclasses
     import importlib
 
-    presets = importlib.import_module(f"vcl_jax.protocols.{module}").PRESETS
+    presets = importlib.import_module(f"vcl_jax.configs.{module}").PRESETS
     for cfg in presets.values():
         overrides, section = [], None
         for line in config_text(cfg).splitlines():
@@ -86,7 +86,7 @@ def test_dotted_overrides_name_the_right_section():
 
 
 def test_a_task_grouping_is_given_as_slash_joined_classes():
-    from vcl_jax.protocols.split_mnist_config import PRESETS as SPLIT
+    from vcl_jax.configs.split_mnist import PRESETS as SPLIT
 
     cfg = override(SPLIT["smoke"], ["data.groups=0/1,2/3,4/5"]).validate()
     assert cfg.data.groups == ((0, 1), (2, 3), (4, 5))
@@ -142,7 +142,7 @@ def test_a_run_starts_from_another_runs_config(tmp_path, capsys, monkeypatch):
     both --preset and --config, are clear errors."""
     from vcl_jax.checkpoint import write_run_config
     from vcl_jax.config import to_dict
-    from vcl_jax.protocols.rank1_ewc_config import PRESETS as RANK1
+    from vcl_jax.configs.rank1_ewc import PRESETS as RANK1
 
     old = tmp_path / "old_run"
     old.mkdir()
@@ -194,8 +194,8 @@ def test_a_key_in_two_sections_must_name_its_section():
         override(_Both(), ["a=4"])
 
 
-@pytest.mark.parametrize("module", ["vcl_diffusion_config", "rank1_ewc_config",
-                                    "split_mnist_config"])
+@pytest.mark.parametrize("module", ["vcl_diffusion", "rank1_ewc",
+                                    "split_mnist"])
 def test_every_preset_survives_its_config_json(module):
     """`config.json` (nested sections) reads back to the same config; a key of no section,
     or a section's unknown key, is named."""
@@ -204,7 +204,7 @@ def test_every_preset_survives_its_config_json(module):
 
     from vcl_jax.config import from_dict, to_dict
 
-    presets = importlib.import_module(f"vcl_jax.protocols.{module}").PRESETS
+    presets = importlib.import_module(f"vcl_jax.configs.{module}").PRESETS
     for cfg in presets.values():
         raw = json.loads(json.dumps(to_dict(cfg)))
         assert from_dict(type(cfg), raw) == cfg

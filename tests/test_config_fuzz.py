@@ -10,11 +10,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from vcl_jax.analysis.fisher_analysis import FisherAnalysisConfig
 from vcl_jax.config import ConfigError, override, section_names
-from vcl_jax.protocols.fisher_analysis import FisherAnalysisConfig
-from vcl_jax.protocols.rank1_ewc_config import PRESETS as RANK1
-from vcl_jax.protocols.split_mnist_config import PRESETS as SPLIT
-from vcl_jax.protocols.vcl_diffusion_config import PRESETS as VCL
+from vcl_jax.configs.rank1_ewc import PRESETS as RANK1
+from vcl_jax.configs.split_mnist import PRESETS as SPLIT
+from vcl_jax.configs.vcl_diffusion import PRESETS as VCL
 
 CONFIGS = {"vcl_diffusion": VCL["smoke"], "rank1_ewc": RANK1["smoke"],
            "split_mnist": SPLIT["smoke"], "fisher_analysis": FisherAnalysisConfig()}

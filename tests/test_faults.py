@@ -94,8 +94,8 @@ def test_a_lock_from_another_host_is_refused_with_the_way_out(tmp_path):
 
 
 def test_a_run_on_a_locked_directory_is_refused_before_writing(env, tmp_path):
+    from vcl_jax.configs.split_mnist import PRESETS
     from vcl_jax.protocols import split_mnist
-    from vcl_jax.protocols.split_mnist_config import PRESETS
 
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
@@ -223,7 +223,7 @@ def test_the_data_fingerprint_follows_the_content_not_the_folder():
 
 
 def _cfg(*extra: str):
-    from vcl_jax.protocols.vcl_diffusion_config import PRESETS
+    from vcl_jax.configs.vcl_diffusion import PRESETS
 
     return override(PRESETS["smoke"], ["classes=0,1", *extra])
 

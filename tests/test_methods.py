@@ -5,10 +5,12 @@ import jax.numpy as jnp
 import pytest
 
 from vcl_jax.config import ConfigError
+from vcl_jax.configs import rank1_ewc as rank1_ewc_config
+from vcl_jax.configs import split_mnist as split_mnist_config
+from vcl_jax.configs import vcl_diffusion as vcl_diffusion_config
 from vcl_jax.continual import methods, mle
 from vcl_jax.continual.base import Method, keep_begin, keep_end, point_draws
 from vcl_jax.continual.methods import MethodError, Spec, build, parse
-from vcl_jax.protocols import rank1_ewc_config, split_mnist_config, vcl_diffusion_config
 
 
 @pytest.mark.parametrize("name, spec", [

@@ -11,14 +11,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vcl_jax.analysis import fisher_analysis
 from vcl_jax.checkpoint import ConfigMismatchError
 from vcl_jax.config import ConfigError, override
+from vcl_jax.configs.rank1_ewc import PRESETS, parse_method
 from vcl_jax.diffusion.loss import example_loss_at, timestep_examples
 from vcl_jax.diffusion.samplers import ddim_sample
 from vcl_jax.diffusion.schedule import linear_schedule
 from vcl_jax.models.unet import ContextUNet
-from vcl_jax.protocols import fisher_analysis, rank1_ewc, rank1_ewc_setup
-from vcl_jax.protocols.rank1_ewc_config import PRESETS, parse_method
+from vcl_jax.protocols import rank1_ewc, rank1_ewc_setup
 
 
 @pytest.fixture(scope="module")

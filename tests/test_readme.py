@@ -33,7 +33,7 @@ def test_readme_split_mnist_table_is_the_committed_runs():
 
 
 def test_readme_rank1_tables_are_generated_from_the_committed_runs():
-    from vcl_jax.protocols.rank1_ewc_report import across_seeds, seeds_markdown
+    from vcl_jax.analysis.seeds import fd_across_seeds, fd_seeds_markdown
 
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
@@ -41,6 +41,6 @@ def test_readme_rank1_tables_are_generated_from_the_committed_runs():
     while (start := readme.find(marker, start)) >= 0:
         runs = readme[start:readme.index("-->", start)].split(":", 1)[1].split()
         metrics = [json.load(open(os.path.join(ROOT, r, "metrics.json"))) for r in runs]
-        assert seeds_markdown(across_seeds(metrics)).strip() in readme, runs
+        assert fd_seeds_markdown(fd_across_seeds(metrics)).strip() in readme, runs
         start, found = start + 1, found + 1
     assert found >= 1

@@ -16,11 +16,11 @@ import pytest
 from conftest import SHARED_DATA, require_data
 
 from vcl_jax.config import ConfigError, override
+from vcl_jax.configs.split_mnist import PRESETS
 from vcl_jax.continual import vcl
 from vcl_jax.data import DataError
 from vcl_jax.models import bayes_mlp, mlp
 from vcl_jax.protocols import split_mnist, split_mnist_setup
-from vcl_jax.protocols.split_mnist_config import PRESETS
 from vcl_jax.vi import mean_field as mf
 
 

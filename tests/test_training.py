@@ -108,7 +108,7 @@ from vcl_jax.config import override
 from vcl_jax.continual import vcl
 from vcl_jax.models import mlp
 from vcl_jax.protocols import vcl_diffusion, vcl_diffusion_setup
-from vcl_jax.protocols.vcl_diffusion_config import PRESETS
+from vcl_jax.configs.vcl_diffusion import PRESETS
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step
 assert jax.local_device_count() == 2, jax.devices()
 # MLE on the smoke U-Net, and VCL (two weight draws over the whole batch) on a multi-head

@@ -14,11 +14,11 @@ import jax
 import numpy as np
 import pytest
 
+from vcl_jax.analysis.sampling import sample_from_run
 from vcl_jax.checkpoint import ConfigMismatchError
 from vcl_jax.config import ConfigError, override, preset
+from vcl_jax.configs.vcl_diffusion import PRESETS
 from vcl_jax.protocols import vcl_diffusion, vcl_diffusion_setup
-from vcl_jax.protocols.sampling import sample_from_run
-from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -342,19 +342,19 @@ def test_vcl_only_change_reuses_finished_mle_runs(smoke_run, tmp_path):
 
 def test_speed_only_fields_share_checkpoints():
     from vcl_jax.checkpoint import config_diff
-    from vcl_jax.protocols.vcl_diffusion_config import SPEED_ONLY, sub_run_config
+    from vcl_jax.protocols.vcl_diffusion_setup import SPEED_ONLY, sub_run_identity
 
     cfg = PRESETS["smoke"]
-    xla = sub_run_config(override(cfg, ["conv_impl=xla", "weight_draws=vmap"]), "vcl", 0)
-    assert config_diff(xla, sub_run_config(cfg, "vcl", 0), SPEED_ONLY) == []
-    assert config_diff(xla, sub_run_config(cfg, "vcl", 0))  # they are recorded, not ignored
+    xla = sub_run_identity(override(cfg, ["conv_impl=xla", "weight_draws=vmap"]), "vcl", 0)
+    assert config_diff(xla, sub_run_identity(cfg, "vcl", 0), SPEED_ONLY) == []
+    assert config_diff(xla, sub_run_identity(cfg, "vcl", 0))  # they are recorded, not ignored
 
 
 def test_a_run_of_another_format_is_refused_by_name(smoke_run, tmp_path):
     """Checkpoints and config.json record the run format; what another format wrote is
     refused in one line naming it (no per-field upgrades), and nothing is overwritten."""
+    from vcl_jax.analysis.sampling import load_config
     from vcl_jax.checkpoint import RUN_FORMAT, Checkpoints
-    from vcl_jax.protocols.sampling import load_config
 
     src, cfg, _ = smoke_run
     assert json.load(open(os.path.join(src, "config.json")))["format"] == RUN_FORMAT
@@ -415,7 +415,7 @@ def test_weight_draw_layouts_give_the_same_vcl_step():
 def test_composed_method_vcl_with_rank1_ewc_penalises_the_posterior_means():
     import jax.numpy as jnp
 
-    from vcl_jax.protocols.vcl_diffusion_config import sub_run_config
+    from vcl_jax.protocols.vcl_diffusion_setup import sub_run_identity
 
     cfg = override(PRESETS["smoke"], ["methods=mle,vcl+ewc_rank1,ewc_diag"])
     setup = vcl_diffusion_setup.build(cfg)
@@ -437,9 +437,9 @@ def test_composed_method_vcl_with_rank1_ewc_penalises_the_posterior_means():
     _, metrics = method.loss(moved, states, batch, jax.random.key(2))
     assert {"loss", "kl", "penalty"} <= set(metrics) and float(metrics["penalty"]) > 0
     # EWC's settings key only the sub-runs that use them
-    assert "ewc.ewc_lambda" in sub_run_config(cfg, "vcl+ewc_rank1", 0)
-    assert "ewc.ewc_lambda" not in sub_run_config(cfg, "vcl", 0)
-    assert "vcl.kl_scale" not in sub_run_config(cfg, "ewc_diag", 0)
+    assert "ewc.ewc_lambda" in sub_run_identity(cfg, "vcl+ewc_rank1", 0)
+    assert "ewc.ewc_lambda" not in sub_run_identity(cfg, "vcl", 0)
+    assert "vcl.kl_scale" not in sub_run_identity(cfg, "ewc_diag", 0)
     for bad, msg in (("vcl+mle", "at most one trainer"),
                      ("vcl+ewc_kfac", "'ewc_kfac' is not a member"),
                      ("ewc_diag+ewc_diag", "at most one penalty"),
@@ -450,7 +450,7 @@ def test_composed_method_vcl_with_rank1_ewc_penalises_the_posterior_means():
 
 @pytest.mark.slow  # ~45 s of sampling and scoring
 def test_diagnostics_on_a_smoke_run(smoke_run):
-    from vcl_jax.protocols import vcl_diagnostics
+    from vcl_jax.analysis import vcl_diagnostics
 
     run_dir, _, _ = smoke_run
     rows = vcl_diagnostics.drift(run_dir, 1, "vcl_coreset0")
@@ -497,7 +497,7 @@ def test_diagnostics_on_a_smoke_run(smoke_run):
 
 
 def test_scores_carry_standard_errors_and_rescoring_writes_nothing_over(smoke_run):
-    from vcl_jax.protocols.sampling import rescore
+    from vcl_jax.analysis.sampling import rescore
 
     run_dir, cfg, metrics = smoke_run
     h = metrics["runs"]["vcl_coreset0"]["history"][-1]

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 
 from vcl_jax.config import ConfigError, override
+from vcl_jax.configs.vcl_diffusion import PRESETS
 from vcl_jax.protocols import vcl_diffusion
-from vcl_jax.protocols.vcl_diffusion_config import PRESETS
 
 
 def test_natural_gradient_vcl_learns_its_variances_and_resumes(env, tmp_path):
     # vcl_ng on two smoke digits: its posterior's log-variances leave the value each task
     # starts from (the prior's precision + λ·h₀), the checkpoints restore (its optimizer
     # state is the natural-gradient one) and a re-run resumes without training
-    from vcl_jax.protocols.sampling import load_checkpoint
+    from vcl_jax.analysis.sampling import load_checkpoint
 
     cfg = override(PRESETS["smoke"], ["methods=vcl_ng", "classes=0,1", "likelihood=sum",
                                       "ng_b2=0.5"])

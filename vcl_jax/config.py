@@ -3,7 +3,7 @@
 An experiment's config holds its sweep (``methods``, and for VCL-diffusion ``coreset_sizes``)
 as plain fields and everything else in sections — frozen dataclasses of their own, one per
 concern (``data``, ``model``, ``diffusion``, ``optim``, each method's settings, ``eval``,
-``run``); :mod:`vcl_jax.sections` holds the ones the experiments share. Each part of an
+``run``); :mod:`vcl_jax.configs.sections` holds the ones the experiments share. Each part of an
 experiment is built from its own section (``cfg.model.module(…)``, ``cfg.data.load(…)``).
 
 Overrides come from the command line as ``key=value`` strings, where ``key`` is

@@ -24,7 +24,7 @@ What a run builds from its config is in :mod:`vcl_jax.protocols.rank1_ewc_setup`
 
 from __future__ import annotations
 
-import json
+import functools
 import os
 
 import jax
@@ -32,16 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from vcl_jax import checkpoint, distributed, runlog
-from vcl_jax.config import to_dict
+from vcl_jax.configs.rank1_ewc import Rank1EWCConfig, parse_method
 from vcl_jax.continual import TrainData
 from vcl_jax.data import identity
 from vcl_jax.eval.classifier import EvalClassifier
 from vcl_jax.eval.metrics import gaussian_stats
-from vcl_jax.protocols.rank1_ewc_config import (
-    Rank1EWCConfig,
-    parse_method,
-    sub_run_config,
-)
+from vcl_jax.protocols import experiment
 from vcl_jax.protocols.rank1_ewc_setup import (
     Setup,
     TaskData,
@@ -51,7 +47,6 @@ from vcl_jax.protocols.rank1_ewc_setup import (
     load_tasks,
     run_keys,
 )
-from vcl_jax.run_lock import RunLock
 from vcl_jax.training.epoch import EpochRunner
 from vcl_jax.training.sequence import TrainSchedule, epoch_trainer, fold_keys, run_sequence
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step
@@ -133,10 +128,11 @@ def run_one(setup: Setup, name: str, tasks: list[TaskData], classifier: EvalClas
 
 def method_checkpoints(folder: str, cfg: Rank1EWCConfig, name: str,
                        data: dict | None = None) -> checkpoint.Checkpoints:
-    """Method ``name``'s checkpoints, keyed on the config fields that determine its training
-    and, when given, on what the data is (``data``, see
-    :class:`~vcl_jax.checkpoint.Checkpoints`)."""
-    return checkpoint.Checkpoints(folder, sub_run_config(cfg, name), data=data)
+    """Method ``name``'s checkpoints, keyed on the config sections it uses
+    (:func:`~vcl_jax.protocols.experiment.identity`) and, when given, on what the data is
+    (``data``, see :class:`~vcl_jax.checkpoint.Checkpoints`)."""
+    return checkpoint.Checkpoints(folder, experiment.identity(cfg, name, parse_method(name)),
+                                  data=data)
 
 
 def reference_accuracy(classifier: EvalClassifier, task: TaskData) -> float:
@@ -147,10 +143,10 @@ def reference_accuracy(classifier: EvalClassifier, task: TaskData) -> float:
 
 def check_run_dir(run_dir: str, cfg: Rank1EWCConfig, data_id: dict | None = None) -> None:
     """Refuses, before anything is written, checkpoints from another config or data."""
-    for name in cfg.methods:
-        folder = os.path.join(run_dir, parse_method(name).dir, "checkpoints")
-        if os.path.isdir(folder):
-            method_checkpoints(folder, cfg, name, data=data_id).close()
+    experiment.check_checkpoints(run_dir, {
+        parse_method(name).dir: functools.partial(method_checkpoints, cfg=cfg, name=name,
+                                                  data=data_id)
+        for name in cfg.methods})
 
 
 def run(cfg: Rank1EWCConfig, run_dir: str, *, progress: bool = True) -> dict:
@@ -162,28 +158,19 @@ def run(cfg: Rank1EWCConfig, run_dir: str, *, progress: bool = True) -> dict:
     data = cfg.data.record([len(t.x) for t in tasks], [a for t in tasks for a in (t.x, t.c)])
     check_run_dir(run_dir, cfg, identity(data))
     setup = build(cfg, data_shape)
-    primary = distributed.is_primary()
-    with RunLock(run_dir):
+    with experiment.locked(run_dir, cfg):
         classifier = distributed.primary_first(lambda: cfg.data.classifier(
             cfg.eval.classifier_epochs, progress=progress), "classifier")
         ref_stats = [gaussian_stats(classifier.features(t.reference)) for t in tasks]
-        if primary:
-            checkpoint.write_run_config(run_dir, to_dict(cfg))
         with runlog.open_log(run_dir, len(cfg.methods) * len(tasks), progress=progress):
             results = {name: run_one(setup, name, tasks, classifier, ref_stats,
                                      os.path.join(run_dir, parse_method(name).dir),
                                      progress=progress, data_id=identity(data))
                        for name in cfg.methods}
-        metrics = {"config": to_dict(cfg), "provenance": runlog.provenance(), "data": data,
-                   "classifier": classifier.info,
-                   "reference_images_per_task": [len(t.reference) for t in tasks],
-                   # the classifier's accuracy on each task's real reference images: the
-                   # ceiling of its sample accuracy
-                   "reference_accuracy": [reference_accuracy(classifier, t) for t in tasks],
-                   "runs": results}
-        if primary:
-            with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-                json.dump(metrics, f, indent=2)
-            report.write(run_dir, cfg, results, data, classifier.info)
-        distributed.sync("outputs written")
-    return metrics
+        return experiment.finish(
+            run_dir, cfg, data, results, lambda m: report.write(run_dir, cfg, m),
+            classifier=classifier.info,
+            reference_images_per_task=[len(t.reference) for t in tasks],
+            # the classifier's accuracy on each task's real reference images: the ceiling of
+            # its sample accuracy
+            reference_accuracy=[reference_accuracy(classifier, t) for t in tasks])

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vcl_jax.config import ConfigError
+from vcl_jax.configs.rank1_ewc import Rank1EWCConfig, parse_method
 from vcl_jax.continual import distillation, generative_replay, methods, mle
 from vcl_jax.continual.base import stack
 from vcl_jax.data import TaskStream, pad_to, to_float, to_unit
@@ -22,7 +23,6 @@ from vcl_jax.diffusion.loss import example_loss_at, fisher_examples, noised_batc
 from vcl_jax.eval.classifier import EvalClassifier
 from vcl_jax.eval.metrics import frechet_distance, gaussian_stats
 from vcl_jax.models.unet import ContextUNet, init_unet
-from vcl_jax.protocols.rank1_ewc_config import Rank1EWCConfig, parse_method
 
 PyTree = Any
 

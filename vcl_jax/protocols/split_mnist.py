@@ -14,7 +14,6 @@ posterior) and then discarded.
 from __future__ import annotations
 
 import functools
-import json
 import operator
 import os
 import time
@@ -23,13 +22,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vcl_jax import distributed, runlog
-from vcl_jax.checkpoint import config_diff, read_run_config, write_run_config
-from vcl_jax.config import ConfigError, flat_dict, flatten, to_dict
+from vcl_jax import runlog
+from vcl_jax.checkpoint import config_diff, read_run_config
+from vcl_jax.config import ConfigError, flat_dict, flatten
+from vcl_jax.configs.split_mnist import SplitMNISTConfig, parse_method
 from vcl_jax.continual import TrainData
 from vcl_jax.data import complement
 from vcl_jax.models import mlp
-from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig, parse_method
+from vcl_jax.protocols import experiment
 from vcl_jax.protocols.split_mnist_setup import (
     Setup,
     TaskData,
@@ -38,7 +38,6 @@ from vcl_jax.protocols.split_mnist_setup import (
     pad_batch,
     task_batch,
 )
-from vcl_jax.run_lock import RunLock
 from vcl_jax.training.guard import check_finite, first_bad_epoch
 from vcl_jax.training.sequence import new_record, run_sequence
 from vcl_jax.training.state import TrainState
@@ -198,22 +197,13 @@ def run(cfg: SplitMNISTConfig, run_dir: str, *, progress: bool = True) -> dict:
         if any(parse_method(m).coreset for m in cfg.methods) and size > len(task.y):
             raise ConfigError(f"coreset_size {size} is larger than task {i} "
                               f"({len(task.y)} training images); use ≤ {len(task.y)}")
-    primary = distributed.is_primary()
-    with RunLock(run_dir):
-        if primary:
-            write_run_config(run_dir, to_dict(cfg))
+    with experiment.locked(run_dir, cfg):
         setup = Setup(cfg)
         with runlog.open_log(run_dir, len(cfg.methods) * len(tasks), progress=progress):
             results = {name: run_one(setup, name, tasks, progress=progress)
                        for name in cfg.methods}
-        metrics = {"config": to_dict(cfg), "provenance": runlog.provenance(),
-                   "data": cfg.data.record([len(t.y) for t in tasks], [t.x for t in tasks]),
-                   "train_sizes": [len(t.y) for t in tasks],
-                   "test_sizes": [len(t.y_test) for t in tasks],
-                   "runs": results}
-        if primary:
-            with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-                json.dump(metrics, f, indent=2)
-            report.write(run_dir, cfg, metrics)
-        distributed.sync("outputs written")
-    return metrics
+        data = cfg.data.record([len(t.y) for t in tasks], [t.x for t in tasks])
+        return experiment.finish(run_dir, cfg, data, results,
+                                 lambda m: report.write(run_dir, cfg, m),
+                                 train_sizes=[len(t.y) for t in tasks],
+                                 test_sizes=[len(t.y_test) for t in tasks])

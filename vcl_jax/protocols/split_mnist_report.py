@@ -10,9 +10,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from vcl_jax.configs.split_mnist import SplitMNISTConfig, parse_method  # noqa: E402
 from vcl_jax.data import data_text
 from vcl_jax.eval.plots import curves  # noqa: E402
-from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig, parse_method  # noqa: E402
 
 
 def accuracy_matrix(rows: list[list[float]]) -> np.ndarray:

@@ -12,10 +12,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vcl_jax.configs.split_mnist import SplitMNISTConfig, parse_method
 from vcl_jax.continual import Method, coreset, ewc, methods, mle, vcl, vcl_ng
 from vcl_jax.data import TaskStream, select, to_float
 from vcl_jax.models import bayes_mlp, mlp
-from vcl_jax.protocols.split_mnist_config import SplitMNISTConfig, parse_method
 from vcl_jax.training.epoch import epoch_indices, scan_steps
 from vcl_jax.training.state import TrainState, make_train_step
 from vcl_jax.vi import mean_field as mf

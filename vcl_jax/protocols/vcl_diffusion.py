@@ -12,7 +12,6 @@ trainings outside the task loop (VCL's pre-training, the joint reference) in
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 
@@ -20,26 +19,21 @@ import jax
 import numpy as np
 
 from vcl_jax import distributed, rng, runlog
-from vcl_jax.checkpoint import write_run_config
-from vcl_jax.config import to_dict
+from vcl_jax.configs.vcl_diffusion import VCLDiffusionConfig, parse_method
 from vcl_jax.continual import TrainData
 from vcl_jax.data import complement, identity
 from vcl_jax.eval.classifier import EvalClassifier
+from vcl_jax.protocols import experiment
 from vcl_jax.protocols import vcl_diffusion_mle as mle_runs
-from vcl_jax.protocols.vcl_diffusion_config import (
-    VCLDiffusionConfig,
-    open_checkpoints,
-    parse_method,
-)
 from vcl_jax.protocols.vcl_diffusion_setup import (
     Setup,
     build,
     evaluate,
     load_tasks,
+    open_checkpoints,
     run_keys,
     task_data,
 )
-from vcl_jax.run_lock import RunLock
 from vcl_jax.training.sequence import (
     TrainSchedule,
     epoch_trainer,
@@ -124,14 +118,13 @@ def sub_runs(cfg: VCLDiffusionConfig) -> list[tuple[str, int]]:
 
 
 def check_run_dir(run_dir: str, cfg: VCLDiffusionConfig, data_id: dict | None = None) -> None:
-    """Refuses, before anything is written, a run directory whose checkpoints were
-    written with settings (or data) that matter to them. Sub-runs are keyed on their own
-    fields (:func:`sub_run_config`), so adding coreset sizes or changing a VCL-only setting
-    reuses the finished MLE runs."""
-    for name, size in sub_runs(cfg):
-        folder = os.path.join(run_dir, run_name(name, size), "checkpoints")
-        if os.path.isdir(folder):
-            open_checkpoints(folder, cfg, name, size, data_id).close()
+    """Refuses a run directory whose sub-runs' checkpoints were written with settings (or
+    data) that matter to them; each sub-run is keyed on its own sections
+    (:func:`~vcl_jax.protocols.vcl_diffusion_setup.sub_run_identity`)."""
+    experiment.check_checkpoints(run_dir, {
+        run_name(name, size): functools.partial(open_checkpoints, cfg=cfg, method=name,
+                                                coreset_size=size, data=data_id)
+        for name, size in sub_runs(cfg)})
 
 
 def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict:
@@ -142,13 +135,11 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
     tasks = load_tasks(cfg)
     data = cfg.data.record([len(x) for x in tasks], tasks)
     check_run_dir(run_dir, cfg, identity(data))
-    primary = distributed.is_primary()
-    with RunLock(run_dir):
+    with experiment.locked(run_dir, cfg):
         # the other processes load the classifier process 0 trained and cached
         classifier = distributed.primary_first(lambda: cfg.data.classifier(
-            cfg.eval.classifier_epochs, progress=progress and primary), "classifier")
-        if primary:
-            write_run_config(run_dir, to_dict(cfg))
+            cfg.eval.classifier_epochs, progress=progress and distributed.is_primary()),
+            "classifier")
         results = {}
         kw = dict(progress=progress, data_id=identity(data))
         units = sum(len(tasks) for name, _ in sub_runs(cfg) if name != "joint")
@@ -162,13 +153,7 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
                     results[rn] = run_one(setup, name, size, tasks, classifier, out_dir, **kw)
         scores = {rn: report.continual_scores(rec["history"], cfg.data.classes)
                   for rn, rec in results.items() if rn != "joint"}
-        over_mle = report.ratios(results)
-        metrics = {"config": to_dict(cfg), "provenance": runlog.provenance(), "data": data,
-                   "classifier": classifier.info, "runs": results, "continual": scores,
-                   "over_mle": over_mle, "log": "log.jsonl"}
-        if primary:
-            with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-                json.dump(metrics, f, indent=2)
-            report.write(run_dir, cfg, results, data, classifier.info, scores, over_mle)
-        distributed.sync("outputs written")
-    return metrics
+        return experiment.finish(
+            run_dir, cfg, data, results, lambda m: report.write(run_dir, cfg, m),
+            classifier=classifier.info, continual=scores, over_mle=report.ratios(results),
+            log="log.jsonl")

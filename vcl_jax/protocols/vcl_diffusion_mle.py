@@ -12,8 +12,14 @@ import numpy as np
 
 from vcl_jax.continual import mle
 from vcl_jax.eval.classifier import EvalClassifier
-from vcl_jax.protocols.vcl_diffusion_config import open_checkpoints
-from vcl_jax.protocols.vcl_diffusion_setup import Setup, evaluate, run_keys, score, task_data
+from vcl_jax.protocols.vcl_diffusion_setup import (
+    Setup,
+    evaluate,
+    open_checkpoints,
+    run_keys,
+    score,
+    task_data,
+)
 from vcl_jax.training.sequence import new_record
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step, train_epochs
 

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
-
+from vcl_jax.configs.vcl_diffusion import VCLDiffusionConfig
 from vcl_jax.data import data_text
 from vcl_jax.eval import plots
 from vcl_jax.eval.classifier import classifier_text
-from vcl_jax.eval.metrics import mean_se, mean_stderr
-from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig
+from vcl_jax.eval.metrics import mean_stderr
 from vcl_jax.training.sequence import train_seconds
 
 
@@ -65,97 +63,11 @@ def ratios(results: dict) -> dict:
             for name, rec in results.items() if name != "mle_coreset0"}
 
 
-def across_seeds(metrics: list[dict], run: str) -> dict:
-    """Sub-run ``run`` of several seeds' ``metrics.json``: per task the mean over seeds of the
-    average uncertainty with its standard error over seeds (the spread of the seeds, which
-    holds the samples' noise too), the same of the samples' accuracy, and of right-after
-    quality and forgetting."""
-    hists = [m["runs"][run]["history"] for m in metrics]
-    n = min(len(h) for h in hists)
-    out = {"seeds": [m["config"]["run"]["seed"] for m in metrics],
-           "after_task": [mean_se([h[d]["avg_uncertainty"] for h in hists]) for d in range(n)],
-           # the fraction of samples the classifier recognises as their digit: uncertainty
-           # also falls when wrong samples are merely ambiguous rather than another digit
-           "accuracy_after_task": [mean_se([h[d]["sample_accuracy"] for h in hists])
-                                   for d in range(n)]}
-    for key in ("right_after", "forgetting"):
-        if all(key in m["continual"].get(run, {}) for m in metrics):
-            out[key] = mean_se([m["continual"][run][key] for m in metrics])
-    return out
-
-
-def split_name(run: str) -> tuple[str, int]:
-    """``(method, coreset size)`` of a sub-run's name (``vcl_ng_coreset200``; ``joint``: 0)."""
-    method, _, size = run.rpartition("_coreset")
-    return (method, int(size)) if method else (run, 0)
-
-
-def seed_figures(metrics: list[dict], out_dir: str) -> list[str]:
-    """The seed paper's Figure 2 (and its appendix's per-digit figures) from several seeds'
-    ``metrics.json``: one panel per coreset size with each method's average uncertainty
-    after each task (mean over seeds ± SE over seeds), linear and log, and one panel per
-    sub-run with each digit's uncertainty (mean over seeds) from the task it was learned in.
-
-    Returns:
-      The paths written.
-    """
-    names = [n for n in metrics[0]["runs"] if n != "joint"
-             and all(n in m["runs"] for m in metrics)]
-    by_size: dict[str, dict] = {}
-    for n in names:
-        method, size = split_name(n)
-        r = across_seeds(metrics, n)
-        by_size.setdefault(f"coreset {size} per task", {})[method] = (
-            [p[0] for p in r["after_task"]], [p[1] for p in r["after_task"]])
-    seeds = ", ".join(str(m["config"]["run"]["seed"]) for m in metrics)
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
-    for log in (False, True):
-        paths.append(os.path.join(out_dir, f"coreset_panels{'_log' if log else ''}.png"))
-        plots.panels(paths[-1], by_size, xlabel="tasks seen",
-                     ylabel="avg classifier uncertainty (nats)", log=log,
-                     title=f"Average uncertainty over seen digits, mean ± SE over seeds {seeds}")
-    classes = metrics[0]["config"]["data"]["classes"]
-    per_class = {}
-    names = sorted(names, key=lambda n: (split_name(n)[0], split_name(n)[1]))  # method rows
-    for n in names:
-        hists = [m["runs"][n]["history"] for m in metrics]
-        length = min(len(h) for h in hists)
-        per_class[n] = {c: (i, [float(np.mean([h[d]["per_class"][str(c)] for h in hists]))
-                                for d in range(i, length)])
-                        for i, c in enumerate(classes[:length])}
-    paths.append(os.path.join(out_dir, "coreset_per_digit.png"))
-    plots.per_class_curves(paths[-1], per_class, ylabel="classifier uncertainty (nats)",
-                           title=f"Per-digit uncertainty after each task, mean over seeds {seeds}",
-                           ncols=len(by_size))
-    return paths
-
-
-def vcl_targets(metrics: list[dict], first_task: int = 4) -> dict:
-    """The VCL-diffusion issue's targets over seeds: VCL's average uncertainty below MLE's
-    after every task from ``first_task`` (1-based) on each seed; VCL's forgetting ≤ 1/3 of
-    MLE's and its right-after quality within 1.5× MLE's (each per seed and on the seed mean)."""
-    out = {"below_mle_from_task": first_task, "per_seed": []}
-    for m in metrics:
-        mle, vcl = m["runs"]["mle_coreset0"]["history"], m["runs"]["vcl_coreset0"]["history"]
-        cm, cv = m["continual"]["mle_coreset0"], m["continual"]["vcl_coreset0"]
-        below = [v["avg_uncertainty"] < u["avg_uncertainty"]
-                 for u, v in zip(mle[first_task - 1:], vcl[first_task - 1:], strict=False)]
-        out["per_seed"].append({
-            "seed": m["config"]["run"]["seed"], "below_mle": all(below), "tasks_below": below,
-            "forgetting_ratio": cv["forgetting"] / cm["forgetting"],
-            "right_after_ratio": cv["right_after"] / cm["right_after"]})
-    seeds = out["per_seed"]
-    out["met"] = {"below_mle_every_seed": all(s["below_mle"] for s in seeds),
-                  "forgetting_le_third": all(s["forgetting_ratio"] <= 1 / 3 for s in seeds),
-                  "right_after_within_1.5x": all(s["right_after_ratio"] <= 1.5 for s in seeds)}
-    return out
-
-
-def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict, data: dict,
-          classifier_info: dict, scores: dict, over_mle: dict) -> None:
-    """Writes grids, uncertainty plots (linear, log, per class) and ``summary.md``;
-    ``scores`` and ``over_mle`` are the runs' :func:`continual_scores` and :func:`ratios`."""
+def write(run_dir: str, cfg: VCLDiffusionConfig, metrics: dict) -> None:
+    """Writes grids, uncertainty plots (linear, log, per class) and ``summary.md`` of a run's
+    metrics (its ``continual`` and ``over_mle`` are :func:`continual_scores` and
+    :func:`ratios` of its runs)."""
+    results, scores, over_mle = metrics["runs"], metrics["continual"], metrics["over_mle"]
     n_tasks = len(cfg.data.classes)
     for name, rec in results.items():
         rows = plots.grid_rows(os.path.join(run_dir, name), len(rec["history"]))
@@ -181,7 +93,7 @@ def write(run_dir: str, cfg: VCLDiffusionConfig, results: dict, data: dict,
                            ylabel="classifier uncertainty (nats)",
                            title="Per-digit classifier uncertainty after each task")
     lines = ["# VCL for diffusion models — summary", "",
-             data_text(data) + " " + classifier_text(classifier_info), "",
+             data_text(metrics["data"]) + " " + classifier_text(metrics["classifier"]), "",
              "Average classifier uncertainty (nats, lower is better) over the digits seen so far, "
              "after each task, ± its standard error (over the samples of each digit).", "",
              "| run | " + " | ".join(str(i + 1) for i in range(n_tasks)) + " | train s | eval s |",

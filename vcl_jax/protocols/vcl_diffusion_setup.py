@@ -15,7 +15,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from vcl_jax.checkpoint import Checkpoints
 from vcl_jax.config import ConfigError
+from vcl_jax.configs.vcl_diffusion import (
+    VCLDiffusionConfig,
+    parse_method,
+)
 from vcl_jax.continual import Method, coreset, methods, mle, vcl, vcl_ng
 from vcl_jax.data import TaskStream, select, to_float, to_unit
 from vcl_jax.diffusion.generate import fresh_draws, generate
@@ -29,10 +34,7 @@ from vcl_jax.eval.metrics import (
 )
 from vcl_jax.kernels import conv3x3 as cpu_conv
 from vcl_jax.models.unet import ContextUNet, init_unet, variational_mask
-from vcl_jax.protocols.vcl_diffusion_config import (
-    VCLDiffusionConfig,
-    parse_method,
-)
+from vcl_jax.protocols.experiment import identity
 from vcl_jax.training.epoch import EpochRunner
 from vcl_jax.training.state import optimizer_for
 from vcl_jax.vi import mean_field as mf
@@ -97,7 +99,7 @@ class Setup:
                                         lam=cfg.ewc.ewc_lambda, chunk=cfg.ewc.fisher_chunk),
         }
         if coreset_size:
-            spec = spec._replace(coreset=f"coreset_{cfg.coreset.coreset_method}")
+            spec = sub_run_spec(cfg, name, coreset_size)
             example = {"x": jax.ShapeDtypeStruct(self.shape, jnp.float32),
                        "task": jax.ShapeDtypeStruct((), jnp.int32)}
             factories[spec.coreset] = lambda: coreset(
@@ -217,6 +219,33 @@ class Setup:
                         sampler=sampler or ev.sampler, guidance=_given(guidance, ev.guidance),
                         ddim_steps=ddim_steps or ev.ddim_steps, eta=_given(eta, ev.eval_eta),
                         average=weights == "average", redraw=redraw, max_batch=ev.eval_batch)
+
+
+# Fields that change speed, not results (tested: both convolution forms agree); a
+# checkpoint written with another value is still this run's.
+SPEED_ONLY = ("model.conv_impl", "vcl.weight_draws", "eval.eval_batch")
+
+
+def sub_run_spec(cfg: VCLDiffusionConfig, method: str, coreset_size: int) -> methods.Spec:
+    """The method of one (method, coreset size) sub-run: the config's name, with a coreset
+    member (``coreset_method``) when the size is not 0."""
+    spec = parse_method(method)
+    return spec._replace(coreset=f"coreset_{cfg.coreset.coreset_method}") if coreset_size else spec
+
+
+def sub_run_identity(cfg: VCLDiffusionConfig, method: str, coreset_size: int) -> dict:
+    """What determines one sub-run (:func:`~vcl_jax.protocols.experiment.identity`): so
+    adding coreset sizes or changing a VCL-only setting reuses the finished MLE runs."""
+    spec = sub_run_spec(cfg, method, coreset_size)
+    return identity(cfg, method, spec, coreset_size=coreset_size)
+
+
+def open_checkpoints(folder: str, cfg: VCLDiffusionConfig, method: str,
+                     coreset_size: int, data: dict | None = None) -> Checkpoints:
+    """The checkpoints of one sub-run, refusing a folder written with another config or
+    (``data``, see :class:`~vcl_jax.checkpoint.Checkpoints`) other data."""
+    return Checkpoints(folder, sub_run_identity(cfg, method, coreset_size), ignore=SPEED_ONLY,
+                       data=data)
 
 
 def _given(value, default):

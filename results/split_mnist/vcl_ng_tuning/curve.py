@@ -1,6 +1,6 @@
 import sys, numpy as np
 from vcl_jax.protocols import split_mnist as sm
-from vcl_jax.protocols.split_mnist_config import PRESETS
+from vcl_jax.configs.split_mnist import PRESETS
 from vcl_jax.config import override
 orig = sm._trained
 def traced(fit, where):

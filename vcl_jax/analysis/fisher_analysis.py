@@ -23,12 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vcl_jax.checkpoint import read_run_config
-from vcl_jax.config import ConfigError, checks, from_dict
+from vcl_jax.config import ConfigError, checks
+from vcl_jax.configs.rank1_ewc import Rank1EWCConfig, parse_method
 from vcl_jax.continual.fisher import gram_analysis, gram_matrix
 from vcl_jax.diffusion.loss import q_sample, timestep_examples
-from vcl_jax.protocols import rank1_ewc, rank1_ewc_config, rank1_ewc_setup
-from vcl_jax.protocols.rank1_ewc_config import Rank1EWCConfig
+from vcl_jax.protocols import experiment, rank1_ewc, rank1_ewc_setup
 from vcl_jax.training.state import TrainState, adam
 
 
@@ -61,11 +60,7 @@ def load_run(run_dir: str, method: str | None = None, task: int | None = None,
     Returns:
       (setup, tasks, params, method, task).
     """
-    path = os.path.join(run_dir, "config.json")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{run_dir} is not a rank1_ewc run directory (no config.json)")
-    raw = read_run_config(run_dir)
-    cfg = from_dict(Rank1EWCConfig, raw)
+    cfg = experiment.read_config(run_dir, Rank1EWCConfig, "rank1_ewc")
     if data_dir:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=data_dir))
     cfg.validate()
@@ -74,19 +69,12 @@ def load_run(run_dir: str, method: str | None = None, task: int | None = None,
         raise ConfigError(f"method {method!r} is not in this run: {', '.join(cfg.methods)}")
     tasks, data_shape = rank1_ewc_setup.load_tasks(cfg)
     setup = rank1_ewc_setup.build(cfg, data_shape)
-    folder = os.path.join(run_dir, rank1_ewc_config.parse_method(method).dir, "checkpoints")
-    if not os.path.isdir(folder):
-        raise ConfigError(f"no checkpoints for {method!r} in {run_dir}")
-    ckpt = rank1_ewc.method_checkpoints(folder, cfg, method)
-    steps = ckpt.all_steps()
-    task = steps[-1] if task is None else task
-    if task not in steps:
-        raise ConfigError(f"{method!r} has checkpoints after tasks {steps}, not {task}")
-    m = setup.method(method)
+    folder = os.path.join(run_dir, parse_method(method).dir, "checkpoints")
     params = setup.init_params(jax.random.key(0))
-    like = {"train": TrainState.create(m, adam(cfg.optim.learning_rate), params)}
-    restored, _ = ckpt.restore(task, like)
-    ckpt.close()
+    like = {"train": TrainState.create(setup.method(method), adam(cfg.optim.learning_rate),
+                                       params)}
+    task, restored = experiment.restore_task(
+        folder, lambda f: rank1_ewc.method_checkpoints(f, cfg, method), task, like)
     return setup, tasks, restored["train"].trainable, method, task
 
 

@@ -8,15 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from vcl_jax.checkpoint import Checkpoints
-from vcl_jax.config import check_choice, checks, class_checks, flat_dict
-from vcl_jax.continual import methods
-from vcl_jax.continual.variational import DRAWS, ESTIMATORS
-from vcl_jax.data.coreset import METHODS as CORESET_METHODS
-from vcl_jax.data.preprocess import RANGES
-from vcl_jax.data.sources import NUM_CLASSES
-from vcl_jax.diffusion.generate import SAMPLERS
-from vcl_jax.sections import (
+from vcl_jax.config import check_choice, checks, class_checks
+from vcl_jax.configs.sections import (
     EWC,
     Diffusion,
     NaturalGradient,
@@ -27,6 +20,12 @@ from vcl_jax.sections import (
     finite,
     ng_kl_check,
 )
+from vcl_jax.continual import methods
+from vcl_jax.continual.variational import DRAWS, ESTIMATORS
+from vcl_jax.data.coreset import METHODS as CORESET_METHODS
+from vcl_jax.data.preprocess import RANGES
+from vcl_jax.data.sources import NUM_CLASSES
+from vcl_jax.diffusion.generate import SAMPLERS
 
 # A method is "joint" (the paper's Figure 7 reference: one MLE model trained on every
 # task's data at once; opt-in) or a name of the grammar of vcl_jax.continual.methods: a
@@ -238,30 +237,3 @@ def smoke() -> VCLDiffusionConfig:
 
 PRESETS = {"paper": paper(), "cpu": cpu(), "smoke": smoke()}
 
-
-# Fields that change speed, not results (tested: both convolution forms agree); a
-# checkpoint written with another value is still this run's.
-SPEED_ONLY = ("model.conv_impl", "vcl.weight_draws", "eval.eval_batch")
-
-
-def sub_run_config(cfg: VCLDiffusionConfig, method: str, coreset_size: int) -> dict:
-    """What determines one (method, coreset size) sub-run, its checkpoints' key: the
-    config's sections that its method uses (data, model, diffusion, optim, eval and run
-    always; vcl, vcl_ng, ewc and coreset when it has them), as ``section.field`` keys."""
-    spec = parse_method(method)
-    unused = {"methods", "coreset_sizes"}  # the sweep: a sub-run has one of each
-    unused |= set() if spec.variational else {"vcl"}
-    unused |= set() if spec.trainer == "vcl_ng" else {"vcl_ng"}
-    unused |= set() if spec.penalty else {"ewc"}
-    unused |= set() if coreset_size else {"coreset"}
-    # where the data was read from is not part of a run's identity (its checksum is)
-    out = {k: v for k, v in flat_dict(cfg, unused).items() if k != "data.data_dir"}
-    return dict(out, method=method, coreset_size=coreset_size)
-
-
-def open_checkpoints(folder: str, cfg: VCLDiffusionConfig, method: str,
-                     coreset_size: int, data: dict | None = None) -> Checkpoints:
-    """The checkpoints of one sub-run, refusing a folder written with another config or
-    (``data``, see :class:`~vcl_jax.checkpoint.Checkpoints`) other data."""
-    return Checkpoints(folder, sub_run_config(cfg, method, coreset_size), ignore=SPEED_ONLY,
-                       data=data)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import dataclasses
 
 from vcl_jax.config import check_choice, checks, class_checks
+from vcl_jax.configs.sections import NaturalGradient, Run, Source, ng_kl_check
 from vcl_jax.continual import methods
 from vcl_jax.data.sources import NUM_CLASSES
 from vcl_jax.models.bayes_mlp import ESTIMATORS
-from vcl_jax.sections import NaturalGradient, Run, Source, ng_kl_check
 
 # Methods are named in the grammar of vcl_jax.continual.methods: a trainer ("mle", "vcl",
 # "vcl_ng": VCL trained by natural gradients) with an optional coreset ("vcl+coreset_random"),

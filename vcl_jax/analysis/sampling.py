@@ -8,21 +8,18 @@ from typing import NamedTuple
 import jax
 import numpy as np
 
-from vcl_jax.checkpoint import read_run_config
-from vcl_jax.config import ConfigError, from_dict
+from vcl_jax.config import ConfigError
+from vcl_jax.configs.vcl_diffusion import VCLDiffusionConfig
 from vcl_jax.continual.base import Method
 from vcl_jax.data import to_unit
 from vcl_jax.eval import plots
-from vcl_jax.protocols import vcl_diffusion, vcl_diffusion_config, vcl_diffusion_setup
-from vcl_jax.protocols.vcl_diffusion_config import VCLDiffusionConfig
-from vcl_jax.protocols.vcl_diffusion_setup import WEIGHTS
+from vcl_jax.protocols import experiment, vcl_diffusion, vcl_diffusion_setup
+from vcl_jax.protocols.vcl_diffusion_setup import WEIGHTS, open_checkpoints
 from vcl_jax.training.state import TrainState
 
 
 def load_config(run_dir: str) -> VCLDiffusionConfig:
-    if not os.path.isfile(os.path.join(run_dir, "config.json")):
-        raise FileNotFoundError(f"{run_dir} is not a VCL-diffusion run directory (no config.json)")
-    return from_dict(VCLDiffusionConfig, read_run_config(run_dir))
+    return experiment.read_config(run_dir, VCLDiffusionConfig, "VCL-diffusion")
 
 
 class Loaded(NamedTuple):
@@ -33,6 +30,8 @@ class Loaded(NamedTuple):
     setup: vcl_diffusion_setup.Setup
     method: Method
     run: str  # sub-run name, e.g. "vcl_coreset0"
+    base: str  # its method, e.g. "vcl"
+    coreset_size: int
     task: int
     restored: dict
 
@@ -48,14 +47,6 @@ def load_checkpoint(run_dir: str, *, task: int | None = None,
     if method not in runs:
         raise ConfigError(f"unknown run {method!r} in {run_dir}; accepted: {', '.join(runs)}")
     base, size = runs[method]
-    ckpt_dir = os.path.join(run_dir, method, "checkpoints")
-    ckpt = vcl_diffusion_config.open_checkpoints(ckpt_dir, cfg, base, size)
-    steps = ckpt.all_steps()
-    if not steps:
-        raise FileNotFoundError(f"no checkpoint in {ckpt_dir}")
-    task = steps[-1] if task is None else task
-    if task not in steps:
-        raise ValueError(f"no checkpoint after task {task} in {ckpt_dir}; have {steps}")
     params = jax.eval_shape(setup.init_params, jax.random.key(0))  # shapes: a template only
     m = setup.method(base, params, size)
     opt = setup.optimizer(m)
@@ -64,9 +55,20 @@ def load_checkpoint(run_dir: str, *, task: int | None = None,
         state = TrainState.create(m, opt, params)
         return {"train": state, "eval": state.trainable}
 
-    restored, _ = ckpt.restore(task, jax.eval_shape(template, params))
-    ckpt.close()
-    return Loaded(cfg, setup, m, method, task, restored)
+    task, restored = experiment.restore_task(
+        os.path.join(run_dir, method, "checkpoints"),
+        lambda folder: open_checkpoints(folder, cfg, base, size), task,
+        jax.eval_shape(template, params))
+    return Loaded(cfg, setup, m, method, base, size, task, restored)
+
+
+def samples(loaded: Loaded, task_ids: np.ndarray, key: jax.Array, **kw) -> np.ndarray:
+    """Images ``[N, H, W, C]`` in [0, 1] of tasks ``task_ids`` from a loaded checkpoint (its
+    weight draws from ``fold_in(key, 0)``, the sampler's noise from ``fold_in(key, 1)``);
+    ``kw``: :meth:`~vcl_jax.protocols.vcl_diffusion_setup.Setup.sample`'s options."""
+    x = loaded.setup.sample(loaded.method, loaded.restored["eval"], jax.random.fold_in(key, 0),
+                            jax.random.fold_in(key, 1), task_ids, **kw)
+    return to_unit(x, loaded.cfg.data.pixel_range)
 
 
 def sample_from_run(run_dir: str, *, task: int | None = None, digits: list[int] | None = None,
@@ -81,18 +83,16 @@ def sample_from_run(run_dir: str, *, task: int | None = None, digits: list[int] 
       The path written (``.png`` grid: one row per digit, or ``.npz`` with
       ``images [N, H, W]`` in [0, 1] and ``labels [N]``).
     """
-    cfg, setup, m, method, task, restored = load_checkpoint(run_dir, task=task, method=method)
+    loaded = load_checkpoint(run_dir, task=task, method=method)
+    cfg, method, task = loaded.cfg, loaded.run, loaded.task
     seen = list(cfg.data.classes[: task + 1])
     digits = seen if digits is None else digits
     unseen = [d for d in digits if d not in seen]
     if unseen:
         raise ValueError(f"digit(s) {unseen} not learned by task {task}; seen: {seen}")
     task_ids = np.repeat([seen.index(d) for d in digits], n)
-    key = jax.random.key(seed)
     weights = None if average_draws is None else ("average" if average_draws else "draws")
-    x = setup.sample(m, restored["eval"], jax.random.fold_in(key, 0),
-                     jax.random.fold_in(key, 1), task_ids, weights=weights)
-    images = to_unit(x, cfg.data.pixel_range)[..., 0]
+    images = samples(loaded, task_ids, jax.random.key(seed), weights=weights)[..., 0]
     labels = np.asarray(cfg.data.classes)[task_ids]
     out = out or os.path.join(run_dir, f"sample_{method}_task{task}.png")
     if out.endswith(".npz"):
@@ -141,13 +141,10 @@ def rescore(run_dir: str, *, method: str | None = None, n: int = 50, seed: int =
     for d in tasks:
         loaded = first if d == first.task else load_checkpoint(run_dir, task=d,
                                                                 method=first.run)
-        setup, m, trainable = loaded.setup, loaded.method, loaded.restored["eval"]
-        key = jax.random.fold_in(jax.random.key(seed), d)
         seen = np.repeat(np.arange(d + 1), n)
-        x = setup.sample(m, trainable, jax.random.fold_in(key, 0), jax.random.fold_in(key, 1),
-                         seen, weights=weights, sampler=sampler, ddim_steps=ddim_steps,
-                         eta=eta, guidance=guidance)
-        images = to_unit(x, cfg.data.pixel_range)
+        images = samples(loaded, seen, jax.random.fold_in(jax.random.key(seed), d),
+                         weights=weights, sampler=sampler, ddim_steps=ddim_steps, eta=eta,
+                         guidance=guidance)
         history.append(vcl_diffusion_setup.score(images, np.asarray(cfg.data.classes)[seen], d,
                                            classifier))
     args = {"method": first.run, "n": n, "seed": seed, "weights": weights, "sampler": sampler,

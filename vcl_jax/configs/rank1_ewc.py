@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from vcl_jax.config import check_choice, checks, class_checks, flat_dict
+from vcl_jax.config import check_choice, checks, class_checks
+from vcl_jax.configs.sections import EWC, Diffusion, Optim, Run, Source, UNet, finite
 from vcl_jax.continual import methods
 from vcl_jax.data.preprocess import RANGES
 from vcl_jax.data.sources import NUM_CLASSES
-from vcl_jax.sections import EWC, Diffusion, Optim, Run, Source, UNet, finite
 
 # The members this experiment builds (every method is trained by MLE).
 MEMBERS = ("mle", *methods.PENALTIES, *methods.REPLAYS, methods.JOINT)
@@ -179,13 +179,3 @@ def smoke() -> Rank1EWCConfig:
 
 PRESETS = {"paper": paper(), "cpu": cpu(), "smoke": smoke()}
 
-
-def sub_run_config(cfg: Rank1EWCConfig, method: str) -> dict:
-    """What determines one method's training, its checkpoints' key: the config's sections
-    that the method uses (ewc and replay only when it has them), as ``section.field`` keys."""
-    spec = parse_method(method)
-    unused = {"methods"} | (set() if spec.penalty else {"ewc"})
-    unused |= set() if spec.replay else {"replay"}
-    # where the data lives is not its identity (its checksum is)
-    out = {k: v for k, v in flat_dict(cfg, unused).items() if k != "data.data_dir"}
-    return dict(out, method=method)

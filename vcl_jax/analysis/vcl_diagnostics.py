@@ -24,12 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from vcl_jax.analysis.sampling import load_checkpoint
 from vcl_jax.config import ConfigError
 from vcl_jax.data import to_unit
 from vcl_jax.diffusion.generate import generate
 from vcl_jax.eval.metrics import classifier_uncertainty
 from vcl_jax.models.unet import EMBEDDING_PARAMS
-from vcl_jax.protocols.sampling import load_checkpoint
 from vcl_jax.vi import mean_field as mf
 
 PER_TASK = tuple(p for p in EMBEDDING_PARAMS if p != "null_embedding")
@@ -172,7 +172,7 @@ def pretrained_params(run_dir: str, loaded) -> dict:
     """The weights a VCL sub-run's MLE pre-training ended with (``<run>/pretrained``)."""
     import os
 
-    from vcl_jax.protocols import vcl_diffusion, vcl_diffusion_config
+    from vcl_jax.protocols.vcl_diffusion_setup import open_checkpoints
 
     cfg = loaded.cfg
     folder = os.path.join(run_dir, loaded.run, "pretrained")
@@ -180,8 +180,7 @@ def pretrained_params(run_dir: str, loaded) -> dict:
         raise FileNotFoundError(f"{folder} does not exist: {loaded.run} has no saved MLE "
                                 f"pre-training (runs before it was kept, or no pre-training); "
                                 f"give an earlier checkpoint as the source instead")
-    runs = {vcl_diffusion.run_name(m, s): (m, s) for m, s in vcl_diffusion.sub_runs(cfg)}
-    ckpt = vcl_diffusion_config.open_checkpoints(folder, cfg, *runs[loaded.run])
+    ckpt = open_checkpoints(folder, cfg, loaded.base, loaded.coreset_size)
     like = jax.eval_shape(loaded.setup.init_params, jax.random.key(0))
     params, _ = ckpt.restore(0, like)
     ckpt.close()
