@@ -9,7 +9,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_readme_coreset_table_is_generated_from_the_committed_runs():
-    from experiments.seeds import main, markdown
+    from experiments.seeds import main
+    from vcl_jax.analysis.seeds import uncertainty_seeds_markdown
 
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
@@ -17,7 +18,7 @@ def test_readme_coreset_table_is_generated_from_the_committed_runs():
     runs = readme[start:readme.index("-->", start)].split(":", 1)[1].split()
     out = main([os.path.join(ROOT, r) for r in runs])
     metrics = [json.load(open(os.path.join(ROOT, r, "metrics.json"))) for r in runs]
-    assert markdown(metrics, out).strip() in readme
+    assert uncertainty_seeds_markdown(metrics, out).strip() in readme
 
 
 def test_readme_split_mnist_table_is_the_committed_runs():

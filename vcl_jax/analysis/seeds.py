@@ -80,6 +80,32 @@ def seed_figures(metrics: list[dict], out_dir: str) -> list[str]:
     return paths
 
 
+def uncertainty_seeds_markdown(metrics: list[dict], out: dict) -> str:
+    """The README's table of several seeds' VCL-diffusion runs (``out["runs"]``: each
+    sub-run's :func:`uncertainty_across_seeds`). Per sub-run (grouped by coreset size):
+    average uncertainty after each task (mean over seeds ± SE), its ratio to MLE at the same
+    coreset size, the samples' accuracy after the last task, right-after quality, forgetting
+    and the mean wall time per seed."""
+    seeds = out["runs"][next(iter(out["runs"]))]["seeds"]
+    n = len(next(iter(out["runs"].values()))["after_task"])
+    fmt = lambda p: f"{p[0]:.2f}" + ("" if np.isnan(p[1]) else f" ± {p[1]:.2f}")  # noqa: E731
+    what = ("mean over seeds ± SE over seeds" if len(seeds) > 1
+            else "one seed (its standard errors are in the run's summary.md)")
+    lines = [f"Seeds {', '.join(map(str, seeds))}; nats, {what}.", "",
+             "| run | " + " | ".join(f"after {d + 1}" for d in range(n))
+             + " | ÷ MLE after 10 | accuracy after 10 | right after | forgetting | min/seed |",
+             "|---|" + "---|" * (n + 5)]
+    for name, r in sorted(out["runs"].items(), key=lambda kv: split_name(kv[0])[::-1]):
+        method, size = split_name(name)
+        ref = out["runs"].get(f"mle_coreset{size}")
+        ratio = f"{r['after_task'][-1][0] / ref['after_task'][-1][0]:.2f}" if ref else "–"
+        minutes = np.mean([sum(m["runs"][name]["seconds"].values()) for m in metrics]) / 60
+        lines.append(f"| {name} | " + " | ".join(fmt(p) for p in r["after_task"])
+                     + f" | {ratio} | {100 * r['accuracy_after_task'][-1][0]:.0f}%"
+                     + f" | {fmt(r['right_after'])} | {fmt(r['forgetting'])} | {minutes:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
 def vcl_targets(metrics: list[dict], first_task: int = 4) -> dict:
     """The VCL-diffusion issue's targets over seeds: VCL's average uncertainty below MLE's
     after every task from ``first_task`` (1-based) on each seed; VCL's forgetting ≤ 1/3 of

@@ -105,6 +105,32 @@ def spread(run_dir: str, task: int, method: str | None = None) -> list[dict]:
     return rows
 
 
+def _digit_scorer(loaded, digit: int, seed: int):
+    """``score(name, stack, n, average=False)``: a row of the classifier uncertainty (± its
+    standard error) and accuracy of ``n`` samples of ``digit`` from the weight stack
+    ``stack`` (ε averaged over it with ``average``) by the run's sampler, from ``seed``; a
+    clear error for a digit the checkpoint has not learned."""
+    cfg, setup = loaded.cfg, loaded.setup
+    seen = list(cfg.data.classes[: loaded.task + 1])
+    if digit not in seen:
+        raise ConfigError(f"digit {digit} not learned by task {loaded.task}; seen: {seen}")
+    clf, ev = cfg.data.classifier(cfg.eval.classifier_epochs), cfg.eval
+    key = jax.random.key(seed)
+
+    def score(name: str, stack, n: int, average: bool = False) -> dict:
+        x = generate(setup.model, stack, setup.sched, key, np.full(n, seen.index(digit)),
+                     setup.shape, sampler=ev.sampler, guidance=ev.guidance,
+                     ddim_steps=ev.ddim_steps, eta=ev.eval_eta, average=average,
+                     max_batch=ev.eval_batch)
+        lp = clf.log_probs(to_unit(x, cfg.data.pixel_range))
+        u = classifier_uncertainty(lp, np.full(n, digit))
+        return {"weights": name, "uncertainty": float(u.mean()),
+                "stderr": float(u.std(ddof=1) / np.sqrt(n)) if n > 1 else float("nan"),
+                "accuracy": float(np.mean(lp.argmax(-1) == digit)), "n": n}
+
+    return score
+
+
 def noise_effect(run_dir: str, task: int, digit: int, log_vars: list[float], *, n: int = 60,
                  draws: int = 10, average: bool = False, method: str | None = None,
                  seed: int = 1) -> list[dict]:
@@ -117,26 +143,9 @@ def noise_effect(run_dir: str, task: int, digit: int, log_vars: list[float], *, 
       compare them through their standard errors.
     """
     loaded = load_checkpoint(run_dir, task=task, method=method)
-    cfg, setup = loaded.cfg, loaded.setup
-    seen = list(cfg.data.classes[: loaded.task + 1])
-    if digit not in seen:
-        raise ConfigError(f"digit {digit} not learned by task {loaded.task}; seen: {seen}")
+    score, key = _digit_scorer(loaded, digit, seed), jax.random.key(seed)
     point = _point(loaded)
-    mask = setup.mask(point)
-    clf, ev = cfg.data.classifier(cfg.eval.classifier_epochs), cfg.eval
-    key = jax.random.key(seed)
-
-    def score(name, stack, m, avg=False):
-        x = generate(setup.model, stack, setup.sched, key, np.full(m, seen.index(digit)),
-                     setup.shape, sampler=ev.sampler, guidance=ev.guidance,
-                     ddim_steps=ev.ddim_steps, eta=ev.eval_eta, average=avg,
-                     max_batch=ev.eval_batch)
-        lp = clf.log_probs(to_unit(x, cfg.data.pixel_range))
-        u = classifier_uncertainty(lp, np.full(m, digit))
-        return {"weights": name, "uncertainty": float(u.mean()),
-                "stderr": float(u.std() / np.sqrt(m)),
-                "accuracy": float(np.mean(lp.argmax(-1) == digit)), "n": m}
-
+    mask = loaded.setup.mask(point)
     rows = [score("point estimate", jax.tree.map(lambda a: a[None], point), n)]
     posterior = loaded.restored["eval"]
     named = [(f"log-var {lv:g}", mf.init_from_params(point, lv)) for lv in log_vars]
@@ -148,7 +157,7 @@ def noise_effect(run_dir: str, task: int, digit: int, log_vars: list[float], *, 
         rows.append(score(f"{draws} draws, {name}, one per image", stack, n))
         if average:
             rows.append(score(f"{draws} draws, {name}, ε averaged", stack,
-                              max(n // 2, 1), avg=True))
+                              max(n // 2, 1), average=True))
     return rows
 
 
@@ -203,10 +212,7 @@ def swap_effect(run_dir: str, task: int, digit: int, swaps: list[tuple[str, ...]
       Rows ``{"weights", "uncertainty", "stderr", "accuracy", "n"}``.
     """
     loaded = load_checkpoint(run_dir, task=task, method=method)
-    cfg, setup = loaded.cfg, loaded.setup
-    seen = list(cfg.data.classes[: loaded.task + 1])
-    if digit not in seen:
-        raise ConfigError(f"digit {digit} not learned by task {loaded.task}; seen: {seen}")
+    score = _digit_scorer(loaded, digit, seed)
     bad = [g for sw in swaps for g in sw if g not in (*GROUPS, "all")]
     if bad:
         raise ConfigError(f"unknown parameter group(s) {bad}; accepted: {', '.join(GROUPS)}, all")
@@ -217,23 +223,13 @@ def swap_effect(run_dir: str, task: int, digit: int, swaps: list[tuple[str, ...]
             f"task {source + 1}'s values"
     point = _point(loaded)
     flat_p, flat_r = traverse_util.flatten_dict(point), traverse_util.flatten_dict(ref)
-    mask = traverse_util.flatten_dict(setup.mask(point))
-    clf, ev = cfg.data.classifier(cfg.eval.classifier_epochs), cfg.eval
-    key = jax.random.key(seed)
+    mask = traverse_util.flatten_dict(loaded.setup.mask(point))
     rows = []
     for sw in swaps:
         mixed = {k: flat_r[k] if "all" in sw or _group_of(k, bool(mask[k])) & set(sw) else v
                  for k, v in flat_p.items()}
         params = traverse_util.unflatten_dict(mixed)
-        x = generate(setup.model, jax.tree.map(lambda a: a[None], params), setup.sched, key,
-                     np.full(n, seen.index(digit)), setup.shape, sampler=ev.sampler,
-                     guidance=ev.guidance, ddim_steps=ev.ddim_steps, eta=ev.eval_eta,
-                     max_batch=ev.eval_batch)
-        lp = clf.log_probs(to_unit(x, cfg.data.pixel_range))
-        u = classifier_uncertainty(lp, np.full(n, digit))
         name = ("checkpoint as it is" if not sw else
                 f"{ref_name} alone" if "all" in sw else f"{' + '.join(sw)} from {ref_name}")
-        rows.append({"weights": name, "uncertainty": float(u.mean()),
-                     "stderr": float(u.std(ddof=1) / np.sqrt(n)),
-                     "accuracy": float(np.mean(lp.argmax(-1) == digit)), "n": n})
+        rows.append(score(name, jax.tree.map(lambda a: a[None], params), n))
     return rows

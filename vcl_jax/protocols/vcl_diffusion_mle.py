@@ -24,21 +24,27 @@ from vcl_jax.training.sequence import new_record
 from vcl_jax.training.state import TrainState, adam, data_sharding, make_train_step, train_epochs
 
 
-def pretrain_mle(setup: Setup, params: dict, x: np.ndarray, key: jax.Array, *,
-                 progress: bool, name: str = "vcl") -> dict:
-    """MLE on the first task's data; the result becomes VCL's first prior means (``name``:
-    the sub-run's, in progress bars and the run's log)."""
+def train_mle(setup: Setup, params: dict, data: dict, key: jax.Array, epochs: int, desc: str,
+              where: str, progress: bool) -> tuple[TrainState, list[dict]]:
+    """``epochs`` epochs of MLE on ``data`` from ``params`` (Adam at the config's learning
+    rate); returns the trained state and the per-epoch metrics."""
     cfg = setup.cfg
     method = mle(setup.batch_loss)
     opt = adam(cfg.optim.learning_rate)
     state = TrainState.create(method, opt, params)
     runner = setup.runner(make_train_step(method, opt, data_sharding()), "mle")
-    state, _ = train_epochs(runner, state, task_data([x], [0]), key,
-                            epochs=cfg.vcl.vcl_pretrain_epochs,
-                            learning_rate=cfg.optim.learning_rate,
-                            decay=cfg.optim.lr_decay, desc=f"{name} MLE pre-training",
-                            progress=progress,
-                            where=f"vcl_diffusion {name}, MLE pre-training on task 1")
+    return train_epochs(runner, state, data, key, epochs=epochs,
+                        learning_rate=cfg.optim.learning_rate, decay=cfg.optim.lr_decay,
+                        desc=desc, progress=progress, where=where)
+
+
+def pretrain_mle(setup: Setup, params: dict, x: np.ndarray, key: jax.Array, *,
+                 progress: bool, name: str = "vcl") -> dict:
+    """MLE on the first task's data; the result becomes VCL's first prior means (``name``:
+    the sub-run's, in progress bars and the run's log)."""
+    state, _ = train_mle(setup, params, task_data([x], [0]), key,
+                         setup.cfg.vcl.vcl_pretrain_epochs, f"{name} MLE pre-training",
+                         f"vcl_diffusion {name}, MLE pre-training on task 1", progress)
     return state.trainable
 
 
@@ -59,15 +65,11 @@ def run_joint(setup: Setup, tasks: list[np.ndarray], classifier: EvalClassifier,
         return record
     keys = run_keys(cfg)
     params = setup.init_params(keys.init)
-    method = setup.method("joint", params)
-    opt = setup.optimizer(method)
-    state = TrainState.create(method, opt, params)
-    runner = setup.runner(make_train_step(method, opt, data_sharding()), "joint")
+    method = setup.method("joint", params)  # MLE: what the evaluation samples from
     t0 = time.perf_counter()
-    state, hist = train_epochs(runner, state, task_data(tasks, list(range(n))), keys.train,
-                               epochs=cfg.optim.epochs, learning_rate=cfg.optim.learning_rate,
-                               decay=cfg.optim.lr_decay, desc=f"joint, {n} tasks at once",
-                               progress=progress, where=f"vcl_diffusion joint, {n} tasks at once")
+    state, hist = train_mle(setup, params, task_data(tasks, list(range(n))),
+                            keys.train, cfg.optim.epochs, f"joint, {n} tasks at once",
+                            f"vcl_diffusion joint, {n} tasks at once", progress)
     jax.block_until_ready(state.trainable)
     t1 = time.perf_counter()
     _, images, labels = evaluate(setup, method, state.trainable, n - 1, keys.eval, classifier)
