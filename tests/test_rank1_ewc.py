@@ -107,6 +107,13 @@ def test_fisher_analysis_on_a_checkpoint(smoke_run, tmp_path):
         fisher_analysis.load_run(run_dir, "mle", task=7)
     with pytest.raises(ConfigError, match="not a rank1_ewc run"):
         fisher_analysis.load_run(str(tmp_path))
+    # a run directory without the method's checkpoints: refused, and no folder is created
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text(open(os.path.join(run_dir, "config.json")).read())
+    with pytest.raises(ConfigError, match="no checkpoints in"):
+        fisher_analysis.load_run(str(bare), "mle")
+    assert os.listdir(bare) == ["config.json"]
 
 
 def test_bad_settings_are_clear_errors(env, tmp_path):
