@@ -19,6 +19,8 @@ weight noise does to the samples.
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +32,8 @@ from vcl_jax.data import to_unit
 from vcl_jax.diffusion.generate import generate
 from vcl_jax.eval.metrics import classifier_uncertainty
 from vcl_jax.models.unet import EMBEDDING_PARAMS
+from vcl_jax.protocols.experiment import restore_task
+from vcl_jax.protocols.vcl_diffusion_setup import open_checkpoints
 from vcl_jax.vi import mean_field as mf
 
 PER_TASK = tuple(p for p in EMBEDDING_PARAMS if p != "null_embedding")
@@ -179,20 +183,15 @@ def _group_of(path: tuple[str, ...], random: bool) -> set[str]:
 
 def pretrained_params(run_dir: str, loaded) -> dict:
     """The weights a VCL sub-run's MLE pre-training ended with (``<run>/pretrained``)."""
-    import os
-
-    from vcl_jax.protocols.vcl_diffusion_setup import open_checkpoints
-
     cfg = loaded.cfg
     folder = os.path.join(run_dir, loaded.run, "pretrained")
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder} does not exist: {loaded.run} has no saved MLE "
                                 f"pre-training (runs before it was kept, or no pre-training); "
                                 f"give an earlier checkpoint as the source instead")
-    ckpt = open_checkpoints(folder, cfg, loaded.base, loaded.coreset_size)
     like = jax.eval_shape(loaded.setup.init_params, jax.random.key(0))
-    params, _ = ckpt.restore(0, like)
-    ckpt.close()
+    _, params = restore_task(folder, lambda f: open_checkpoints(f, cfg, loaded.base,
+                                                                 loaded.coreset_size), 0, like)
     return params
 
 

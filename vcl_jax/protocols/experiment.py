@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 from vcl_jax import checkpoint, distributed, runlog
-from vcl_jax.config import ConfigError, flat_dict, from_dict, to_dict
+from vcl_jax.config import ConfigError, flatten, from_dict, to_dict
 from vcl_jax.continual.methods import Spec
 from vcl_jax.run_lock import RunLock
 
@@ -28,9 +28,11 @@ def identity(cfg, name: str, spec: Spec, **sweep) -> dict:
     own = {"vcl": spec.variational, "vcl_ng": spec.trainer == "vcl_ng",
            "ewc": spec.penalty is not None, "replay": spec.replay is not None,
            "coreset": spec.coreset is not None}
-    unused = {k for k, v in to_dict(cfg).items() if not isinstance(v, dict)}  # the sweep
+    raw = to_dict(cfg)
+    unused = {k for k, v in raw.items() if not isinstance(v, dict)}  # the sweep
     unused |= {section for section, used in own.items() if not used}
-    flat = {k: v for k, v in flat_dict(cfg, unused).items() if k != "data.data_dir"}
+    flat = flatten({k: v for k, v in raw.items() if k not in unused})
+    flat.pop("data.data_dir", None)
     return {**flat, "method": name, **sweep}
 
 
@@ -85,11 +87,12 @@ def restore_task(folder: str, open_: Callable[[str], checkpoint.Checkpoints], ta
     if not os.path.isdir(folder):
         raise ConfigError(f"no checkpoints in {folder}")
     ckpt = open_(folder)
-    steps = ckpt.all_steps()
-    task = steps[-1] if task is None and steps else task
-    if task not in steps:
+    try:
+        steps = ckpt.all_steps()
+        task = steps[-1] if task is None and steps else task
+        if task not in steps:
+            raise ConfigError(f"{folder} has checkpoints after tasks {steps}, not {task}")
+        restored, _ = ckpt.restore(task, like)
+    finally:
         ckpt.close()
-        raise ConfigError(f"{folder} has checkpoints after tasks {steps}, not {task}")
-    restored, _ = ckpt.restore(task, like)
-    ckpt.close()
     return task, restored

@@ -156,7 +156,8 @@ def run(cfg: Rank1EWCConfig, run_dir: str, *, progress: bool = True) -> dict:
     cfg.validate()
     tasks, data_shape = load_tasks(cfg)
     data = cfg.data.record([len(t.x) for t in tasks], [a for t in tasks for a in (t.x, t.c)])
-    check_run_dir(run_dir, cfg, identity(data))
+    data_id = identity(data)  # what the checkpoints are keyed on besides the config
+    check_run_dir(run_dir, cfg, data_id)
     setup = build(cfg, data_shape)
     with experiment.locked(run_dir, cfg):
         classifier = distributed.primary_first(lambda: cfg.data.classifier(
@@ -165,7 +166,7 @@ def run(cfg: Rank1EWCConfig, run_dir: str, *, progress: bool = True) -> dict:
         with runlog.open_log(run_dir, len(cfg.methods) * len(tasks), progress=progress):
             results = {name: run_one(setup, name, tasks, classifier, ref_stats,
                                      os.path.join(run_dir, parse_method(name).dir),
-                                     progress=progress, data_id=identity(data))
+                                     progress=progress, data_id=data_id)
                        for name in cfg.methods}
         return experiment.finish(
             run_dir, cfg, data, results, lambda m: report.write(run_dir, cfg, m),

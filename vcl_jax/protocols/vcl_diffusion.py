@@ -134,14 +134,15 @@ def run(cfg: VCLDiffusionConfig, run_dir: str, *, progress: bool = True) -> dict
     setup = build(cfg)
     tasks = load_tasks(cfg)
     data = cfg.data.record([len(x) for x in tasks], tasks)
-    check_run_dir(run_dir, cfg, identity(data))
+    data_id = identity(data)  # what the checkpoints are keyed on besides the config
+    check_run_dir(run_dir, cfg, data_id)
     with experiment.locked(run_dir, cfg):
         # the other processes load the classifier process 0 trained and cached
         classifier = distributed.primary_first(lambda: cfg.data.classifier(
             cfg.eval.classifier_epochs, progress=progress and distributed.is_primary()),
             "classifier")
         results = {}
-        kw = dict(progress=progress, data_id=identity(data))
+        kw = dict(progress=progress, data_id=data_id)
         units = sum(len(tasks) for name, _ in sub_runs(cfg) if name != "joint")
         with runlog.open_log(run_dir, units, progress=progress):
             for name, size in sub_runs(cfg):

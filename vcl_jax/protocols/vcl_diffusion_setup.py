@@ -81,7 +81,7 @@ class Setup:
         EWC penalty on the params of the one that trains the model; with a coreset size, a
         coreset (``coreset_method``, ``coreset_mode``) chained last."""
         cfg = self.cfg
-        spec = parse_method(name)
+        spec = sub_run_spec(cfg, name, coreset_size)
         draws_loss = functools.partial(self.batch_loss, model=self.draws_model)
         v, ng = cfg.vcl, cfg.vcl_ng
         vcl_kw = dict(n_samples=v.train_samples, estimator=v.estimator, draws=self.draws_layout,
@@ -98,8 +98,7 @@ class Setup:
             **methods.penalty_factories(self.example_loss, n_tasks=len(cfg.data.classes),
                                         lam=cfg.ewc.ewc_lambda, chunk=cfg.ewc.fisher_chunk),
         }
-        if coreset_size:
-            spec = sub_run_spec(cfg, name, coreset_size)
+        if spec.coreset:
             example = {"x": jax.ShapeDtypeStruct(self.shape, jnp.float32),
                        "task": jax.ShapeDtypeStruct((), jnp.int32)}
             factories[spec.coreset] = lambda: coreset(
